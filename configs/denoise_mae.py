@@ -1,0 +1,18 @@
+"""Denoising MAE: the baseline of Deblurring MAE Table 1 — add Gaussian noise instead of blurring,
+reconstruct the clean image on all patches.
+
+  python -m mae_jax.main --config=configs/denoise_mae.py:b,std=0.1 --workdir=DIR
+"""
+
+from mae_jax import config_base
+
+
+def get_config(arg=None):
+  args = config_base.parse_arg(arg, std=0.1)
+  c = config_base.base(args)
+  c.recipe = "denoise"
+  c.corrupt.noise_std = args.std
+  c.model.loss_on = "all"
+  c.train.batch_size = 256 if not args.smoke else c.train.batch_size
+  c.train.epochs = 12000
+  return c

@@ -1,0 +1,27 @@
+"""USFM (Medical Image Analysis 2024) spatial-frequency dual masked image modelling.
+
+Published setting (§3.2, §4.2): ViT-B/16 encoder, SimMIM-style linear decoder, 224 px; spatial mean
+masking ratio 0.4 (masked units 32×32 px filled with the image mean); frequency band-stop masking
+(protected centre, 7 rings, 2 dropped per image); loss L1 + λ·FFL with λ = 0.4 and α = 1;
+organ-balanced sampling with weights ∝ 1/√N_organ. The pretraining optimizer is not published: we
+keep MAE's.
+
+Ablations: nofreq (USFM-woF, no frequency mask), nobalance (USFM-woS, uniform sampling).
+
+  python -m mae_jax.main --config=configs/usfm.py:b --workdir=DIR
+  python -m mae_jax.main --config=configs/usfm.py:smoke,nofreq --workdir=DIR
+"""
+
+from mae_jax import config_base
+
+
+def get_config(arg=None):
+  args = config_base.parse_arg(arg, nofreq=False, nobalance=False)
+  c = config_base.base(args)
+  c.recipe = "usfm"
+  c.model.path = "simmim"
+  c.model.mask_ratio = 0.0  # no token dropping on the SimMIM path; masking is in pixel space
+  c.corrupt.spatial_ratio = 0.4
+  c.corrupt.frequency = not args.nofreq
+  c.data.sampler = "shuffle" if args.nobalance else "balanced"
+  return c

@@ -1,0 +1,144 @@
+"""The fields every config shares, and the parser for `--config=configs/NAME.py:ARGS`.
+
+A config file is a table of one paper's setting: it starts from `base()` and changes only what its
+recipe changes. ARGS is a comma list of words and key=value pairs, e.g. `b`, `smoke`,
+`l,blur=srad`, `smoke,range=0.1:1.6`. A word that is a model size picks the size; `smoke` picks a
+tiny model on small images that trains in about a minute on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from mae_jax.models.vit import PRESETS
+
+MODEL_SIZES = ("ti", "s", "b", "l", "h")
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """`'b,smoke,blur=srad'` -> {variant: 'b', smoke: True, blur: 'srad', ...defaults}.
+
+  Unknown keys are errors, so a typo in ARGS cannot silently fall back to a default.
+  """
+  out = dict(defaults)
+  out.setdefault("variant", "b")
+  out.setdefault("smoke", False)
+  for item in filter(None, (arg or "").split(",")):
+    if "=" in item:
+      key, value = item.split("=", 1)
+    elif item in PRESETS:
+      key, value = "variant", item
+    else:
+      key, value = item, True
+    if key not in out:
+      raise ValueError(f"config argument {key!r} is not known; this config takes {sorted(out)}")
+    default = out[key]
+    if isinstance(default, bool) and isinstance(value, str):
+      value = value.lower() in ("1", "true", "yes", "on")
+    elif isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, str):
+      value = type(default)(value)
+    out[key] = value
+  return ml_collections.ConfigDict(out)
+
+
+def base(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Plain MAE as published (He et al. 2022, Table 8 / A.1): the baseline every recipe edits."""
+  c = ml_collections.ConfigDict()
+  c.recipe = "mae"  # mae | deblur | denoise | d2mae | usfm
+  c.job = "pretrain"
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.path = "mae"  # mae: visible tokens + transformer decoder; simmim: all tokens + linear decoder
+  c.model.variant = args.variant
+  c.model.patch_size = 0  # 0: the preset's patch size (16, or 14 for ViT-H)
+  c.model.image_size = 224
+  c.model.in_chans = 1  # ultrasound is grayscale
+  c.model.decoder_width = 512
+  c.model.decoder_depth = 8
+  c.model.decoder_heads = 16
+  c.model.mask_ratio = 0.75
+  c.model.norm_pix_loss = True
+  c.model.loss_on = "masked"  # masked | all
+  c.model.blur_embed = "none"  # D²MAE: none | token | add
+  c.model.ffl_weight = 0.4  # USFM λ
+  c.model.ffl_alpha = 1.0
+  c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators. Parameters stay float32.
+
+  # What happens to pixels inside the step, before normalisation (SPEC §2–§4).
+  c.corrupt = ml_collections.ConfigDict()
+  c.corrupt.blur = "none"  # none | gaussian | srad | mean | median | motion | defocus
+  c.corrupt.sigma = 1.1  # fixed Gaussian σ (Deblurring MAE)
+  c.corrupt.sigma_levels = ""  # D²MAE "start:stop:step", e.g. "0.1:1.1:0.1"; empty = fixed σ
+  c.corrupt.kernel = 5  # mean/median/motion length
+  c.corrupt.defocus_radius = 5
+  c.corrupt.srad_iters = 40
+  c.corrupt.srad_dt = 0.1
+  c.corrupt.noise_std = 0.0  # denoising-MAE baseline
+  c.corrupt.spatial_ratio = 0.4  # USFM spatial mean masking
+  c.corrupt.spatial_unit = 32
+  c.corrupt.frequency = True  # USFM band-stop masking (False = USFM-woF)
+  c.corrupt.rings_dropped = 2
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "us_phantom"  # us_phantom | folder
+  c.data.data_dir = ""  # where built datasets live; "" = $MAE_JAX_DATA or ~/tensorflow_datasets
+  c.data.folder = ""  # with name=folder: a tree of images whose first-level folders are organs/classes
+  c.data.num_train = 2000
+  c.data.num_validation = 200
+  c.data.num_test = 200
+  c.data.native_size = 256
+  c.data.seed = 0
+  c.data.sampler = "shuffle"  # shuffle | balanced (USFM organ-balanced)
+  c.data.crop_scale_min = 0.2
+  c.data.hflip = True
+  c.data.mean = config_dict.placeholder(float)  # None: measured on the training split
+  c.data.std = config_dict.placeholder(float)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 4096  # global
+  c.train.grad_accum = 1  # micro-batches per step: the same effective batch on a smaller machine
+  c.train.epochs = 800
+  c.train.total_steps = 0  # 0: from epochs
+  c.train.warmup_epochs = 40
+  c.train.base_lr = 1.5e-4  # lr = base_lr * batch / 256
+  c.train.min_lr = 0.0
+  c.train.weight_decay = 0.05
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.grad_clip = 0.0  # 0 = off (MAE pretraining does not clip)
+  c.train.max_bad_steps = 10  # consecutive non-finite steps before the run stops
+  c.train.log_every = 50
+  c.train.image_every = 1000
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 3
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.fsdp = 1  # devices over which parameters and optimizer state are sharded
+
+  if args.smoke:
+    smoke(c)
+  return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> None:
+  """A tiny model on small images: a minute on 2 CPU cores, for CI and first contact."""
+  c.model.variant = "micro"
+  c.model.image_size = 32
+  c.model.patch_size = 8
+  c.model.decoder_width = 32
+  c.model.decoder_depth = 1
+  c.model.decoder_heads = 2
+  c.data.num_train = 256
+  c.data.num_validation = 64
+  c.data.num_test = 64
+  c.data.native_size = 64
+  c.corrupt.spatial_unit = 16
+  c.train.batch_size = 32
+  c.train.total_steps = 60
+  c.train.warmup_epochs = 1
+  c.train.base_lr = 1.5e-3
+  c.train.log_every = 10
+  c.train.image_every = 30
+  c.train.checkpoint_every = 30

@@ -1,0 +1,592 @@
+"""Flax -> PyTorch state dicts in the naming of timm's VisionTransformer and facebookresearch/mae.
+
+Layout rules: a Dense kernel [in, out] becomes a torch Linear weight [out, in]; the patch embedding
+kernel, a matrix over patches flattened as (row, col, channel), becomes the conv weight [D, C, p, p].
+
+  python -m mae_jax.export --workdir=DIR [--step=N] --format={timm,mae-finetune,mae-full} \
+      --out=PATH [--in-chans=3] [--overwrite]
+
+`export_model` does the same on an in-memory model. File layout and recipe extras: docs/export.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+from flax import nnx
+
+from mae_jax.models import mae as mae_lib
+from mae_jax.models import vit
+
+
+def _np(x):
+  return np.asarray(x[...] if isinstance(x, nnx.Variable) else x, dtype=np.float32)
+
+
+def _linear(prefix: str, dense) -> dict[str, np.ndarray]:
+  return {f"{prefix}.weight": _np(dense.kernel).T.copy(), f"{prefix}.bias": _np(dense.bias).copy()}
+
+
+def _norm(prefix: str, norm) -> dict[str, np.ndarray]:
+  return {f"{prefix}.weight": _np(norm.scale).copy(), f"{prefix}.bias": _np(norm.bias).copy()}
+
+
+def _block(prefix: str, blk) -> dict[str, np.ndarray]:
+  out = {}
+  out.update(_norm(f"{prefix}.norm1", blk.norm1))
+  out.update(_linear(f"{prefix}.attn.qkv", blk.attn.qkv))
+  out.update(_linear(f"{prefix}.attn.proj", blk.attn.proj))
+  out.update(_norm(f"{prefix}.norm2", blk.norm2))
+  out.update(_linear(f"{prefix}.mlp.fc1", blk.mlp.fc1))
+  out.update(_linear(f"{prefix}.mlp.fc2", blk.mlp.fc2))
+  return out
+
+
+def patch_kernel_to_conv(kernel: np.ndarray, patch_size: int, in_chans: int) -> np.ndarray:
+  d = kernel.shape[1]
+  k = kernel.reshape(patch_size, patch_size, in_chans, d)
+  return np.ascontiguousarray(k.transpose(3, 2, 0, 1))
+
+
+def encoder_state_dict(encoder, *, in_chans_out: int | None = None) -> dict[str, np.ndarray]:
+  """timm `VisionTransformer` keys (cls_token, pos_embed, patch_embed.proj.*, blocks.N.*, norm.*).
+
+  `in_chans_out=3` exports a 1-channel model as 3-channel: the kernel is repeated and divided by 3,
+  so a gray image repeated over RGB gives the same embedding.
+  """
+  spec = encoder.spec
+  conv = patch_kernel_to_conv(_np(encoder.patch_embed.proj.kernel), spec.patch_size, spec.in_chans)
+  if in_chans_out is not None and in_chans_out != spec.in_chans:
+    if spec.in_chans != 1:
+      raise ValueError(f"only a 1-channel model can be exported as {in_chans_out}-channel")
+    conv = np.repeat(conv, in_chans_out, axis=1) / in_chans_out
+  sd = {
+      "cls_token": _np(encoder.cls_token).copy(),
+      "pos_embed": _np(encoder.pos_embed).copy(),
+      "patch_embed.proj.weight": conv,
+      "patch_embed.proj.bias": _np(encoder.patch_embed.proj.bias).copy(),
+  }
+  for i, blk in enumerate(encoder.blocks):
+    sd.update(_block(f"blocks.{i}", blk))
+  sd.update(_norm("norm", encoder.norm))
+  return sd
+
+
+def mae_state_dict(model, *, in_chans_out: int | None = None) -> dict[str, np.ndarray]:
+  """The full `MaskedAutoencoderViT` state dict of facebookresearch/mae (encoder + decoder)."""
+  if not hasattr(model, "decoder_blocks"):
+    raise ValueError("the full MAE export needs the MAE path (transformer decoder); this model is "
+                     "SimMIM-style (USFM). Export its encoder with format 'timm' instead.")
+  if in_chans_out is not None and in_chans_out != model.spec.in_chans:
+    raise ValueError("a full MAE export keeps the model's channel count (its decoder predicts them)")
+  sd = encoder_state_dict(model.encoder)
+  sd.update(_linear("decoder_embed", model.decoder_embed))
+  sd["mask_token"] = _np(model.mask_token).copy()
+  sd["decoder_pos_embed"] = _np(model.decoder_pos_embed).copy()
+  for i, blk in enumerate(model.decoder_blocks):
+    sd.update(_block(f"decoder_blocks.{i}", blk))
+  sd.update(_norm("decoder_norm", model.decoder_norm))
+  sd.update(_linear("decoder_pred", model.decoder_pred))
+  return sd
+
+
+def classifier_state_dict(clf, *, in_chans_out: int | None = None) -> dict[str, np.ndarray]:
+  """A fine-tuned classifier (`.encoder`, `.fc_norm`, `.head`) in timm keys for global_pool='avg'.
+
+  timm with global_pool='avg' replaces the final `norm` by `fc_norm` after pooling, so `norm.*` is
+  left out (a strict load would reject it) and `fc_norm.*`, `head.*` are added.
+  """
+  sd = encoder_state_dict(clf.encoder, in_chans_out=in_chans_out)
+  for k in ("norm.weight", "norm.bias"):
+    sd.pop(k)
+  sd.update(_norm("fc_norm", clf.fc_norm))
+  sd.update(_linear("head", clf.head))
+  return sd
+
+
+# ------------------------------------------------------------------------------------ model kinds
+
+FORMATS = ("timm", "mae-finetune", "mae-full")
+
+# timm's registered names for the standard sizes: (width, depth, heads, patch) -> name.
+_TIMM_NAMES = {
+    (192, 12, 3, 16): "vit_tiny_patch16_224",
+    (384, 12, 6, 16): "vit_small_patch16_224",
+    (768, 12, 12, 16): "vit_base_patch16_224",
+    (1024, 24, 16, 16): "vit_large_patch16_224",
+    (1280, 32, 16, 14): "vit_huge_patch14_224",
+}
+# Any registered ViT works as a carrier when every architecture argument is given explicitly
+# (timm merges the call's kwargs over the name's defaults).
+_TIMM_GENERIC = "vit_base_patch16_224"
+
+
+def _model_kind(model) -> str:
+  if isinstance(model, vit.Encoder):
+    return "encoder"
+  if hasattr(model, "head"):
+    if not (hasattr(model, "encoder") and hasattr(model, "fc_norm")):
+      raise ValueError("a classifier export needs `.encoder`, `.fc_norm` and `.head` (MAE's "
+                       "global-average-pool fine-tuning head); this model has a head but not those")
+    return "classifier"
+  if hasattr(model, "decoder_blocks"):
+    return "mae"
+  if hasattr(model, "encoder") and hasattr(model, "decoder_pred"):
+    return "simmim"
+  raise ValueError(f"cannot export a {type(model).__name__}: expected an MAE, a SimMIM model, a "
+                   "vit.Encoder or a classifier with .encoder/.fc_norm/.head")
+
+
+def _encoder_of(model):
+  return model if isinstance(model, vit.Encoder) else model.encoder
+
+
+def check_format(fmt: str, kind: str, *, in_chans: int, in_chans_out: int | None) -> None:
+  """Raises ValueError when `fmt` cannot be produced from a model of this kind."""
+  if fmt not in FORMATS:
+    raise ValueError(f"format={fmt!r}: expected one of {FORMATS}")
+  if fmt == "mae-full" and kind != "mae":
+    what = {"simmim": "a SimMIM-path model (USFM: linear decoder, no transformer decoder)",
+            "classifier": "a fine-tuned classifier", "encoder": "a bare encoder"}[kind]
+    raise ValueError(f"format 'mae-full' needs the MAE path (transformer decoder); cannot produce it "
+                     f"from {what}. Use format 'timm' or 'mae-finetune' for the encoder.")
+  if in_chans_out is not None and in_chans_out != in_chans:
+    if fmt == "mae-full":
+      raise ValueError("in_chans: a 'mae-full' export keeps the model's channel count (its decoder "
+                       f"predicts {in_chans} channel(s)); drop --in-chans")
+    if in_chans != 1:
+      raise ValueError(f"in_chans={in_chans_out}: only a 1-channel model can change its channel "
+                       f"count on export (this one has {in_chans})")
+
+
+def timm_config(spec: vit.ViTSpec, *, in_chans: int | None = None, num_classes: int = 0,
+                global_pool: str = "token") -> dict[str, Any]:
+  """{'model_name', 'kwargs'} for `timm.create_model(model_name, pretrained=False, **kwargs)`.
+
+  Every architecture argument is explicit, so a non-standard size loads through any ViT name.
+  """
+  name = _TIMM_NAMES.get((spec.width, spec.depth, spec.num_heads, spec.patch_size))
+  kwargs = dict(
+      img_size=spec.image_size, patch_size=spec.patch_size,
+      in_chans=spec.in_chans if in_chans is None else in_chans, embed_dim=spec.width,
+      depth=spec.depth, num_heads=spec.num_heads, mlp_ratio=float(spec.mlp_ratio), qkv_bias=True,
+      class_token=True, no_embed_class=False, pre_norm=False, global_pool=global_pool,
+      fc_norm=global_pool == "avg", num_classes=num_classes)
+  return {"model_name": name or _TIMM_GENERIC, "kwargs": kwargs}
+
+
+# facebookresearch/mae's model names (models_vit.py / models_mae.py) for the standard sizes.
+_OFFICIAL_NAMES = {
+    (768, 12, 12, 16): "vit_base_patch16",
+    (1024, 24, 16, 16): "vit_large_patch16",
+    (1280, 32, 16, 14): "vit_huge_patch14",
+}
+
+
+def official_mae_args(spec: vit.ViTSpec, fmt: str, *, in_chans: int,
+                      decoder: tuple[int, int, int] | None = None) -> dict[str, Any]:
+  """How facebookresearch/mae's scripts pick this architecture (None where it has no such model).
+
+  decoder: (width, depth, heads) of a 'mae-full' export; the official presets are 512 x 8 x 16.
+  """
+  name = _OFFICIAL_NAMES.get((spec.width, spec.depth, spec.num_heads, spec.patch_size))
+  if fmt == "mae-full" and name is not None:
+    name = "mae_" + name + "_dec512d8b" if decoder == (512, 8, 16) else None
+  out: dict[str, Any] = {"model": name, "input_size": spec.image_size, "in_chans": in_chans}
+  notes = []
+  if name is None:
+    notes.append("no official model of this size: build it with models_vit.VisionTransformer / "
+                 "models_mae.MaskedAutoencoderViT and these dimensions")
+  if in_chans != 3:
+    notes.append(f"the official scripts build 3-channel models: pass in_chans={in_chans} to the "
+                 "model constructor, or export with --in-chans=3")
+  if notes:
+    out["notes"] = notes
+  return out
+
+
+def timm_usage(cfg: dict, weights: str) -> str:
+  kw = ", ".join(f"{k}={v!r}" for k, v in cfg["kwargs"].items())
+  return ("import timm, safetensors.torch\n"
+          f"model = timm.create_model({cfg['model_name']!r}, pretrained=False, {kw})\n"
+          f"model.load_state_dict(safetensors.torch.load_file({weights!r}), strict=True)")
+
+
+# ----------------------------------------------------------------------------------- output paths
+
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
+
+
+def output_paths(fmt: str, out: str, *, with_arrays: bool, with_extras: bool = True) -> dict[str, str]:
+  """Where an export writes: the weights at `out`; beside it, named from its stem (`out` less a
+  .safetensors/.pth/.pt suffix), `STEM.timm.json`, `STEM.extras.json`, `STEM.extras.safetensors`."""
+  stem = out
+  for suf in _WEIGHT_SUFFIXES:
+    if out.endswith(suf):
+      stem = out[: -len(suf)]
+      break
+  paths = {"weights": out}
+  if fmt == "timm":
+    paths["timm_json"] = stem + ".timm.json"
+  if with_extras:
+    paths["extras_json"] = stem + ".extras.json"
+  if with_arrays:
+    paths["extras_arrays"] = stem + ".extras.safetensors"
+  return paths
+
+
+def _check_free(paths: dict[str, str], overwrite: bool) -> None:
+  if overwrite:
+    return
+  for p in paths.values():
+    if os.path.exists(p):
+      raise ValueError(f"output path {p!r} exists; pass overwrite=True (--overwrite) to replace it")
+
+
+# ---------------------------------------------------------------------------------- recipe extras
+
+
+def _get(cfg, dotted: str, default=None):
+  node = cfg
+  for part in dotted.split("."):
+    if node is None:
+      return default
+    try:
+      node = node[part]
+    except (KeyError, TypeError, AttributeError):
+      node = getattr(node, part, None)
+      if node is None:
+        return default
+  return node
+
+
+def _plain(x):
+  if hasattr(x, "to_dict"):
+    return _plain(x.to_dict())
+  if isinstance(x, dict):
+    return {str(k): _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  if isinstance(x, (np.generic,)):
+    return x.item()
+  return x
+
+
+def parse_sigma_levels(text: str) -> list[float] | None:
+  """D²MAE's "start:stop:step" (stop included) -> [σ_1, ..., σ_T]; "" -> None."""
+  if not text:
+    return None
+  try:
+    start, stop, step = (float(v) for v in str(text).split(":"))
+  except ValueError:
+    raise ValueError(f"corrupt.sigma_levels={text!r}: expected 'start:stop:step'") from None
+  if step <= 0 or stop < start:
+    raise ValueError(f"corrupt.sigma_levels={text!r}: expected start <= stop and step > 0")
+  n = int(math.floor((stop - start) / step + 1e-6)) + 1
+  return [round(start + i * step, 10) for i in range(n)]
+
+
+def transfer_corruption(config) -> dict[str, Any]:
+  """The blur that fine-tuning, probing and evaluation must apply (SPEC §2, §3): the pretraining blur,
+  as `mae_jax.corrupt.blur.apply_blur(method, key, images, **params)` takes it."""
+  where = ("on [0, 1] intensities at model resolution, before normalisation, to train, validation "
+           "and test images alike")
+  corrupt = _get(config, "corrupt")
+  if corrupt is None:
+    return {"method": "none", "note": "no corruption recorded in the config"}
+  levels = parse_sigma_levels(_get(corrupt, "sigma_levels", ""))
+  method = _get(corrupt, "blur", "none")
+  if levels is not None:
+    from mae_jax.corrupt import blur as blur_lib
+    return {"method": "gaussian", "sigma_levels": levels, "t": list(range(1, len(levels) + 1)),
+            "kernel_size": blur_lib.gaussian_kernel_size(max(levels)),
+            "params": "per image: sigma = sigma_levels[t* - 1], t* from the optimal blurriness search "
+                      "(D²MAE Algorithm 1) run with this checkpoint; the encoder also gets BLU(t*)",
+            "where": where}
+  if method == "none":
+    return {"method": "none"}
+  if method == "gaussian":
+    from mae_jax.corrupt import blur as blur_lib
+    sigma = float(_get(corrupt, "sigma"))
+    params = {"sigma": sigma, "kernel_size": blur_lib.gaussian_kernel_size(sigma)}
+  elif method == "srad":
+    params = {"iterations": int(_get(corrupt, "srad_iters")), "dt": float(_get(corrupt, "srad_dt"))}
+  elif method in ("mean", "median"):
+    params = {"size": int(_get(corrupt, "kernel"))}
+  elif method == "motion":
+    params = {"length": int(_get(corrupt, "kernel"))}  # direction drawn per sample
+  elif method == "defocus":
+    params = {"radius": int(_get(corrupt, "defocus_radius"))}
+  else:
+    params = {}
+  return {"method": method, "params": params, "where": where}
+
+
+def _normalisation(config, data_stats) -> dict[str, Any]:
+  mean, std = _get(config, "data.mean"), _get(config, "data.std")
+  if mean is not None and std is not None:
+    source = "config.data"
+  elif isinstance(data_stats, dict) and "mean" in data_stats and "std" in data_stats:
+    mean, std, source = data_stats["mean"], data_stats["std"], "data_stats.json"
+  else:
+    return {"mean": None, "std": None,
+            "note": "not recorded: the run measured them on its training split (see its logs)"}
+  return {"mean": _plain(mean), "std": _plain(std), "source": source,
+          "formula": "(x - mean) / std on [0, 1] intensities, after the corruption; a 1-channel "
+                     "model exported as 3-channel uses the same value on every channel"}
+
+
+def blur_token_arrays(model, levels: list[float] | None) -> dict[str, np.ndarray]:
+  """D²MAE: the learnable vector and, when the levels are known, the whole table BLU(t), t = 1..T."""
+  out = {"blur_token": _np(model.blur_token).copy()}
+  if levels:
+    t = np.arange(1, len(levels) + 1, dtype=np.float32)
+    out["blur_embedding_table"] = np.asarray(
+        mae_lib.timestep_embedding(t, model.spec.width), np.float32) + out["blur_token"]
+  return out
+
+
+def recipe_extras(model, config, *, fmt: str, in_chans_out: int | None = None,
+                  data_stats: dict | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(JSON record, arrays) of what the weights alone do not carry: recipe, transfer blur,
+  normalisation, the D²MAE blurriness token, the SimMIM pixel head."""
+  kind = _model_kind(model)
+  spec = _encoder_of(model).spec
+  info: dict[str, Any] = {
+      "format": fmt,
+      "recipe": _get(config, "recipe"),
+      "model": {"kind": kind, "path": _get(config, "model.path"), "variant": _get(config, "model.variant"),
+                "image_size": spec.image_size, "patch_size": spec.patch_size,
+                "in_chans": spec.in_chans,
+                "in_chans_exported": spec.in_chans if in_chans_out is None else in_chans_out,
+                "width": spec.width, "depth": spec.depth, "num_heads": spec.num_heads},
+      "normalisation": _normalisation(config, data_stats),
+      "transfer_corruption": transfer_corruption(config),
+  }
+  if _get(config, "corrupt") is not None:
+    info["corrupt_config"] = _plain(_get(config, "corrupt"))
+  arrays: dict[str, np.ndarray] = {}
+  blur_embed = getattr(model, "blur_embed", "none")
+  if blur_embed != "none":
+    levels = parse_sigma_levels(_get(config, "corrupt.sigma_levels", ""))
+    arrays.update(blur_token_arrays(model, levels))
+    placement = {
+        "token": "sequence [CLS, BLU(t), patch tokens]; BLU gets a zero position row (like CLS), "
+                 "passes through the blocks and the decoder like CLS, and is dropped before the "
+                 "pixel prediction",
+        "add": "BLU(t) is added to every patch token after its position embedding",
+    }[blur_embed]
+    info["blur_token"] = {
+        "variant": blur_embed,
+        "arrays": {"blur_token": "learnable vector, shape (1, D)",
+                   "blur_embedding_table": "BLU(t) for t = 1..T, shape (T, D), row t-1"
+                                           if levels else "absent: sigma levels not in the config"},
+        "definition": "BLU(t) = timestep_embedding(t, D) + blur_token",
+        "timestep_embedding": "DDPM sinusoid: half = D // 2, w_k = exp(-ln(10000) * k / (half - 1)) "
+                              "for k = 0..half-1, emb(t) = concat(sin(t * w), cos(t * w)), "
+                              "zero-padded to D when D is odd",
+        "t": "1-based blur level index: sigma_t = sigma_levels[t - 1]",
+        "sigma_levels": levels,
+        "placement": placement,
+        "in_weights": "not in the exported state dict: timm and the official MAE have no such token",
+    }
+  if fmt == "mae-full" and blur_embed != "none":
+    info["warning"] = ("the official MaskedAutoencoderViT has no blurriness token: it loads these "
+                       "weights but reconstructs without BLU(t); add blur_token as described here")
+  if kind == "simmim":
+    arrays.update(_linear("decoder_pred", model.decoder_pred))
+    info["simmim"] = {
+        "arrays": {"decoder_pred.weight": "(p*p*C, D) torch Linear weight", "decoder_pred.bias": "(p*p*C,)"},
+        "definition": "pixels of each patch token = decoder_pred(encoder tokens[:, 1:]), in MAE patch "
+                      "order, then unpatchify",
+        "mask_token": "none: the USFM path fills masked units with the image mean instead of a "
+                      "learnable token",
+    }
+  return info, arrays
+
+
+# ------------------------------------------------------------------------------------ export API
+
+
+def _torch():
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError("the 'mae-finetune' and 'mae-full' formats write a PyTorch .pth and need torch "
+                      "(pip install torch); the 'timm' format needs only safetensors") from e
+  return torch
+
+
+def state_dict_for(model, fmt: str, *, in_chans_out: int | None = None) -> dict[str, np.ndarray]:
+  """The exported tensors of `model` in `fmt` (no files, no checks beyond the format's)."""
+  kind = _model_kind(model)
+  check_format(fmt, kind, in_chans=_encoder_of(model).spec.in_chans, in_chans_out=in_chans_out)
+  if fmt == "mae-full":
+    return mae_state_dict(model)
+  if kind == "classifier":
+    return classifier_state_dict(model, in_chans_out=in_chans_out)
+  return encoder_state_dict(_encoder_of(model), in_chans_out=in_chans_out)
+
+
+def export_model(model, config, fmt: str, out: str, *, in_chans_out: int | None = None,
+                 overwrite: bool = False, extras: dict | None = None) -> dict[str, str]:
+  """Writes `model` in `fmt` to `out` and its recipe extras beside it; returns {role: path}.
+
+  fmt: 'timm' (safetensors + `STEM.timm.json` with the `timm.create_model` arguments),
+  'mae-finetune' (`.pth` {'model': encoder state dict} for facebookresearch/mae `main_finetune.py
+  --finetune`), 'mae-full' (`.pth` {'model': MaskedAutoencoderViT state dict}, decoder included).
+  config: the run's ConfigDict (recipe, corruption, data stats) or None. extras: more JSON-able
+  entries for `STEM.extras.json`; a `data_stats` dict with mean/std there fills the normalisation
+  when the config has none. Nothing is written unless every output path is free (or overwrite).
+  """
+  extras = dict(extras or {})
+  kind = _model_kind(model)
+  spec = _encoder_of(model).spec
+  sd = state_dict_for(model, fmt, in_chans_out=in_chans_out)
+  info, arrays = recipe_extras(model, config, fmt=fmt, in_chans_out=in_chans_out,
+                               data_stats=extras.get("data_stats"))
+  info.update(_plain(extras))
+  paths = output_paths(fmt, out, with_arrays=bool(arrays))
+  _check_free(paths, overwrite)
+
+  timm_cfg = None
+  if fmt in ("timm", "mae-finetune"):
+    if kind == "classifier":
+      timm_cfg = timm_config(spec, in_chans=in_chans_out, num_classes=int(sd["head.weight"].shape[0]),
+                             global_pool="avg")
+    else:
+      timm_cfg = timm_config(spec, in_chans=in_chans_out)
+    info["timm"] = timm_cfg
+  if fmt != "timm":
+    decoder = None
+    if fmt == "mae-full":
+      blk = model.decoder_blocks[0] if len(model.decoder_blocks) else None
+      decoder = (int(model.decoder_embed.kernel.shape[1]), len(model.decoder_blocks),
+                 blk.attn.num_heads if blk is not None else 0)
+    info["official_mae"] = official_mae_args(spec, fmt, in_chans=in_chans_out or spec.in_chans,
+                                             decoder=decoder)
+  info["weights"] = os.path.basename(paths["weights"])
+  if "extras_arrays" in paths:
+    info["extras_arrays"] = os.path.basename(paths["extras_arrays"])
+
+  parent = os.path.dirname(os.path.abspath(out))
+  os.makedirs(parent, exist_ok=True)
+  if fmt == "timm":
+    safetensors.numpy.save_file(sd, paths["weights"], metadata={
+        "format": "timm", "timm_model_name": timm_cfg["model_name"],
+        "timm_kwargs": json.dumps(timm_cfg["kwargs"], sort_keys=True)})
+    with open(paths["timm_json"], "w") as f:
+      json.dump(timm_cfg, f, indent=2)
+  else:
+    torch = _torch()
+    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}},
+               paths["weights"])
+  if arrays:
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()},
+                                paths["extras_arrays"])
+  with open(paths["extras_json"], "w") as f:
+    json.dump(info, f, indent=2, sort_keys=True)
+  return paths
+
+
+# ------------------------------------------------------------------------------ checkpoint -> file
+
+
+def _int_keys(tree):
+  # Orbax writes the integer keys of nnx.List (blocks.0, ...) back as strings; nnx.update wants ints.
+  if isinstance(tree, dict):
+    return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
+  return tree
+
+
+def load_checkpoint_model(workdir: str, step: int | None = None):
+  """(config, model, step) from a pretraining workdir, as `train.core.load_pretrained`."""
+  import jax
+  import jax.numpy as jnp
+  from mae_jax import models
+  from mae_jax.train import core
+  config = core.load_config(workdir)
+  step, params = core.restore_params(workdir, step)
+  model = models.build_pretrain_model(config.model, seed=config.seed)
+  nnx.update(model, nnx.State(_int_keys(jax.tree.map(jnp.asarray, params))))
+  return config, model, step
+
+
+def _read_data_stats(workdir: str) -> dict | None:
+  path = os.path.join(workdir, "data_stats.json")
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"cannot read {path}: {e}") from None
+
+
+def export_workdir(workdir: str, fmt: str, out: str, *, step: int | None = None,
+                   in_chans_out: int | None = None, overwrite: bool = False) -> dict[str, str]:
+  """The CLI's work: checks what it can before restoring, then `export_model` on the checkpoint."""
+  from mae_jax.train import core
+  if not os.path.isdir(workdir):
+    raise ValueError(f"workdir {workdir!r} does not exist")
+  config = core.load_config(workdir)
+  if fmt not in FORMATS:
+    raise ValueError(f"format={fmt!r}: expected one of {FORMATS}")
+  path = _get(config, "model.path")
+  if fmt == "mae-full" and path != "mae":
+    raise ValueError(f"format 'mae-full' needs the MAE path; {workdir!r} holds a model.path={path!r} "
+                     "(SimMIM/USFM: linear decoder) run. Use format 'timm' or 'mae-finetune'.")
+  in_chans = int(_get(config, "model.in_chans"))
+  check_format(fmt, "mae" if path == "mae" else "simmim", in_chans=in_chans, in_chans_out=in_chans_out)
+  # Fail on an occupied output before the (possibly long) restore.
+  _check_free(output_paths(fmt, out, with_arrays=False), overwrite)
+  config, model, step = load_checkpoint_model(workdir, step)
+  extras = {"source": {"workdir": os.path.abspath(workdir), "step": int(step)}}
+  stats = _read_data_stats(workdir)
+  if stats is not None:
+    extras["data_stats"] = stats
+  return export_model(model, config, fmt, out, in_chans_out=in_chans_out, overwrite=overwrite,
+                      extras=extras)
+
+
+def main(argv: list[str] | None = None) -> dict[str, str]:
+  parser = argparse.ArgumentParser(
+      prog="python -m mae_jax.export",
+      description="Export a mae_jax pretraining checkpoint to timm / facebookresearch-MAE PyTorch "
+                  "weights (see docs/export.md).")
+  parser.add_argument("--workdir", required=True, help="the training workdir (config.json, checkpoints/)")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
+  parser.add_argument("--out", required=True, help="weights file; extras are written beside it")
+  parser.add_argument("--in-chans", type=int, default=None, dest="in_chans",
+                      help="export a 1-channel model with this many input channels (e.g. 3)")
+  parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+  args = parser.parse_args(argv)
+  try:
+    paths = export_workdir(args.workdir, args.fmt, args.out, step=args.step,
+                           in_chans_out=args.in_chans, overwrite=args.overwrite)
+  except (ValueError, ImportError) as e:
+    raise SystemExit(f"mae_jax.export: error: {e}") from None
+  for role, p in paths.items():
+    print(f"{role}: {p}")
+  with open(paths["extras_json"]) as f:
+    warning = json.load(f).get("warning")
+  if warning:
+    print(f"warning: {warning}")
+  if "timm_json" in paths:
+    with open(paths["timm_json"]) as f:
+      cfg = json.load(f)
+    print("timm.create_model arguments:")
+    print(json.dumps(cfg, indent=2))
+    print(timm_usage(cfg, paths["weights"]))
+  return paths
+
+
+if __name__ == "__main__":
+  main()

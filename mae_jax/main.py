@@ -1,0 +1,56 @@
+"""Command line: `python -m mae_jax.main --config=configs/NAME.py[:ARGS] --workdir=DIR`.
+
+`--config.a.b=value` overrides any field; an unknown field or a wrong type is an error before
+anything runs. The job (pretrain, finetune, linear_probe, segment, obs) comes from `config.job`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, with :ARGS.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs, figures and results go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+log = logging.getLogger("mae_jax")
+
+
+def _setup_logging():
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s",
+                      datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+  for noisy in ("absl", "orbax", "jax._src", "grain"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(config, workdir: str):
+  from mae_jax import distributed
+  distributed.maybe_initialize()
+  job = config.get("job", "pretrain")
+  if job == "pretrain":
+    from mae_jax.train import pretrain
+    return pretrain.train(config, workdir)
+  if job in ("finetune", "linear_probe"):
+    from mae_jax.train import finetune
+    return finetune.run(config, workdir)
+  if job == "segment":
+    from mae_jax.train import segment
+    return segment.run(config, workdir)
+  if job == "obs":
+    from mae_jax.train import obs
+    return obs.run(config, workdir)
+  raise ValueError(f"config.job={job!r}: expected pretrain, finetune, linear_probe, segment or obs")
+
+
+def main(argv):
+  del argv
+  _setup_logging()
+  run(_CONFIG.value, os.path.expanduser(_WORKDIR.value))
+
+
+if __name__ == "__main__":
+  app.run(main)

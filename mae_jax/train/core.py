@@ -1,0 +1,255 @@
+"""What every training job shares: the mesh and shardings, the optimizer and its schedule, the
+train state, checkpoints, and the per-step bookkeeping (throughput, ETA).
+
+Shardings are decided here and nowhere else: the batch is split over every device along
+('data', 'fsdp'); parameters and optimizer state are replicated, or split over 'fsdp' when
+`config.mesh.fsdp > 1` (for ViT-L/H), and the same step function runs either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger("mae_jax")
+
+BATCH_AXES = ("data", "fsdp")
+
+
+# ----------------------------------------------------------------------------------------- mesh
+
+
+def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  if fsdp < 1 or len(devices) % fsdp:
+    raise ValueError(f"mesh.fsdp={fsdp} must divide the number of devices ({len(devices)})")
+  grid = np.asarray(devices).reshape(len(devices) // fsdp, fsdp)
+  return Mesh(grid, BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def param_sharding(mesh: Mesh, x) -> NamedSharding:
+  """FSDP: split the largest axis divisible by the fsdp size; small or odd arrays stay replicated."""
+  n = mesh.shape["fsdp"]
+  shape = getattr(x, "shape", ())
+  if n == 1 or not shape or int(np.prod(shape)) < 2**14:
+    return replicated(mesh)
+  for axis in np.argsort(shape)[::-1]:
+    if shape[axis] % n == 0:
+      spec = [None] * len(shape)
+      spec[axis] = "fsdp"
+      return NamedSharding(mesh, P(*spec))
+  return replicated(mesh)
+
+
+def state_shardings(mesh: Mesh, tree):
+  return jax.tree.map(lambda x: param_sharding(mesh, x), tree)
+
+
+def global_batch(local: dict, mesh: Mesh) -> dict:
+  """Assembles the global batch from this process's slice (every process holds only its rows)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+# ------------------------------------------------------------------------------------ optimizer
+
+
+def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0):
+  """Linear warm-up from 0, then half-cosine to `min_lr`, evaluated per step (as MAE's
+  `adjust_learning_rate`, which it calls per iteration with a fractional epoch)."""
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = peak_lr * step / max(warmup_steps, 1)
+    frac = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    cos = min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.clip(frac, 0.0, 1.0)))
+    return jnp.where(step < warmup_steps, warm, cos)
+
+  return schedule
+
+
+def decay_mask(params):
+  """Weight decay on matrices only: biases and norm scales (1-D) are exempt, as in MAE."""
+  return jax.tree.map(lambda x: x.ndim > 1, params)
+
+
+def adamw(schedule, *, b1: float, b2: float, weight_decay: float, grad_clip: float = 0.0,
+          mask=decay_mask):
+  tx = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=mask)
+  if grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
+  return tx
+
+
+# ---------------------------------------------------------------------------------- train state
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw key data (uint32), so checkpoints need no typed-key support
+  bad_steps: jax.Array  # consecutive non-finite steps
+  skipped: jax.Array  # total non-finite steps skipped
+
+
+def split_model(model):
+  """(graphdef, trainable params, everything else) — the frozen position tables go to the rest."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+
+def init_state(params, tx, seed: int) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(jax.random.key(seed)),
+                    bad_steps=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32))
+
+
+def step_key(state: TrainState, salt: int = 0):
+  """A key that depends only on the seed and the step: a given step always draws the same masks."""
+  key = jax.random.wrap_key_data(state.rng)
+  return jax.random.fold_in(jax.random.fold_in(key, state.step), salt)
+
+
+def apply_if_finite(state: TrainState, grads, loss, tx, max_norm_inf: float = jnp.inf):
+  """One optimizer update, skipped (params and moments unchanged) when the loss or gradient is not
+  finite: a single bad batch must not poison a week-long run."""
+  grad_norm = optax.global_norm(grads)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
+  updates, new_opt = tx.update(safe_grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+  new_state = TrainState(
+      step=state.step + 1,
+      params=pick(new_params, state.params),
+      opt_state=pick(new_opt, state.opt_state),
+      rng=state.rng,
+      bad_steps=jnp.where(ok, 0, state.bad_steps + 1),
+      skipped=state.skipped + (~ok).astype(jnp.int32),
+  )
+  return new_state, grad_norm, ok
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+                               item_names=("state", "data"))
+
+
+def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: TrainState, data_state,
+                    *, force: bool = False) -> None:
+  items = {"state": ocp.args.StandardSave(state)}
+  items["data"] = ocp.args.JsonSave(data_state if data_state is not None else {})
+  mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore_checkpoint(mngr: ocp.CheckpointManager, abstract_state: TrainState, step: int | None = None):
+  """Restores the latest complete checkpoint (orbax never lists a half-written one)."""
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    return None, None, None
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+  return step, restored["state"], restored["data"]
+
+
+def abstract_like(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore_params(workdir: str, step: int | None = None):
+  """Just the parameters of a pretraining checkpoint, as host numpy (for transfer and export)."""
+  path = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(path):
+    raise ValueError(f"no checkpoints in {workdir!r} (looked for {path})")
+  mngr = ocp.CheckpointManager(path, item_names=("state", "data"))
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise ValueError(f"no complete checkpoint in {path}")
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  mngr.close()
+  state = restored["state"]
+  params = state["params"] if isinstance(state, dict) else state.params
+  return step, jax.tree.map(np.asarray, params)
+
+
+# ------------------------------------------------------------------------------------- bookkeeping
+
+
+def save_config(config, workdir: str) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def load_config(workdir: str):
+  import ml_collections
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"{workdir!r} holds no config.json: is it a mae_jax workdir?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+class Throughput:
+  """steps/s, images/s and ETA over the last logging interval (compile time excluded)."""
+
+  def __init__(self, total_steps: int, batch_size: int, start_step: int):
+    self.total, self.batch = total_steps, batch_size
+    self.t0, self.s0 = None, start_step
+
+  def mark(self, step: int) -> dict:
+    now = time.perf_counter()
+    if self.t0 is None:
+      self.t0, self.s0 = now, step
+      return {}
+    dt, ds = now - self.t0, step - self.s0
+    self.t0, self.s0 = now, step
+    if ds <= 0 or dt <= 0:
+      return {}
+    sps = ds / dt
+    return {"steps_per_sec": sps, "images_per_sec": sps * self.batch,
+            "eta_seconds": (self.total - step) / sps}
+
+
+def steps_from_epochs(epochs: float, num_examples: int, batch_size: int) -> int:
+  return max(1, int(math.ceil(epochs * num_examples / batch_size)))
+
+
+def load_pretrained(workdir: str, step: int | None = None):
+  """(config, model, step) of a pretraining workdir: the config JSON saved there is the whole truth
+  about the run (recipe, blur, σ levels, token), so transfer jobs never ask for it again."""
+  from mae_jax import models  # local import: models import nothing from train
+  config = load_config(workdir)
+  step, params = restore_params(workdir, step)
+  model = models.build_pretrain_model(config.model, seed=config.seed)
+  nnx.update(model, nnx.State(jax.tree.map(jnp.asarray, params)))
+  return config, model, step

@@ -1,0 +1,281 @@
+"""Pretraining: one jitted step for every recipe (the recipe picks the corruption and the model path)
+and the loop around it: resume, logging with ETA, image summaries, checkpoints, preemption.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mae_jax import models, recipes, validate, visualize
+from mae_jax.data import pipeline, sources
+from mae_jax.train import core, writers
+
+log = logging.getLogger("mae_jax")
+
+
+# ------------------------------------------------------------------------------------------ step
+
+
+def normalize(x01, mean, std):
+  return (x01 - mean) / std
+
+
+def make_loss_fn(config, graphdef, mean: float, std: float):
+  """loss(params, rest, images_uint8, key) -> (loss, aux). Pixels only ever change on device."""
+
+  def loss_fn(params, rest, images, key):
+    model = nnx.merge(graphdef, params, rest)
+    x01 = images.astype(jnp.float32) / 255.0
+    k_corrupt, k_mask = jax.random.split(key)
+    inputs01, kwargs = recipes.corrupt(config, k_corrupt, x01)
+    loss, _, mask = model(normalize(inputs01, mean, std), target=normalize(x01, mean, std),
+                          key=k_mask, **kwargs)
+    return loss, {"mask_fraction": mask.mean()}
+
+  return loss_fn
+
+
+def make_train_step(config, graphdef, tx, schedule, mean: float, std: float):
+  loss_fn = make_loss_fn(config, graphdef, mean, std)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  accum = config.train.grad_accum
+
+  def train_step(state: core.TrainState, rest, batch):
+    key = core.step_key(state)
+    images = batch["image"]
+    if accum == 1:
+      (loss, aux), grads = grad_fn(state.params, rest, images, key)
+    else:
+      # Micro-batch i takes rows i, i+accum, ...: every micro-batch stays spread over all devices.
+      micro = images.reshape((images.shape[0] // accum, accum) + images.shape[1:]).swapaxes(0, 1)
+
+      def body(carry, xs):
+        i, imgs = xs
+        (l, a), g = grad_fn(state.params, rest, imgs, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, (l, a, g)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), {"mask_fraction": jnp.zeros(())}, state.params))
+      (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+      loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
+    new_state, grad_norm, ok = core.apply_if_finite(state, grads, loss, tx)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+               "finite": ok.astype(jnp.float32), "skipped_total": new_state.skipped,
+               "bad_streak": new_state.bad_steps, **aux}
+    return new_state, metrics
+
+  return train_step
+
+
+# ------------------------------------------------------------------------------------------ loop
+
+
+class _Preemption:
+  """SIGTERM (SLURM, TPU maintenance, Kubernetes) asks for a save at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. inside a notebook worker): no handler
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    log.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def data_stats(config, workdir: str, source) -> tuple[float, float]:
+  """Dataset mean/std (config values win), saved in the workdir so transfer jobs reuse them."""
+  path = os.path.join(workdir, "data_stats.json")
+  if config.data.mean is not None and config.data.std is not None:
+    mean, std = float(config.data.mean), float(config.data.std)
+  elif os.path.exists(path):
+    with open(path) as f:
+      s = json.load(f)
+    mean, std = s["mean"], s["std"]
+  else:
+    mean, std = pipeline.dataset_stats(source)
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump({"mean": mean, "std": std}, f)
+  return mean, std
+
+
+def total_steps(config, num_train: int) -> tuple[int, int]:
+  t = config.train
+  steps_per_epoch = max(1, num_train // t.batch_size)
+  total = t.total_steps or core.steps_from_epochs(t.epochs, num_train, t.batch_size)
+  warmup = int(round(t.warmup_epochs * steps_per_epoch))
+  return total, min(warmup, total)
+
+
+def train(config, workdir: str) -> dict:
+  """Pretrains `config` in `workdir`, resuming from its latest checkpoint. Returns the last metrics."""
+  validate.validate_pretrain(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    core.save_config(config, workdir)
+  mesh = core.make_mesh(config.mesh.fsdp)
+
+  source = sources.open_source(config.data, "train")
+  mean, std = data_stats(config, workdir, source)
+  num_train = len(source)
+  steps, warmup = total_steps(config, num_train)
+  peak_lr = config.train.base_lr * config.train.batch_size / 256
+  schedule = core.warmup_cosine(peak_lr, warmup, steps, config.train.min_lr)
+  tx = core.adamw(schedule, b1=config.train.b1, b2=config.train.b2,
+                  weight_decay=config.train.weight_decay, grad_clip=config.train.grad_clip)
+
+  model = models.build_pretrain_model(config.model, seed=config.seed)
+  graphdef, params, rest = core.split_model(model)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  state = core.init_state(params, tx, config.seed)
+  shardings = core.state_shardings(mesh, state)
+  rest_sharding = jax.tree.map(lambda _: core.replicated(mesh), rest)
+  rest = jax.device_put(rest, rest_sharding)
+
+  mngr = core.checkpoint_manager(workdir, keep=config.train.keep_checkpoints)
+  start, restored, data_state = core.restore_checkpoint(mngr, core.abstract_like(state, shardings))
+  if restored is not None:
+    state = restored
+    log.info("resumed from the checkpoint at step %d", start)
+  else:
+    state = jax.device_put(state, shardings)
+    start = 0
+  start = int(start)
+
+  step_fn = jax.jit(make_train_step(config, graphdef, tx, schedule, mean, std),
+                    in_shardings=(shardings, rest_sharding, core.batch_sharding(mesh)),
+                    out_shardings=(shardings, core.replicated(mesh)), donate_argnums=(0,))
+
+  it = pipeline.train_iterator(
+      source, global_batch=config.train.batch_size, image_size=config.model.image_size,
+      seed=config.data.seed + config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), scale=(config.data.crop_scale_min, 1.0),
+      hflip=config.data.hflip, sampler=config.data.sampler, in_chans=config.model.in_chans,
+      start_batch=start)
+  # Every process computes the preview (the params are global arrays); only process 0 writes it.
+  preview = _preview_batch(config, mean, std) if config.train.image_every > 0 else None
+
+  writer = writers.TensorBoardWriter(workdir) if is_main else writers.NullWriter()
+  if is_main and start == 0:
+    writer.write_scalars(0, {"params_millions": n_params / 1e6})
+  log.info("recipe=%s model=%s (%.2fM params) devices=%d processes=%d steps=%d (warm-up %d) "
+           "global batch=%d peak lr=%.3g, images %dpx", config.recipe, config.model.variant,
+           n_params / 1e6, jax.device_count(), jax.process_count(), steps, warmup,
+           config.train.batch_size, peak_lr, config.model.image_size)
+
+  tp = core.Throughput(steps, config.train.batch_size, start)
+  history, last, pending = [], {}, None
+  t_start = time.perf_counter()
+  step = start
+  try:
+    with _Preemption() as preempt:
+      while step < steps:
+        batch = core.global_batch(next(it), mesh)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, metrics = step_fn(state, rest, {"image": batch["image"]})
+        step += 1
+        # Read the previous step's metrics after dispatching this one: the host never stalls the device.
+        if pending is not None:
+          _check_finite(config, *pending, mngr)
+        pending = (step, metrics)
+        if step == start + 1:
+          log.info("first step compiled and ran in %.1fs", time.perf_counter() - t_start)
+          tp.mark(step)
+        if step % config.train.log_every == 0 or step == steps:
+          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          m.update(tp.mark(step))
+          history.append((step, m["loss"]))
+          last = m
+          writer.write_scalars(step, m)
+          log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f %s%s", step, steps, m["loss"], m["lr"],
+                   m["grad_norm"],
+                   f"{m['images_per_sec']:.1f} img/s ETA {writers.format_eta(m['eta_seconds'])}"
+                   if "images_per_sec" in m else "",
+                   f" skipped {int(m['skipped_total'])}" if m["skipped_total"] else "")
+        if preview is not None and (step % config.train.image_every == 0 or step == steps):
+          writer.write_images(step, {"reconstruction": _preview_image(config, graphdef, state, rest,
+                                                                      preview, mean, std)})
+        if step % config.train.checkpoint_every == 0 or step == steps or preempt.requested:
+          core.save_checkpoint(mngr, step, state, {"next_batch": step},
+                               force=preempt.requested)
+        if preempt.requested:
+          log.warning("preempted: checkpoint at step %d saved; exiting cleanly", step)
+          break
+      if pending is not None:
+        _check_finite(config, *pending, mngr)
+  finally:
+    # An exception must not lose the checkpoint being written in the background.
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.flush()
+  writer.close()
+  with open(os.path.join(workdir, "train_done.json") if step >= steps else os.devnull, "w") as f:
+    json.dump({"step": step, "loss": last.get("loss")}, f)
+  return {"step": step, "history": history, **last}
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+def _check_finite(config, step, metrics, mngr):
+  streak = int(metrics["bad_streak"])
+  if streak:
+    log.warning("step %d: loss or gradient not finite; update skipped (%d in a row)", step, streak)
+  if streak >= config.train.max_bad_steps:
+    latest = mngr.latest_step()
+    raise NonFiniteError(
+        f"{streak} consecutive non-finite steps (train.max_bad_steps={config.train.max_bad_steps}) at step "
+        f"{step}: stopping. The last good checkpoint is step {latest} in {mngr.directory}; lower "
+        f"train.base_lr, check the data, or try model.dtype='float32'.")
+
+
+def _preview_batch(config, mean, std, n: int = 4):
+  src = sources.open_source(config.data, "validation")
+  batch = next(iter(pipeline.eval_iterator(src, batch_size=n, image_size=config.model.image_size,
+                                            in_chans=config.model.in_chans)))
+  return np.asarray(batch["image"][:n])
+
+
+@functools.lru_cache(maxsize=None)
+def _preview_fn(config_json: str, graphdef, mean, std):
+  import ml_collections
+  config = ml_collections.ConfigDict(json.loads(config_json))
+
+  @jax.jit
+  def fn(params, rest, images):
+    model = nnx.merge(graphdef, params, rest)
+    x01 = images.astype(jnp.float32) / 255.0
+    key = jax.random.key(1234)  # fixed: the same masks at every summary, so frames compare
+    inputs01, kwargs = recipes.corrupt(config, key, x01)
+    return visualize.reconstruction_columns(model, x01, inputs01, mean, std,
+                                            key=jax.random.fold_in(key, 1), **kwargs)
+
+  return fn
+
+
+def _preview_image(config, graphdef, state, rest, images, mean, std):
+  fn = _preview_fn(config.to_json(), graphdef, mean, std)
+  cols = jax.device_get(fn(state.params, rest, jnp.asarray(images)))
+  return visualize.panel([np.asarray(c) for c in cols])

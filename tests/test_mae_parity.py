@@ -1,0 +1,98 @@
+"""Our MAE against transformers' ViTMAEForPreTraining (numerically identical to the official model)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from mae_jax import export
+from mae_jax import patches as patch_lib
+from mae_jax.corrupt import masking
+from mae_jax.models import mae as mae_lib
+from mae_jax.models import vit
+from tests import torch_refs
+
+DEC = dict(decoder_width=32, decoder_depth=2, decoder_heads=4)
+
+
+def _models(spec, norm_pix, mask_ratio=0.75, seed=0):
+  model = mae_lib.MAE(spec, mask_ratio=mask_ratio, norm_pix_loss=norm_pix, rngs=nnx.Rngs(seed), **DEC)
+  ref = torch_refs.hf_vitmae(spec, mask_ratio=mask_ratio, norm_pix_loss=norm_pix, **DEC)
+  ref.load_state_dict(torch_refs.official_to_hf(export.mae_state_dict(model)), strict=True)
+  return model, ref
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+@pytest.mark.parametrize("in_chans,image_size,patch", [(1, 32, 8), (3, 24, 4)])
+def test_loss_and_prediction_match_transformers(norm_pix, in_chans, image_size, patch):
+  spec = vit.ViTSpec(image_size=image_size, patch_size=patch, in_chans=in_chans, width=48, depth=2,
+                     num_heads=4)
+  model, ref = _models(spec, norm_pix)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(3, image_size, image_size, in_chans)).astype(np.float32)
+  noise = rng.uniform(size=(3, spec.num_patches)).astype(np.float32)
+
+  loss, pred, mask = model(jnp.asarray(images), noise=jnp.asarray(noise))
+  with torch.no_grad():
+    out = ref(torch.from_numpy(images.transpose(0, 3, 1, 2)), noise=torch.from_numpy(noise))
+  assert abs(float(loss) - out.loss.item()) <= 1e-5
+  np.testing.assert_allclose(np.asarray(pred), out.logits.numpy(), atol=1e-4, rtol=0)
+  np.testing.assert_array_equal(np.asarray(mask), out.mask.numpy())
+
+
+def test_position_table_closed_form():
+  d, h, w = 16, 3, 5
+  table = vit.sincos_2d(d, (h, w), num_prefix=1)
+  assert table.shape == (1 + h * w, d)
+  np.testing.assert_array_equal(table[0], 0)
+  # Closed form of MAE's table: channels [0, d/2) encode the column, [d/2, d) the row;
+  # within each half, sin for the first d/4 channels and cos for the rest, with w_k = 1e4^(-k/(d/4)).
+  q = d // 4
+  for r in range(h):
+    for c in range(w):
+      row = table[1 + r * w + c]
+      for k in range(q):
+        om = 10000.0 ** (-k / q)
+        assert row[k] == pytest.approx(np.sin(c * om), abs=1e-6)
+        assert row[q + k] == pytest.approx(np.cos(c * om), abs=1e-6)
+        assert row[2 * q + k] == pytest.approx(np.sin(r * om), abs=1e-6)
+        assert row[3 * q + k] == pytest.approx(np.cos(r * om), abs=1e-6)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75, 0.9])
+def test_kept_patches_per_sample(ratio):
+  n, length, d = 4, 49, 3
+  x = jnp.arange(n * length * d, dtype=jnp.float32).reshape(n, length, d)
+  noise = jax.random.uniform(jax.random.key(1), (n, length))
+  kept, mask, ids_restore = masking.random_masking(x, ratio, noise)
+  keep = int(length * (1 - ratio))
+  assert kept.shape == (n, keep, d)
+  np.testing.assert_array_equal(np.asarray(mask.sum(1)), length - keep)
+  # The kept tokens are exactly those with the smallest noise, and ids_restore inverts the shuffle.
+  order = np.argsort(np.asarray(noise), axis=1)
+  np.testing.assert_array_equal(np.asarray(kept[..., 0]) // d % length, order[:, :keep])
+  np.testing.assert_array_equal(np.take_along_axis(order, np.asarray(ids_restore), 1),
+                                np.broadcast_to(np.arange(length), (n, length)))
+
+
+def test_patchify_roundtrip_and_order():
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(2, 12, 8, 3)).astype(np.float32)
+  tok = patch_lib.patchify(jnp.asarray(images), 4)
+  assert tok.shape == (2, 6, 48)
+  # token 3 is grid row 1, col 1; inside it (row, col, channel) with channel fastest.
+  np.testing.assert_array_equal(np.asarray(tok[1, 3]), images[1, 4:8, 4:8, :].reshape(-1))
+  back = patch_lib.unpatchify(tok, 4, (3, 2), 3)
+  np.testing.assert_array_equal(np.asarray(back), images)
+
+
+def test_init_statistics_follow_mae():
+  spec = vit.ViTSpec(image_size=32, patch_size=8, in_chans=1, width=64, depth=1, num_heads=4)
+  model = mae_lib.MAE(spec, rngs=nnx.Rngs(0), **DEC)
+  qkv = np.asarray(model.encoder.blocks[0].attn.qkv.kernel[...])
+  bound = np.sqrt(6.0 / (64 + 192))  # xavier_uniform on the fused [D, 3D] matrix
+  assert np.abs(qkv).max() <= bound and np.abs(qkv).max() > 0.9 * bound
+  np.testing.assert_array_equal(np.asarray(model.encoder.blocks[0].attn.qkv.bias[...]), 0)
+  assert np.asarray(model.encoder.cls_token[...]).std() == pytest.approx(0.02, rel=0.5)
