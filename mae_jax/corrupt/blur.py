@@ -1,0 +1,293 @@
+"""Blurs for Deblurring MAE and D²MAE: gaussian, mean, median, motion, defocus (+ SRAD via srad.py).
+
+Every function takes NHWC float32 images in [0, 1] and returns the same shape and dtype. Kernel
+sizes are static Python ints; per-sample parameters (Gaussian σ, motion angle) may be traced (N,)
+arrays. All filters pad with reflect-101 (OpenCV's BORDER_DEFAULT, scipy's 'mirror', jnp's
+'reflect') and then convolve VALID, so borders are not darkened the way zero padding (dm-pix) does.
+
+Filtering is written as a sum of shifted slices of the padded image rather than `lax.conv`:
+the kernels are small (≤ 11 taps per axis for the σ range the papers use), XLA fuses the sum into
+one elementwise kernel, per-sample kernels cost nothing extra, and there is no TF32 rounding that
+`lax.conv` gets on GPUs at default precision, so the result is float32-exact against OpenCV.
+
+The paper's reference code blurs offline at native resolution before cropping; here the blur runs
+inside the jitted step at model resolution after crop and resize (a deliberate difference).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mae_jax.corrupt import srad as _srad
+
+
+def _check_odd(size: int, name: str) -> int:
+  if not isinstance(size, (int, np.integer)) or size < 1 or size % 2 == 0:
+    raise ValueError(f"{name} must be a positive odd Python int, got {size!r}")
+  return int(size)
+
+
+def _reflect_pad(images, pad_h: int, pad_w: int):
+  # jnp's 'reflect' excludes the edge pixel: d c b | a b c d | c b a, i.e. reflect-101.
+  return jnp.pad(images, ((0, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0)), mode="reflect")
+
+
+def _sample_weight(w, ndim: int):
+  """A tap weight: a scalar, or a per-sample (N,) vector broadcast over the other axes."""
+  w = jnp.asarray(w, jnp.float32)
+  if w.ndim == 0:
+    return w
+  return w.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def _correlate_1d(images, weights, axis: int):
+  """Correlate along H (axis=1) or W (axis=2) with K taps, reflect-101 borders.
+
+  weights: (K,) shared or (N, K) per sample. K odd.
+  """
+  k = weights.shape[-1]
+  r = k // 2
+  padded = _reflect_pad(images, r if axis == 1 else 0, r if axis == 2 else 0)
+  size = images.shape[axis]
+  out = None
+  for t in range(k):
+    part = jax.lax.slice_in_dim(padded, t, t + size, axis=axis)
+    term = part * _sample_weight(weights[..., t], images.ndim)
+    out = term if out is None else out + term
+  return out
+
+
+def _correlate_2d(images, kernel):
+  """Correlate with a (K, K) shared or (N, K, K) per-sample kernel, reflect-101 borders.
+
+  A concrete (numpy) kernel skips its zero taps (the disk's corners).
+  """
+  k = kernel.shape[-1]
+  r = k // 2
+  _, h, w, _ = images.shape
+  padded = _reflect_pad(images, r, r)
+  concrete = isinstance(kernel, np.ndarray)
+  out = None
+  for i in range(k):
+    for j in range(k):
+      if concrete and kernel.ndim == 2 and kernel[i, j] == 0:
+        continue
+      part = padded[:, i:i + h, j:j + w, :]
+      term = part * _sample_weight(kernel[..., i, j], images.ndim)
+      out = term if out is None else out + term
+  return out
+
+
+def _as_float_images(images):
+  images = jnp.asarray(images)
+  if images.ndim != 4:
+    raise ValueError(f"images must be NHWC (4-D), got shape {images.shape}")
+  return images.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gaussian
+
+
+def gaussian_kernel_size(sigma: float) -> int:
+  """OpenCV's kernel size for 8-bit images: round(6σ + 1) | 1 (9 at σ = 1.1).
+
+  OpenCV uses cvRound (round half to even), as Python's round does.
+  """
+  return int(round(float(sigma) * 6 + 1)) | 1
+
+
+def gaussian_kernel_1d(sigma, kernel_size: int):
+  """Normalised 1-D Gaussian weights as cv2.getGaussianKernel(kernel_size, σ) computes them.
+
+  σ: Python float -> (K,) numpy float32 (computed in float64, like OpenCV); (N,) array -> (N, K)
+  jnp float32. σ ≤ 0 gives the identity kernel (OpenCV would instead derive σ from the size);
+  that makes "σ_0 = no blur" expressible in a per-sample batch.
+  """
+  k = _check_odd(kernel_size, "kernel_size")
+  if isinstance(sigma, (int, float, np.floating)):
+    x = np.arange(k, dtype=np.float64) - (k - 1) / 2
+    s = max(float(sigma), 1e-6)
+    w = np.exp(-(x * x) / (2 * s * s))
+    return (w / w.sum()).astype(np.float32)
+  x = jnp.arange(k, dtype=jnp.float32) - (k - 1) / 2
+  s = jnp.maximum(jnp.asarray(sigma, jnp.float32), 1e-6)[..., None]
+  w = jnp.exp(-(x * x) / (2 * s * s))
+  return w / jnp.sum(w, axis=-1, keepdims=True)
+
+
+def gaussian_blur(images, sigma=1.1, *, kernel_size: int | None = None):
+  """Separable Gaussian blur with reflect-101 borders (cv2.GaussianBlur with BORDER_DEFAULT).
+
+  sigma: a Python float, or a per-sample (N,) array (may be traced). kernel_size: static odd int;
+  defaults to `gaussian_kernel_size(sigma)` for a Python float, or of max(σ) for a concrete array;
+  it is required when σ is traced (e.g. D²MAE: pass the size for the largest σ of the schedule).
+  """
+  images = _as_float_images(images)
+  if kernel_size is None:
+    if isinstance(sigma, jax.core.Tracer):
+      raise ValueError("gaussian_blur: kernel_size must be given when sigma is a traced array")
+    kernel_size = gaussian_kernel_size(float(np.max(np.asarray(sigma))))
+  if not isinstance(sigma, (int, float, np.floating)):
+    sigma = jnp.asarray(sigma, jnp.float32)
+    if sigma.ndim == 0:
+      sigma = jnp.broadcast_to(sigma, images.shape[:1])
+    elif sigma.shape != images.shape[:1]:
+      raise ValueError(f"gaussian_blur: sigma must be a scalar or shape ({images.shape[0]},), "
+                       f"got {sigma.shape}")
+  weights = gaussian_kernel_1d(sigma, kernel_size)
+  return _correlate_1d(_correlate_1d(images, weights, axis=1), weights, axis=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mean, median
+
+
+def mean_blur(images, size: int = 5):
+  """Box filter (cv2.blur with BORDER_DEFAULT), separable, reflect-101 borders."""
+  images = _as_float_images(images)
+  k = _check_odd(size, "size")
+  weights = np.full((k,), 1.0 / k, np.float32)
+  return _correlate_1d(_correlate_1d(images, weights, axis=1), weights, axis=2)
+
+
+def median_blur(images, size: int = 5):
+  """Exact median over the size × size window, reflect-101 borders.
+
+  Border choice: reflect-101, like every other filter here (== scipy.ndimage.median_filter with
+  mode='mirror'). OpenCV's medianBlur replicates the edge pixel instead (for ksize 5 its 8-bit path
+  uses BORDER_REPLICATE), so results differ from cv2 on the outer size//2 rows and columns only.
+  The median is computed by sorting the size² shifted copies; that holds size² copies of the
+  batch in memory (25× at size 5), fine for the ablation this serves.
+  """
+  images = _as_float_images(images)
+  k = _check_odd(size, "size")
+  r = k // 2
+  _, h, w, _ = images.shape
+  padded = _reflect_pad(images, r, r)
+  stack = jnp.stack([padded[:, i:i + h, j:j + w, :] for i in range(k) for j in range(k)], axis=-1)
+  return jnp.sort(stack, axis=-1)[..., (k * k) // 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# Motion, defocus
+
+
+def motion_kernel(angle, length: int = 5):
+  """Line kernel(s) of `length` pixels through the centre at `angle` radians.
+
+  angle: scalar or (N,) array (counter-clockwise from the +x axis as the image is displayed, y
+  down); returns (length, length) or (N, length, length) float32 summing to 1.
+  Each cell weighs (1 − its distance to the line)₊, times a factor tapering from 1 to 0 between
+  along-line offsets r and r + 1 (r = (length − 1) / 2), so at 0 / 90 degrees the kernel is exactly
+  the horizontal / vertical box of `length`, and at any angle the support lies within one pixel
+  of the line through the centre and is symmetric about the centre (blur without shift).
+  """
+  k = _check_odd(length, "length")
+  r = (k - 1) / 2
+  offs = jnp.arange(k, dtype=jnp.float32) - r
+  dy, dx = offs[:, None], offs[None, :]
+  a = jnp.asarray(angle, jnp.float32)[..., None, None]
+  cos, sin = jnp.cos(a), jnp.sin(a)
+  along = dx * cos - dy * sin
+  across = jnp.abs(dx * sin + dy * cos)
+  w = jnp.maximum(1.0 - across, 0.0) * jnp.clip(r + 1.0 - jnp.abs(along), 0.0, 1.0)
+  return w / jnp.sum(w, axis=(-2, -1), keepdims=True)
+
+
+def motion_blur(key, images, length: int = 5, *, angle=None):
+  """Motion blur along a random direction per sample (angle ~ U[0, π); a line is symmetric).
+
+  angle: optional (N,) radians to fix the directions (tests, figures); otherwise drawn from key.
+  """
+  images = _as_float_images(images)
+  n = images.shape[0]
+  if angle is None:
+    if key is None:
+      raise ValueError("motion_blur needs a PRNG key (or explicit angles)")
+    angle = jax.random.uniform(key, (n,), jnp.float32, 0.0, math.pi)
+  angle = jnp.broadcast_to(jnp.asarray(angle, jnp.float32), (n,))
+  return _correlate_2d(images, motion_kernel(angle, length))
+
+
+def defocus_kernel(radius: int = 5) -> np.ndarray:
+  """Normalised disk: the cells with dx² + dy² ≤ radius², in a (2r+1)² grid."""
+  if not isinstance(radius, (int, np.integer)) or radius < 0:
+    raise ValueError(f"radius must be a non-negative Python int, got {radius!r}")
+  offs = np.arange(-radius, radius + 1)
+  disk = (offs[:, None] ** 2 + offs[None, :] ** 2 <= radius ** 2).astype(np.float64)
+  return (disk / disk.sum()).astype(np.float32)
+
+
+def defocus_blur(images, radius: int = 5):
+  """Defocus (disk) blur of the given radius, reflect-101 borders."""
+  images = _as_float_images(images)
+  return _correlate_2d(images, defocus_kernel(radius))
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry: configs name a blur by string; every entry has the signature (key, images, **params).
+
+
+def _gaussian(key, images, sigma=1.1, kernel_size=None):
+  del key
+  return gaussian_blur(images, sigma, kernel_size=kernel_size)
+
+
+def _srad_entry(key, images, iterations=_srad.DEFAULT_ITERATIONS, dt=_srad.DEFAULT_DT):
+  del key
+  return _srad.srad(images, iterations=iterations, dt=dt)
+
+
+def _mean(key, images, size=5):
+  del key
+  return mean_blur(images, size)
+
+
+def _median(key, images, size=5):
+  del key
+  return median_blur(images, size)
+
+
+def _motion(key, images, length=5, angle=None):
+  return motion_blur(key, images, length, angle=angle)
+
+
+def _defocus(key, images, radius=5):
+  del key
+  return defocus_blur(images, radius)
+
+
+def _none(key, images):
+  del key
+  return _as_float_images(images)
+
+
+BLURS: dict[str, Callable] = {
+    "gaussian": _gaussian,
+    "srad": _srad_entry,
+    "mean": _mean,
+    "median": _median,
+    "motion": _motion,
+    "defocus": _defocus,
+    "none": _none,  # vanilla MAE through the same code path
+}
+
+
+def apply_blur(method: str, key, images, **params):
+  """Blur `images` with the registered `method` (see BLURS) and its keyword parameters."""
+  try:
+    fn = BLURS[method]
+  except KeyError:
+    raise ValueError(f"unknown blur method {method!r}; expected one of {sorted(BLURS)}") from None
+  try:
+    inspect.signature(fn).bind(key, images, **params)
+  except TypeError as e:
+    raise ValueError(f"bad parameters {sorted(params)} for blur method {method!r}: {e}") from None
+  return fn(key, images, **params)
