@@ -1,0 +1,735 @@
+"""Real images from a folder tree → a random-access dataset with the us_phantom record layout.
+
+``build_folder_dataset(root, out_dir, task=...)`` converts a tree of PNG/JPEG/BMP/TIFF/GIF files
+into ``out_dir``::
+
+    train.array_record, validation.array_record, test.array_record   one record per image
+    metadata.json        names, counts per split, train mean/std, mask value mapping, build options
+    files.json           per split, in record order: [source path relative to root, organ, label]
+    build_report.json    every skipped file with its reason, every converted file with what was done
+
+and ``folder_source(out_dir, split)`` reads a split back with random access (``len``, ``[i]``).
+
+Records are dicts of numpy values like ``us_phantom.data_source``: ``image`` (H, W, 1) uint8,
+``organ`` int, ``label`` int, ``index`` int, and for ``task='segment'``
+``mask`` (H, W, 1) uint8 of class ids. Fields that a task does not define are -1 (``label`` for
+pretraining, ``organ`` for classification and segmentation). As in us_phantom, ``index`` is unique
+across splits: train is [0, n_train), validation follows, then test; ``src[i]["index"]`` is the
+split's offset + i. On disk each record is an ``np.savez``
+archive (no pickle) whose image and mask are PNG-encoded (lossless), in ArrayRecord files
+(``group_size:1`` for fast random access). TensorFlow is not needed to write or read them.
+
+Layouts
+  * ``pretrain``: first-level folders name the organ (files in deeper folders belong to their
+    first-level folder). Images lying directly in the root get the organ ``"unspecified"``.
+  * ``classify``: first-level folders name the class; loose images in the root are skipped.
+  * ``segment``: image/mask pairs, either BUSI-style ``name.png`` + ``name_mask.png`` in the same
+    folder (several ``name_mask_1.png``, ... are merged by pixel-wise maximum, i.e. union for binary
+    masks), or parallel ``images/`` and ``masks/`` folders (``image``/``mask`` also accepted) whose
+    files match by relative path and stem (the mask may carry a ``_mask`` suffix). A first-level
+    folder (outside ``images``/``masks``) names the class of the pair, stored in ``label``.
+  * Split folders ``train/`` (``training``), ``validation/`` (``val``, ``valid``), ``test/``
+    (``testing``) directly under the root are used when present; a missing validation folder is
+    carved out of train (stratified, ratio ``split_ratio[1] : split_ratio[0]``) and a missing test
+    split stays empty (both noted in the report). Without split folders the images are split
+    stratified by organ/class with ``split_ratio`` (default 3:1:1) and ``split_seed``; per group
+    the counts follow the largest-remainder rule, so e.g. 5 images give 3/1/1.
+  * In ``pretrain``/``classify``, files named ``*_mask.*`` or inside a ``masks``/``mask`` folder are
+    skipped as segmentation masks.
+
+Conversions (each listed per file in the report)
+  * Everything becomes 8-bit grayscale. RGB and other colour modes: ITU-R 601-2 luminance as PIL's
+    ``convert('L')`` (L = 0.299 R + 0.587 G + 0.114 B). RGBA/LA/palette with transparency: the alpha
+    channel is dropped (not composited), then luminance.
+  * 16-bit (PIL ``I;16*``), 32-bit integer (``I``) and float (``F``) images: min-max scaled from the
+    file's own [min, max] to [0, 255] and rounded; a constant image becomes 0.
+  * Multi-frame TIFF/GIF: the first frame only. EXIF orientation tags are not applied (pixels are
+    used as stored, so an image and its mask can never disagree).
+  * ``metadata["mean"]``/``["std"]``: over all pixels of all train images (as stored), in [0, 1].
+  * ``image_size``: when given, images are resized to ``image_size × image_size`` (bicubic; masks
+    nearest), ignoring aspect ratio as the evaluation pipeline does; else stored at native size.
+  * Masks keep their raw values (no scaling; RGB masks are reduced to luminance, palette masks keep
+    their palette indices). The sorted unique values over all usable masks map to class ids
+    0..K-1 (``metadata["mask_values"][k]`` is the raw value of class k, so {0, 255} → {0, 1}).
+    ``binarize_masks=True`` maps every non-zero value to 1 instead.
+
+Skipped (with the reason in the report): zero-byte files, files PIL cannot identify (e.g. text
+named .png), truncated or otherwise undecodable files, images with a side below ``min_size``
+(default 32), hidden files, files with a non-image extension, images without a mask and masks
+without an image (segment), masks whose size differs from their image.
+
+A missing or empty root, or no usable image left, raises ``ValueError`` naming the path.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+import re
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["build_folder_dataset", "folder_source", "FolderSource", "IMAGE_EXTENSIONS", "SPLITS"]
+
+FORMAT = "mae_jax.folder/v1"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
+SPLITS = ("train", "validation", "test")
+_SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "validation": "validation", "val": "validation", "valid": "validation",
+    "test": "test", "testing": "test",
+}
+_IMAGE_DIRS = ("images", "image")
+_MASK_DIRS = ("masks", "mask")
+_MASK_STEM = re.compile(r"^(?P<base>.+)_mask(?:_\d+)?$", re.IGNORECASE)
+_UNSPECIFIED = "unspecified"
+_MAX_MASK_CLASSES = 64
+_BUILD_KEYS = ("root", "task", "image_size", "split_seed", "split_ratio", "min_size", "binarize_masks")
+
+
+class _Skip(Exception):
+  """A file that cannot be used; the message is the reason written to the report."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading one file
+# --------------------------------------------------------------------------------------------
+
+
+def _open_first_frame(path: pathlib.Path) -> tuple[Image.Image, list[str]]:
+  notes: list[str] = []
+  try:
+    size = path.stat().st_size
+  except OSError as e:
+    raise _Skip(f"cannot stat: {e}") from None
+  if size == 0:
+    raise _Skip("empty file (0 bytes)")
+  try:
+    im = Image.open(path)
+  except UnidentifiedImageError:
+    raise _Skip("not a readable image (PIL cannot identify the format)") from None
+  except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
+    raise _Skip(f"cannot open: {type(e).__name__}: {e}") from None
+  try:
+    frames = int(getattr(im, "n_frames", 1))
+    if frames > 1:
+      im.seek(0)
+      notes.append(f"multi-frame ({frames} frames): first frame used")
+    im.load()
+  except Exception as e:  # noqa: BLE001
+    im.close()
+    raise _Skip(f"truncated or corrupt image: {type(e).__name__}: {e}") from None
+  return im, notes
+
+
+def _image_to_gray8(im: Image.Image) -> tuple[np.ndarray, list[str]]:
+  mode = im.mode
+  if mode == "L":
+    return np.asarray(im, dtype=np.uint8), []
+  if mode.startswith("I;16") or mode in ("I", "F"):
+    a = np.asarray(im).astype(np.float64)
+    lo, hi = float(a.min()), float(a.max())
+    kind = {"I": "32-bit integer", "F": "floating-point"}.get(mode, "16-bit")
+    if hi > lo:
+      out = np.round((a - lo) / (hi - lo) * 255.0).astype(np.uint8)
+    else:
+      out = np.zeros(a.shape, np.uint8)
+    return out, [f"{kind} ({mode}): min-max scaled from [{lo:g}, {hi:g}] to [0, 255]"]
+  if mode == "1":
+    return np.asarray(im.convert("L"), dtype=np.uint8), ["1-bit: mapped to {0, 255}"]
+  if mode in ("LA", "La"):
+    return np.asarray(im.getchannel(0), dtype=np.uint8), [f"{mode}: alpha channel dropped"]
+  if mode in ("P", "PA"):
+    has_alpha = mode == "PA" or "transparency" in im.info
+    rgb = im.convert("RGBA").convert("RGB") if has_alpha else im.convert("RGB")
+    note = "palette with transparency: alpha dropped, luminance" if has_alpha else "palette: luminance"
+    return np.asarray(rgb.convert("L"), dtype=np.uint8), [note + " (ITU-R 601)"]
+  if mode in ("RGBA", "RGBa"):
+    return (np.asarray(im.convert("RGB").convert("L"), dtype=np.uint8),
+            [f"{mode}: alpha channel dropped, luminance (ITU-R 601)"])
+  try:
+    rgb = im if mode == "RGB" else im.convert("RGB")
+    return np.asarray(rgb.convert("L"), dtype=np.uint8), [f"{mode}: luminance (ITU-R 601)"]
+  except Exception as e:  # noqa: BLE001
+    raise _Skip(f"unsupported image mode {mode}: {e}") from None
+
+
+def _mask_to_values(im: Image.Image) -> tuple[np.ndarray, list[str]]:
+  mode = im.mode
+  if mode in ("L", "P") or mode.startswith("I"):
+    a = np.asarray(im)
+    return a.astype(np.int64), []
+  if mode == "1":
+    return np.asarray(im.convert("L")).astype(np.int64), []
+  if mode in ("LA", "La", "PA"):
+    return np.asarray(im.getchannel(0)).astype(np.int64), [f"mask {mode}: alpha dropped"]
+  if mode == "F":
+    a = np.asarray(im)
+    if not np.all(np.mod(a, 1) == 0):
+      raise _Skip("floating-point mask with non-integer values")
+    return a.astype(np.int64), []
+  rgb = im.convert("RGB") if mode != "RGB" else im
+  return np.asarray(rgb.convert("L")).astype(np.int64), [f"mask {mode}: luminance of each colour used as its value"]
+
+
+def _read_image(path: pathlib.Path, min_size: int) -> tuple[np.ndarray, list[str]]:
+  im, notes = _open_first_frame(path)
+  with im:
+    w, h = im.size
+    if min(w, h) < min_size:
+      raise _Skip(f"too small ({w}x{h}; min_size={min_size})")
+    a, conv = _image_to_gray8(im)
+  return a, notes + conv
+
+
+def _read_mask(paths: list[pathlib.Path], shape: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
+  merged = None
+  notes: list[str] = []
+  for p in paths:
+    try:
+      im, n = _open_first_frame(p)
+    except _Skip as e:
+      raise _Skip(f"mask {p.name}: {e}") from None
+    with im:
+      if (im.size[1], im.size[0]) != shape:
+        raise _Skip(f"mask {p.name} is {im.size[0]}x{im.size[1]}, image is {shape[1]}x{shape[0]}")
+      a, c = _mask_to_values(im)
+    notes += [f"mask {p.name}: {x}" for x in n] + c
+    merged = a if merged is None else np.maximum(merged, a)
+  if len(paths) > 1:
+    notes.append(f"{len(paths)} masks merged by pixel-wise maximum")
+  return merged, notes
+
+
+# --------------------------------------------------------------------------------------------
+# Discovering items
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Item:
+  path: pathlib.Path
+  rel: str
+  group: str | None  # organ (pretrain) or class (classify / segment)
+  split: str | None  # from split folders, else None
+  masks: list[pathlib.Path] = field(default_factory=list)
+  notes: list[str] = field(default_factory=list)
+  mask_values: np.ndarray | None = None
+
+
+def _rel(p: pathlib.Path, root: pathlib.Path) -> str:
+  return p.relative_to(root).as_posix()
+
+
+def _list_files(top: pathlib.Path) -> list[pathlib.Path]:
+  out = []
+  for dirpath, dirnames, filenames in os.walk(top):
+    dirnames.sort()
+    for f in sorted(filenames):
+      out.append(pathlib.Path(dirpath) / f)
+  return out
+
+
+def _is_image_name(p: pathlib.Path) -> bool:
+  return p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _screen(files, root, skipped) -> list[pathlib.Path]:
+  """Drop hidden files and non-image extensions (recorded as skipped)."""
+  keep = []
+  for p in files:
+    rel = _rel(p, root)
+    if any(part.startswith(".") for part in pathlib.PurePosixPath(rel).parts):
+      skipped.append({"path": rel, "reason": "hidden file"})
+    elif not _is_image_name(p):
+      skipped.append({"path": rel, "reason": f"not an image file extension ({p.suffix or 'none'})"})
+    else:
+      keep.append(p)
+  return keep
+
+
+def _discover_labelled(sub: pathlib.Path, root, split, task, skipped) -> list[_Item]:
+  items = []
+  for p in _screen(_list_files(sub), root, skipped):
+    rel = _rel(p, root)
+    parts = p.relative_to(sub).parts
+    if _MASK_STEM.match(p.stem) or any(x.lower() in _MASK_DIRS for x in parts[:-1]):
+      skipped.append({"path": rel, "reason": "segmentation mask (not used by task " + task + ")"})
+      continue
+    if len(parts) == 1:
+      if task == "classify":
+        skipped.append({"path": rel, "reason": "not inside a class folder"})
+        continue
+      group = _UNSPECIFIED
+    else:
+      group = parts[0]
+    items.append(_Item(p, rel, group, split))
+  return items
+
+
+def _child_dir(d: pathlib.Path, names) -> pathlib.Path | None:
+  for c in sorted(d.iterdir()):
+    if c.is_dir() and c.name.lower() in names:
+      return c
+  return None
+
+
+def _discover_segment(sub: pathlib.Path, root, split, skipped) -> list[_Item]:
+  items: list[_Item] = []
+  handled: set[pathlib.Path] = set()
+
+  def group_of(p: pathlib.Path) -> str | None:
+    parts = [x for x in p.relative_to(sub).parts[:-1] if x.lower() not in _IMAGE_DIRS + _MASK_DIRS]
+    return parts[0] if parts else None
+
+  # Parallel images/ + masks/ folders, at any depth.
+  for dirpath, dirnames, _ in os.walk(sub):
+    d = pathlib.Path(dirpath)
+    if any(x.startswith(".") for x in d.relative_to(sub).parts):
+      continue
+    img_dir, mask_dir = _child_dir(d, _IMAGE_DIRS), _child_dir(d, _MASK_DIRS)
+    if img_dir is None or mask_dir is None:
+      continue
+    masks_by_key: dict[tuple[str, str], list[pathlib.Path]] = {}
+    for m in _screen(_list_files(mask_dir), root, skipped):
+      handled.add(m)
+      stem = m.stem
+      mm = _MASK_STEM.match(stem)
+      key = (m.parent.relative_to(mask_dir).as_posix(), (mm.group("base") if mm else stem).lower())
+      masks_by_key.setdefault(key, []).append(m)
+    for p in _screen(_list_files(img_dir), root, skipped):
+      handled.add(p)
+      key = (p.parent.relative_to(img_dir).as_posix(), p.stem.lower())
+      ms = masks_by_key.pop(key, None)
+      if not ms:
+        skipped.append({"path": _rel(p, root), "reason": "no mask found"})
+        continue
+      rel_in = p.relative_to(img_dir).parts
+      group = group_of(p) if d != sub else (rel_in[0] if len(rel_in) > 1 else None)
+      items.append(_Item(p, _rel(p, root), group, split, masks=sorted(ms)))
+    for ms in masks_by_key.values():
+      for m in ms:
+        skipped.append({"path": _rel(m, root), "reason": "mask without a matching image"})
+    handled.update(_list_files(d / img_dir.name))
+    handled.update(_list_files(d / mask_dir.name))
+
+  # BUSI-style name.png + name_mask.png in the same folder.
+  rest = [p for p in _list_files(sub) if p not in handled]
+  rest = _screen(rest, root, skipped)
+  by_dir: dict[pathlib.Path, list[pathlib.Path]] = {}
+  for p in rest:
+    by_dir.setdefault(p.parent, []).append(p)
+  for d in sorted(by_dir):
+    files = by_dir[d]
+    masks: dict[str, list[pathlib.Path]] = {}
+    images = []
+    for p in files:
+      m = _MASK_STEM.match(p.stem)
+      if m:
+        masks.setdefault(m.group("base").lower(), []).append(p)
+      else:
+        images.append(p)
+    for p in images:
+      ms = masks.pop(p.stem.lower(), None)
+      if not ms:
+        skipped.append({"path": _rel(p, root), "reason": "no mask found"})
+        continue
+      items.append(_Item(p, _rel(p, root), group_of(p), split, masks=sorted(ms)))
+    for ms in masks.values():
+      for m in ms:
+        skipped.append({"path": _rel(m, root), "reason": "mask without a matching image"})
+  return items
+
+
+# --------------------------------------------------------------------------------------------
+# Splitting
+# --------------------------------------------------------------------------------------------
+
+
+def _largest_remainder(n: int, ratio) -> list[int]:
+  r = np.asarray(ratio, np.float64)
+  exact = n * r / r.sum()
+  counts = np.floor(exact).astype(int)
+  frac = exact - counts
+  # Ties go to the earlier split (train first).
+  for k in sorted(range(len(r)), key=lambda i: (-frac[i], i))[: n - counts.sum()]:
+    counts[k] += 1
+  return counts.tolist()
+
+
+def _stratified(items: list[_Item], ratio, seed: int, names: list[str]) -> list[list[_Item]]:
+  out: list[list[_Item]] = [[] for _ in ratio]
+  groups: dict[str | None, list[_Item]] = {}
+  for it in items:
+    groups.setdefault(it.group, []).append(it)
+  for g in sorted(groups, key=lambda x: (x is None, x or "")):
+    members = sorted(groups[g], key=lambda it: it.rel)
+    gid = names.index(g) + 1 if g in names else 0
+    perm = np.random.default_rng([seed, gid]).permutation(len(members))
+    start = 0
+    for s, c in enumerate(_largest_remainder(len(members), ratio)):
+      out[s] += [members[i] for i in perm[start : start + c]]
+      start += c
+  return [sorted(s, key=lambda it: it.rel) for s in out]
+
+
+# --------------------------------------------------------------------------------------------
+# Serialization
+# --------------------------------------------------------------------------------------------
+
+
+def _png(a: np.ndarray) -> np.ndarray:
+  buf = io.BytesIO()
+  Image.fromarray(a, mode="L").save(buf, format="PNG", compress_level=3)
+  return np.frombuffer(buf.getvalue(), np.uint8)
+
+
+def _unpng(b: np.ndarray) -> np.ndarray:
+  with Image.open(io.BytesIO(b.tobytes())) as im:
+    return np.asarray(im, dtype=np.uint8)[..., None]
+
+
+def serialize_record(rec: dict) -> bytes:
+  arrays = {
+      "image_png": _png(rec["image"][..., 0]),
+      "organ": np.int64(rec["organ"]),
+      "label": np.int64(rec["label"]),
+      "index": np.int64(rec["index"]),
+  }
+  if "mask" in rec:
+    arrays["mask_png"] = _png(rec["mask"][..., 0])
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  return buf.getvalue()
+
+
+def deserialize_record(data: bytes) -> dict:
+  with np.load(io.BytesIO(data), allow_pickle=False) as z:
+    rec = {
+        "image": _unpng(z["image_png"]),
+        "organ": int(z["organ"]),
+        "label": int(z["label"]),
+        "index": int(z["index"]),
+    }
+    if "mask_png" in z.files:
+      rec["mask"] = _unpng(z["mask_png"])
+  return rec
+
+
+# --------------------------------------------------------------------------------------------
+# Build
+# --------------------------------------------------------------------------------------------
+
+
+def _check_options(task, image_size, split_ratio, min_size):
+  if task not in ("pretrain", "classify", "segment"):
+    raise ValueError(f"task must be 'pretrain', 'classify' or 'segment', got {task!r}")
+  if image_size is not None and int(image_size) < 1:
+    raise ValueError(f"image_size must be None or a positive int, got {image_size}")
+  r = list(split_ratio)
+  if len(r) != 3 or min(r) < 0 or r[0] <= 0:
+    raise ValueError(f"split_ratio must be 3 non-negative numbers with train > 0, got {split_ratio}")
+  if int(min_size) < 1:
+    raise ValueError(f"min_size must be >= 1, got {min_size}")
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(obj, indent=1))
+  tmp.replace(path)
+
+
+def build_folder_dataset(
+    root,
+    out_dir,
+    *,
+    task: str = "pretrain",
+    image_size: int | None = None,
+    split_seed: int = 0,
+    split_ratio=(3, 1, 1),
+    min_size: int = 32,
+    binarize_masks: bool = False,
+    num_workers: int | None = None,
+    overwrite: bool = False,
+) -> pathlib.Path:
+  """Convert the image tree at ``root`` into a dataset in ``out_dir``; returns ``out_dir``.
+
+  An existing dataset in ``out_dir`` built with the same options is reused unless
+  ``overwrite``. See the module docstring for layouts, conversions and skip rules.
+  """
+  from array_record.python.array_record_module import ArrayRecordWriter
+
+  _check_options(task, image_size, split_ratio, min_size)
+  root = pathlib.Path(root).expanduser().resolve()
+  out = pathlib.Path(out_dir).expanduser().resolve()
+  if not root.is_dir():
+    raise ValueError(f"dataset folder {root} does not exist or is not a directory")
+  options = {
+      "root": str(root), "task": task, "image_size": None if image_size is None else int(image_size),
+      "split_seed": int(split_seed), "split_ratio": [float(x) for x in split_ratio],
+      "min_size": int(min_size), "binarize_masks": bool(binarize_masks),
+  }
+  meta_path = out / "metadata.json"
+  if meta_path.exists() and not overwrite:
+    try:
+      old = json.loads(meta_path.read_text())
+      if old.get("format") == FORMAT and all(old.get(k) == options[k] for k in _BUILD_KEYS):
+        return out
+    except (OSError, ValueError):
+      pass
+  if out == root or root in out.parents:
+    raise ValueError(f"out_dir {out} must not be inside the dataset folder {root}")
+
+  all_files = _list_files(root)
+  if not all_files:
+    raise ValueError(f"dataset folder {root} is empty")
+
+  skipped: list[dict] = []
+  warnings: list[str] = []
+
+  # Split folders, if any.
+  split_dirs: dict[str, pathlib.Path] = {}
+  for c in sorted(root.iterdir()):
+    if c.is_dir() and c.name.lower() in _SPLIT_ALIASES:
+      s = _SPLIT_ALIASES[c.name.lower()]
+      if s in split_dirs:
+        raise ValueError(f"dataset folder {root}: both {split_dirs[s].name}/ and {c.name}/ name split {s!r}")
+      split_dirs[s] = c
+  if split_dirs and "train" not in split_dirs:
+    raise ValueError(f"dataset folder {root} has split folders {sorted(split_dirs)} but no train/")
+  subs = [(d, s) for s, d in split_dirs.items()] if split_dirs else [(root, None)]
+  if split_dirs:
+    inside = tuple(split_dirs.values())
+    for p in all_files:
+      if not any(d in p.parents for d in inside):
+        skipped.append({"path": _rel(p, root), "reason": "outside the split folders"})
+
+  items: list[_Item] = []
+  for sub, split in subs:
+    if task == "segment":
+      items += _discover_segment(sub, root, split, skipped)
+    else:
+      items += _discover_labelled(sub, root, split, task, skipped)
+
+  # Pass 1: decode every candidate once to find unusable files and the mask value set.
+  workers = num_workers or min(4, os.cpu_count() or 1)
+
+  def check(it: _Item) -> str | None:
+    try:
+      img, notes = _read_image(it.path, min_size)
+      if it.masks:
+        m, mnotes = _read_mask(it.masks, img.shape)
+        it.mask_values = np.unique(m)
+        notes += mnotes
+      it.notes = notes
+      return None
+    except _Skip as e:
+      return str(e)
+
+  with ThreadPoolExecutor(workers) as pool:
+    reasons = list(pool.map(check, items))
+  usable = []
+  for it, reason in zip(items, reasons):
+    if reason is None:
+      usable.append(it)
+    else:
+      skipped.append({"path": it.rel, "reason": reason})
+  converted = [{"path": it.rel, "conversion": "; ".join(it.notes)} for it in usable if it.notes]
+  skipped.sort(key=lambda d: d["path"])
+  report = {"root": str(root), "task": task, "skipped": skipped, "converted": converted, "warnings": warnings}
+  report_path = out / "build_report.json"
+
+  def fail(msg: str):
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(report_path, report)
+    raise ValueError(f"{msg} (see {report_path})")
+
+  if not usable:
+    fail(f"dataset folder {root}: no usable image left ({len(skipped)} files skipped)")
+
+  names = sorted({it.group for it in usable if it.group is not None})
+
+  # Split.
+  ratio = [float(x) for x in split_ratio]
+  if split_dirs:
+    per_split = {s: sorted([it for it in usable if it.split == s], key=lambda it: it.rel) for s in SPLITS}
+    if "validation" not in split_dirs and ratio[1] > 0:
+      tr, va = _stratified(per_split["train"], ratio[:2], split_seed, names)
+      per_split["train"], per_split["validation"] = tr, va
+      warnings.append("no validation folder: validation carved from train "
+                      f"(stratified, {ratio[0]:g}:{ratio[1]:g}, seed {split_seed})")
+    if "test" not in split_dirs:
+      warnings.append("no test folder: test split is empty")
+    split_source = "folders"
+  else:
+    per_split = dict(zip(SPLITS, _stratified(usable, ratio, split_seed, names)))
+    split_source = "stratified"
+  if not per_split["train"]:
+    fail(f"dataset folder {root}: no usable training image")
+
+  # Mask value mapping.
+  mask_values = None
+  if task == "segment":
+    allv = np.unique(np.concatenate([it.mask_values for it in usable]))
+    if binarize_masks:
+      mask_values = [0, "nonzero"]
+    else:
+      if len(allv) > _MAX_MASK_CLASSES:
+        fail(f"dataset folder {root}: masks hold {len(allv)} distinct values (more than "
+             f"{_MAX_MASK_CLASSES}); lossy (JPEG) masks? pass binarize_masks=True")
+      mask_values = [int(v) for v in allv]
+
+  def organ_label(it: _Item) -> tuple[int, int]:
+    gid = names.index(it.group) if it.group is not None else -1
+    return (gid, -1) if task == "pretrain" else (-1, gid)
+
+  def load(it: _Item, index: int) -> dict:
+    try:
+      img, _ = _read_image(it.path, min_size)
+      raw = _read_mask(it.masks, img.shape)[0] if it.masks else None
+    except _Skip as e:
+      raise ValueError(f"{it.path} changed while the dataset was being built: {e}") from None
+    rec = {"index": index}
+    rec["organ"], rec["label"] = organ_label(it)
+    m = None
+    if raw is not None:
+      if binarize_masks:
+        m = (raw != 0).astype(np.uint8)
+      else:
+        m = np.searchsorted(np.asarray(mask_values), raw).astype(np.uint8)
+    if image_size is not None and img.shape != (image_size, image_size):
+      img = np.asarray(Image.fromarray(img).resize((image_size, image_size), Image.BICUBIC))
+      if m is not None:
+        m = np.asarray(Image.fromarray(m).resize((image_size, image_size), Image.NEAREST))
+    rec["image"] = img[..., None]
+    if m is not None:
+      rec["mask"] = m[..., None]
+    return rec
+
+  # Pass 2: write.
+  out.mkdir(parents=True, exist_ok=True)
+  if meta_path.exists():
+    meta_path.unlink()  # an interrupted rebuild must not look complete
+  sums = np.zeros(3, np.float64)  # sum, sum of squares, count over train pixels in [0, 1]
+  files: dict[str, list] = {}
+  offset = 0
+  for split in SPLITS:
+    split_items = per_split[split]
+    path = out / f"{split}.array_record"
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    try:
+      with ThreadPoolExecutor(workers) as pool:
+        for rec in pool.map(load, split_items, range(offset, offset + len(split_items))):
+          if split == "train":
+            a = rec["image"].astype(np.float64) / 255.0
+            sums += (a.sum(), np.square(a).sum(), a.size)
+          writer.write(serialize_record(rec))
+    finally:
+      writer.close()
+    files[split] = [[it.rel, *organ_label(it)] for it in split_items]
+    offset += len(split_items)
+
+  mean = sums[0] / sums[2]
+  std = float(np.sqrt(max(sums[1] / sums[2] - mean**2, 0.0)))
+  counts = {s: len(per_split[s]) for s in SPLITS}
+  per_group = {
+      s: dict(sorted(Counter(it.group or _UNSPECIFIED for it in per_split[s]).items())) for s in SPLITS
+  }
+  meta = {
+      "format": FORMAT,
+      **options,
+      "organs": names if task == "pretrain" else [],
+      "classes": names if task != "pretrain" else [],
+      "channels": 1,
+      "counts": counts,
+      "counts_per_group": per_group,
+      "split_source": split_source,
+      "mean": float(mean),
+      "std": std,
+      "num_skipped": len(skipped),
+      "num_converted": len(converted),
+  }
+  if task == "segment":
+    meta["mask_values"] = mask_values
+    meta["num_mask_classes"] = len(mask_values)
+  report["counts"] = counts
+  _write_json(out / "files.json", files)
+  _write_json(report_path, report)
+  _write_json(meta_path, meta)  # last: its presence marks a complete dataset
+  return out
+
+
+# --------------------------------------------------------------------------------------------
+# Read
+# --------------------------------------------------------------------------------------------
+
+
+class FolderSource:
+  """Random-access view of one split: ``len(src)``, ``src[i]`` → record dict.
+
+  Also ``metadata`` (the build's metadata.json), ``organ_ids`` and ``labels`` (int arrays in
+  record order, read from files.json without decoding images) and ``paths`` (source files
+  relative to the build root).
+  """
+
+  def __init__(self, out_dir, split: str):
+    out = pathlib.Path(out_dir)
+    meta_path = out / "metadata.json"
+    if not meta_path.is_file():
+      raise ValueError(f"{out} is not a built folder dataset (no metadata.json)")
+    split = _SPLIT_ALIASES.get(split, split)
+    if split not in SPLITS:
+      raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    self.metadata = json.loads(meta_path.read_text())
+    rows = json.loads((out / "files.json").read_text())[split]
+    self.split = split
+    self.paths = [r[0] for r in rows]
+    self.organ_ids = np.array([r[1] for r in rows], np.int64)
+    self.labels = np.array([r[2] for r in rows], np.int64)
+    self._file = str(out / f"{split}.array_record")
+    self._source = None
+    self._lock = threading.Lock()
+
+  def _reader(self):
+    if self._source is None:
+      with self._lock:
+        if self._source is None:
+          from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+          self._source = ArrayRecordDataSource([self._file])
+    return self._source
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, i) -> dict:
+    i = int(i)
+    n = len(self)
+    if i < 0:
+      i += n
+    if not 0 <= i < n:
+      raise IndexError(f"index {i} out of range for {self.split} split of {n} records")
+    return deserialize_record(self._reader()[i])
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k not in ("_source", "_lock")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._source = None
+    self._lock = threading.Lock()
+
+  def __repr__(self) -> str:
+    return f"FolderSource({self._file!r}, n={len(self)})"
+
+
+def folder_source(out_dir, split: str) -> FolderSource:
+  """Random-access source over a split (``'train'``, ``'validation'``/``'val'``, ``'test'``)."""
+  return FolderSource(out_dir, split)
