@@ -498,24 +498,10 @@ def export_model(model, config, fmt: str, out: str, *, in_chans_out: int | None 
 # ------------------------------------------------------------------------------ checkpoint -> file
 
 
-def _int_keys(tree):
-  # Orbax writes the integer keys of nnx.List (blocks.0, ...) back as strings; nnx.update wants ints.
-  if isinstance(tree, dict):
-    return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
-  return tree
-
-
 def load_checkpoint_model(workdir: str, step: int | None = None):
-  """(config, model, step) from a pretraining workdir, as `train.core.load_pretrained`."""
-  import jax
-  import jax.numpy as jnp
-  from mae_jax import models
+  """(config, model, step) from a pretraining workdir."""
   from mae_jax.train import core
-  config = core.load_config(workdir)
-  step, params = core.restore_params(workdir, step)
-  model = models.build_pretrain_model(config.model, seed=config.seed)
-  nnx.update(model, nnx.State(_int_keys(jax.tree.map(jnp.asarray, params))))
-  return config, model, step
+  return core.load_pretrained(workdir, step)
 
 
 def _read_data_stats(workdir: str) -> dict | None:

@@ -48,11 +48,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def param_sharding(mesh: Mesh, x) -> NamedSharding:
-  """FSDP: split the largest axis divisible by the fsdp size; small or odd arrays stay replicated."""
+FSDP_MIN_SIZE = 2**14  # default `mesh.fsdp_min_size`: ViT-L/H biases and norms stay replicated
+
+
+def param_sharding(mesh: Mesh, x, min_size: int = FSDP_MIN_SIZE) -> NamedSharding:
+  """FSDP: split the largest axis divisible by the fsdp size; arrays with fewer than `min_size`
+  elements (gathering them would cost more than the memory they save) or no divisible axis stay
+  replicated."""
   n = mesh.shape["fsdp"]
   shape = getattr(x, "shape", ())
-  if n == 1 or not shape or int(np.prod(shape)) < 2**14:
+  if n == 1 or not shape or int(np.prod(shape)) < min_size:
     return replicated(mesh)
   for axis in np.argsort(shape)[::-1]:
     if shape[axis] % n == 0:
@@ -62,8 +67,8 @@ def param_sharding(mesh: Mesh, x) -> NamedSharding:
   return replicated(mesh)
 
 
-def state_shardings(mesh: Mesh, tree):
-  return jax.tree.map(lambda x: param_sharding(mesh, x), tree)
+def state_shardings(mesh: Mesh, tree, min_size: int = FSDP_MIN_SIZE):
+  return jax.tree.map(lambda x: param_sharding(mesh, x, min_size), tree)
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:
@@ -198,7 +203,15 @@ def restore_params(workdir: str, step: int | None = None):
   mngr.close()
   state = restored["state"]
   params = state["params"] if isinstance(state, dict) else state.params
-  return step, jax.tree.map(np.asarray, params)
+  return step, _int_keys(jax.tree.map(np.asarray, params))
+
+
+def _int_keys(tree):
+  """Orbax restores without a target turn the integer keys of `nnx.List` (blocks.0, ...) into
+  strings; NNX needs them back as ints."""
+  if isinstance(tree, dict):
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in tree.items()}
+  return tree
 
 
 # ------------------------------------------------------------------------------------- bookkeeping
