@@ -101,7 +101,7 @@ def base(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.grad_accum = 1  # micro-batches per step: the same effective batch on a smaller machine
   c.train.epochs = 800
   c.train.total_steps = 0  # 0: from epochs
-  c.train.warmup_epochs = 40
+  c.train.warmup_epochs = 40.0
   c.train.base_lr = 1.5e-4  # lr = base_lr * batch / 256
   c.train.min_lr = 0.0
   c.train.weight_decay = 0.05
@@ -116,6 +116,7 @@ def base(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.fsdp = 1  # devices over which parameters and optimizer state are sharded
+  c.mesh.fsdp_min_size = 2**14  # arrays with fewer elements stay replicated under fsdp
 
   if args.smoke:
     smoke(c)
@@ -137,7 +138,7 @@ def smoke(c: ml_collections.ConfigDict) -> None:
   c.corrupt.spatial_unit = 16
   c.train.batch_size = 32
   c.train.total_steps = 60
-  c.train.warmup_epochs = 1
+  c.train.warmup_epochs = 1.0
   c.train.base_lr = 1.5e-3
   c.train.log_every = 10
   c.train.image_every = 30

@@ -20,11 +20,27 @@ flags.mark_flags_as_required(["config", "workdir"])
 log = logging.getLogger("mae_jax")
 
 
+class _QuietLibraries(logging.Filter):
+  """Our progress lines and every library's warnings, minus the routine chatter of the TFDS builder
+  behind the built-in dataset (it logs each config at WARNING level)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or "tensorflow_datasets" not in record.pathname
+
+
 def _setup_logging():
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s",
                       datefmt="%H:%M:%S", stream=sys.stdout, force=True)
-  for noisy in ("absl", "orbax", "jax._src", "grain"):
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_QuietLibraries())
+  # orbax, grain and TFDS log through absl at INFO on every save and read.
+  for noisy in ("absl", "orbax", "jax._src", "grain", "tensorflow_datasets"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  try:  # progress bars of the one-time build of the built-in dataset
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
+  except ImportError:
+    pass
 
 
 def run(config, workdir: str):

@@ -6,6 +6,7 @@ import os
 
 from mae_jax import recipes
 from mae_jax.corrupt import blur as blur_lib
+from mae_jax.corrupt import frequency
 from mae_jax.models.vit import PRESETS
 
 
@@ -31,8 +32,39 @@ def validate_model(m) -> None:
     _fail("model.loss_on", m.loss_on, "expected 'masked' or 'all'")
   if m.blur_embed not in ("none", "token", "add"):
     _fail("model.blur_embed", m.blur_embed, "expected 'none', 'token' or 'add'")
-  if m.path == "mae" and m.decoder_width % m.decoder_heads:
-    _fail("model.decoder_width", m.decoder_width, f"must be divisible by decoder_heads={m.decoder_heads}")
+  if m.patch_size < 0:
+    _fail("model.patch_size", m.patch_size, "must be >= 0 (0: the preset's patch size)")
+  if m.path == "mae":
+    if m.decoder_depth < 1:
+      _fail("model.decoder_depth", m.decoder_depth, "must be >= 1")
+    if m.decoder_heads < 1:
+      _fail("model.decoder_heads", m.decoder_heads, "must be >= 1")
+    if m.decoder_width < 1 or m.decoder_width % m.decoder_heads:
+      _fail("model.decoder_width", m.decoder_width,
+            f"must be a positive multiple of decoder_heads={m.decoder_heads}")
+
+
+def validate_data(d) -> None:
+  """The dataset fields every job reads."""
+  if d.name not in ("us_phantom", "folder"):
+    _fail("data.name", d.name, "expected 'us_phantom' or 'folder'")
+  if d.name == "folder" and not os.path.isdir(os.path.expanduser(d.folder or "")):
+    _fail("data.folder", d.folder, "is not a directory")
+  if d.name == "us_phantom":
+    if d.num_train < 1:
+      _fail("data.num_train", d.num_train, "must be >= 1")
+    for name in ("num_validation", "num_test"):
+      if d[name] < 0:
+        _fail(f"data.{name}", d[name], "must be >= 0")
+    if d.native_size < 8:
+      _fail("data.native_size", d.native_size, "must be >= 8 pixels")
+  if d.std is not None and not d.std > 0:
+    _fail("data.std", d.std, "must be > 0")
+  if (d.mean is None) != (d.std is None):
+    _fail("data.std" if d.std is None else "data.mean", None,
+          "set data.mean and data.std together, or neither (both measured on the training split)")
+  if d.seed < 0:
+    _fail("data.seed", d.seed, "must be >= 0")
 
 
 def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> None:
@@ -46,8 +78,22 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
     _fail("corrupt.sigma", c.sigma, "must be > 0")
   if config.recipe == "denoise" and c.noise_std <= 0:
     _fail("corrupt.noise_std", c.noise_std, "must be > 0 for the denoising baseline")
+  if config.recipe == "deblur" and c.blur in ("mean", "median", "motion") and (c.kernel < 1 or c.kernel % 2 == 0):
+    _fail("corrupt.kernel", c.kernel, f"the {c.blur} blur needs a positive odd size")
+  if config.recipe == "deblur" and c.blur == "defocus" and c.defocus_radius < 0:
+    _fail("corrupt.defocus_radius", c.defocus_radius, "must be >= 0")
+  if config.recipe == "deblur" and c.blur == "srad":
+    if c.srad_iters < 1:
+      _fail("corrupt.srad_iters", c.srad_iters, "must be >= 1")
+    if c.srad_dt <= 0:
+      _fail("corrupt.srad_dt", c.srad_dt, "must be > 0")
   if config.recipe == "d2mae":
-    recipes.sigma_levels(c.sigma_levels)  # raises naming the field
+    try:
+      recipes.sigma_levels(c.sigma_levels)
+    except ValueError as e:
+      _fail("corrupt.sigma_levels", c.sigma_levels,
+            f"an empty or malformed range; expected 'start:stop:step' with 0 < start <= stop, step > 0 "
+            f"({e})")
   if config.recipe == "usfm":
     if config.model.path != "simmim":
       _fail("model.path", config.model.path, "USFM uses the SimMIM path ('simmim')")
@@ -57,6 +103,10 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
             f"must be a multiple of the patch size {patch} and divide image_size {config.model.image_size}")
     if not 0.0 <= c.spatial_ratio < 1.0:
       _fail("corrupt.spatial_ratio", c.spatial_ratio, "must lie in [0, 1)")
+    if c.frequency and not 0 <= c.rings_dropped <= frequency.NUM_RINGS:
+      _fail("corrupt.rings_dropped", c.rings_dropped, f"must lie in [0, {frequency.NUM_RINGS}]")
+    if config.model.ffl_weight < 0:
+      _fail("model.ffl_weight", config.model.ffl_weight, "must be >= 0")
   if config.model.blur_embed != "none" and config.recipe != "d2mae":
     _fail("model.blur_embed", config.model.blur_embed, "a blurriness embedding needs recipe='d2mae'")
   if t.batch_size <= 0 or t.batch_size % num_devices:
@@ -68,17 +118,61 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
           f"batch_size {t.batch_size} must split into grad_accum micro-batches divisible by {num_devices} devices")
   if t.total_steps < 0 or (t.total_steps == 0 and t.epochs <= 0):
     _fail("train.epochs", t.epochs, "set train.epochs > 0 or train.total_steps > 0")
+  if t.warmup_epochs < 0:
+    _fail("train.warmup_epochs", t.warmup_epochs, "must be >= 0")
   if t.base_lr <= 0:
     _fail("train.base_lr", t.base_lr, "must be > 0")
+  if t.min_lr < 0:
+    _fail("train.min_lr", t.min_lr, "must be >= 0")
+  if t.weight_decay < 0:
+    _fail("train.weight_decay", t.weight_decay, "must be >= 0")
+  for name in ("b1", "b2"):
+    if not 0.0 <= t[name] < 1.0:
+      _fail(f"train.{name}", t[name], "must lie in [0, 1)")
+  if t.grad_clip < 0:
+    _fail("train.grad_clip", t.grad_clip, "must be >= 0 (0 = off)")
+  if t.max_bad_steps < 1:
+    _fail("train.max_bad_steps", t.max_bad_steps, "must be >= 1")
+  if t.log_every <= 0:
+    _fail("train.log_every", t.log_every, "must be > 0")
+  if t.image_every < 0:
+    _fail("train.image_every", t.image_every, "must be >= 0 (0 = no image summaries)")
   if t.checkpoint_every <= 0:
     _fail("train.checkpoint_every", t.checkpoint_every, "must be > 0")
-  if d.name not in ("us_phantom", "folder"):
-    _fail("data.name", d.name, "expected 'us_phantom' or 'folder'")
-  if d.name == "folder" and not os.path.isdir(os.path.expanduser(d.folder or "")):
-    _fail("data.folder", d.folder, "is not a directory")
+  if t.keep_checkpoints < 1:
+    _fail("train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+  if config.seed < 0:
+    _fail("seed", config.seed, "must be >= 0")
+  validate_data(d)
   if d.sampler not in ("shuffle", "balanced"):
     _fail("data.sampler", d.sampler, "expected 'shuffle' or 'balanced'")
   if not 0.0 < d.crop_scale_min <= 1.0:
     _fail("data.crop_scale_min", d.crop_scale_min, "must lie in (0, 1]")
   if config.mesh.fsdp < 1 or num_devices % config.mesh.fsdp:
     _fail("mesh.fsdp", config.mesh.fsdp, f"must divide the device count ({num_devices})")
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The committed checkpoint steps in `workdir`/checkpoints. orbax writes a step into a temporary
+  directory and renames it on commit, so a step directory killed half-way is never listed."""
+  path = os.path.join(os.path.expanduser(workdir), "checkpoints")
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n)))
+
+
+def validate_transfer(config, field: str = "init_from") -> None:
+  """`config.init_from` (a pretraining workdir) holds a saved config and a committed checkpoint.
+
+  Downstream jobs call this before building anything; an empty `init_from` (train from scratch)
+  passes when the config allows it (the job decides)."""
+  src = config.get(field, None)
+  if not src:
+    return
+  path = os.path.expanduser(str(src))
+  if not os.path.isdir(path):
+    _fail(field, src, "is not a directory (expected a pretraining workdir)")
+  if not os.path.exists(os.path.join(path, "config.json")):
+    _fail(field, src, "holds no config.json: is it a mae_jax pretraining workdir?")
+  if not checkpoint_steps(path):
+    _fail(field, src, f"holds no complete checkpoint (looked in {os.path.join(path, 'checkpoints')})")

@@ -163,7 +163,9 @@ def apply_if_finite(state: TrainState, grads, loss, tx, max_norm_inf: float = jn
 
 
 def checkpoint_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+  # cleanup_tmp_directories: a save killed half-way (SIGKILL, node loss) leaves a temporary step
+  # directory; it is never restored, and is deleted when the run restarts.
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                          enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
                                item_names=("state", "data"))
@@ -251,6 +253,11 @@ class Throughput:
     sps = ds / dt
     return {"steps_per_sec": sps, "images_per_sec": sps * self.batch,
             "eta_seconds": (self.total - step) / sps}
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` of occasional work (an image summary and its first compile) out of the rate."""
+    if self.t0 is not None:
+      self.t0 += seconds
 
 
 def steps_from_epochs(epochs: float, num_examples: int, batch_size: int) -> int:

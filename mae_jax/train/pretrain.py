@@ -1,5 +1,15 @@
 """Pretraining: one jitted step for every recipe (the recipe picks the corruption and the model path)
 and the loop around it: resume, logging with ETA, image summaries, checkpoints, preemption.
+
+Reliability, all tested (tests/test_resume.py, test_preemption.py, test_nonfinite.py):
+* exact resume: the checkpoint holds the TrainState (params, optimizer state, step, RNG key, non-finite
+  counters) and the iterator's next batch; masks and corruptions are drawn from (seed, step), so a
+  run killed anywhere and restarted repeats the uninterrupted run's losses bit for bit;
+* SIGTERM: a checkpoint at the next step boundary, then exit 0; a save killed half-way is never
+  restored; an exception still completes the checkpoint being written;
+* non-finite loss or gradient: the update is skipped, counted, and `train.max_bad_steps` in a row stop
+  the run naming the last good checkpoint (none is written inside a bad streak);
+* `metrics.jsonl` in the workdir: every logged step as one JSON line (process 0).
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mae_jax import models, recipes, validate, visualize
+from mae_jax import distributed, models, recipes, validate, visualize
 from mae_jax.data import pipeline, sources
 from mae_jax.train import core, writers
 
@@ -87,6 +97,10 @@ class _Preemption:
     self._old = None
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      # JAX's preemption service owns SIGTERM there (a Python handler would replace it): all
+      # processes must stop at the same step, or the collective save deadlocks. See poll().
+      return self
     try:
       self._old = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. inside a notebook worker): no handler
@@ -100,6 +114,13 @@ class _Preemption:
   def __exit__(self, *exc):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
+
+  def poll(self, step: int) -> bool:
+    """Called once per step on every process; multi-process runs agree on the step to stop at."""
+    if not self.requested and distributed.preemption_sync_point(step):
+      log.warning("preemption notice on some process: all stop after step %d", step)
+      self.requested = True
+    return self.requested
 
 
 def data_stats(config, workdir: str, source) -> tuple[float, float]:
@@ -136,7 +157,8 @@ def train(config, workdir: str) -> dict:
     core.save_config(config, workdir)
   mesh = core.make_mesh(config.mesh.fsdp)
 
-  source = sources.open_source(config.data, "train")
+  with distributed.main_process_first("open_source"):  # a shared data_dir is built once
+    source = sources.open_source(config.data, "train")
   mean, std = data_stats(config, workdir, source)
   num_train = len(source)
   steps, warmup = total_steps(config, num_train)
@@ -149,7 +171,7 @@ def train(config, workdir: str) -> dict:
   graphdef, params, rest = core.split_model(model)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   state = core.init_state(params, tx, config.seed)
-  shardings = core.state_shardings(mesh, state)
+  shardings = core.state_shardings(mesh, state, config.mesh.get("fsdp_min_size", core.FSDP_MIN_SIZE))
   rest_sharding = jax.tree.map(lambda _: core.replicated(mesh), rest)
   rest = jax.device_put(rest, rest_sharding)
 
@@ -157,11 +179,13 @@ def train(config, workdir: str) -> dict:
   start, restored, data_state = core.restore_checkpoint(mngr, core.abstract_like(state, shardings))
   if restored is not None:
     state = restored
-    log.info("resumed from the checkpoint at step %d", start)
+    log.info("resumed from the checkpoint at step %d in %s", start, mngr.directory)
   else:
     state = jax.device_put(state, shardings)
-    start = 0
+    start, data_state = 0, {}
   start = int(start)
+  # The iterator is a pure function of (seed, draw index): its whole state is the next batch number.
+  next_batch = int((data_state or {}).get("next_batch", start))
 
   step_fn = jax.jit(make_train_step(config, graphdef, tx, schedule, mean, std),
                     in_shardings=(shardings, rest_sharding, core.batch_sharding(mesh)),
@@ -172,7 +196,7 @@ def train(config, workdir: str) -> dict:
       seed=config.data.seed + config.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), scale=(config.data.crop_scale_min, 1.0),
       hflip=config.data.hflip, sampler=config.data.sampler, in_chans=config.model.in_chans,
-      start_batch=start)
+      start_batch=next_batch)
   # Every process computes the preview (the params are global arrays); only process 0 writes it.
   preview = _preview_batch(config, mean, std) if config.train.image_every > 0 else None
 
@@ -185,11 +209,14 @@ def train(config, workdir: str) -> dict:
            config.train.batch_size, peak_lr, config.model.image_size)
 
   tp = core.Throughput(steps, config.train.batch_size, start)
+  metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start) if is_main else None
   history, last, pending = [], {}, None
   t_start = time.perf_counter()
   step = start
-  try:
-    with _Preemption() as preempt:
+  # The SIGTERM handler stays installed while the last checkpoint is written: a second signal then
+  # cannot kill the process half-way through the save.
+  with _Preemption() as preempt:
+    try:
       while step < steps:
         batch = core.global_batch(next(it), mesh)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -208,31 +235,96 @@ def train(config, workdir: str) -> dict:
           history.append((step, m["loss"]))
           last = m
           writer.write_scalars(step, m)
+          if metrics_log is not None:
+            metrics_log.write(step, m)
           log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f %s%s", step, steps, m["loss"], m["lr"],
                    m["grad_norm"],
                    f"{m['images_per_sec']:.1f} img/s ETA {writers.format_eta(m['eta_seconds'])}"
                    if "images_per_sec" in m else "",
                    f" skipped {int(m['skipped_total'])}" if m["skipped_total"] else "")
         if preview is not None and (step % config.train.image_every == 0 or step == steps):
+          t_image = time.perf_counter()
           writer.write_images(step, {"reconstruction": _preview_image(config, graphdef, state, rest,
                                                                       preview, mean, std)})
-        if step % config.train.checkpoint_every == 0 or step == steps or preempt.requested:
-          core.save_checkpoint(mngr, step, state, {"next_batch": step},
-                               force=preempt.requested)
+          tp.exclude(time.perf_counter() - t_image)
+        preempt.poll(step)
+        final = step == steps or preempt.requested
+        if final or step % config.train.checkpoint_every == 0:
+          _save(mngr, step, state, final=final, preempted=preempt.requested)
         if preempt.requested:
           log.warning("preempted: checkpoint at step %d saved; exiting cleanly", step)
           break
       if pending is not None:
         _check_finite(config, *pending, mngr)
-  finally:
-    # An exception must not lose the checkpoint being written in the background.
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.flush()
+    finally:
+      # An exception must not lose the checkpoint being written in the background.
+      mngr.wait_until_finished()
+      mngr.close()
+      writer.flush()
+      if metrics_log is not None:
+        metrics_log.close()
   writer.close()
   with open(os.path.join(workdir, "train_done.json") if step >= steps else os.devnull, "w") as f:
     json.dump({"step": step, "loss": last.get("loss")}, f)
   return {"step": step, "history": history, **last}
+
+
+def _save(mngr, step: int, state: core.TrainState, *, final: bool, preempted: bool) -> None:
+  """Periodic checkpoints are skipped inside a run of non-finite steps, so that the newest
+  checkpoint, the one a restart or the NonFiniteError message points to, is a good one. The final
+  and the preemption checkpoint are always written: skipped steps never change the parameters."""
+  streak = int(jax.device_get(state.bad_steps))  # same value on every process: they agree to skip
+  if streak and not final:
+    log.warning("step %d: checkpoint skipped (%d non-finite steps in a row); the newest one is step %s",
+                step, streak, mngr.latest_step())
+    return
+  core.save_checkpoint(mngr, step, state, {"next_batch": step}, force=preempted)
+
+
+class MetricsLog:
+  """`metrics.jsonl` in the workdir: one JSON object per logged step (`step`, `loss`, `lr`,
+  `grad_norm`, `finite`, `skipped_total`, ..., throughput), for scripts and plots. Floats are
+  written with `repr`, so float32 values read back exactly (a non-finite loss is written `NaN`,
+  which Python's json reads).
+
+  On resume, lines after the restored step (written by a run killed after its last checkpoint) are
+  dropped, so the file always describes the one history that produced the current state."""
+
+  def __init__(self, path: str, start_step: int):
+    kept = []
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+          if int(record.get("step", 0)) <= start_step:
+            kept.append(json.dumps(record) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+    self._f = open(path, "a")
+
+  def write(self, step: int, metrics: dict) -> None:
+    self._f.write(json.dumps({"step": int(step), **metrics}) + "\n")
+    self._f.flush()
+
+  def close(self) -> None:
+    self._f.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of `metrics.jsonl` in `workdir`, in step order."""
+  out = []
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:  # the last line of a killed run may be cut short
+        pass
+  return out
 
 
 class NonFiniteError(RuntimeError):
@@ -245,10 +337,12 @@ def _check_finite(config, step, metrics, mngr):
     log.warning("step %d: loss or gradient not finite; update skipped (%d in a row)", step, streak)
   if streak >= config.train.max_bad_steps:
     latest = mngr.latest_step()
+    where = (f"The last good checkpoint is step {latest} in {mngr.directory}" if latest is not None
+             else "No checkpoint was saved before it")
     raise NonFiniteError(
         f"{streak} consecutive non-finite steps (train.max_bad_steps={config.train.max_bad_steps}) at step "
-        f"{step}: stopping. The last good checkpoint is step {latest} in {mngr.directory}; lower "
-        f"train.base_lr, check the data, or try model.dtype='float32'.")
+        f"{step}: stopping. {where}; lower train.base_lr, set train.grad_clip, check the data, or try "
+        f"model.dtype='float32'.")
 
 
 def _preview_batch(config, mean, std, n: int = 4):
