@@ -271,5 +271,7 @@ def load_pretrained(workdir: str, step: int | None = None):
   config = load_config(workdir)
   step, params = restore_params(workdir, step)
   model = models.build_pretrain_model(config.model, seed=config.seed)
-  nnx.update(model, nnx.State(jax.tree.map(jnp.asarray, params)))
-  return config, model, step
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))  # errors on a missing key
+  nnx.update(model, state)
+  return config, model, int(step)

@@ -1,0 +1,46 @@
+"""notebooks/reconstruction.ipynb runs top to bottom in a fresh `python3` kernel and draws its figures
+(issue 8). The parameters cell is overridden, papermill-style, by a cell inserted after it: the tiny
+workdirs the figure tests train are loaded instead of training for a few dozen steps."""
+
+import pathlib
+
+import nbformat
+from nbclient import NotebookClient
+
+from tests import smoke_runs
+
+NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "reconstruction.ipynb"
+
+
+def _parametrize(nb, **params):
+  idx = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+  assert len(idx) == 1, "the notebook needs exactly one cell tagged 'parameters'"
+  cell = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in params.items()))
+  cell.metadata["tags"] = ["injected-parameters"]
+  nb.cells.insert(idx[0] + 1, cell)
+  return nb
+
+
+def test_notebook_executes_and_draws_every_figure(tmp_path_factory, tmp_path):
+  root = smoke_runs.shared_root(tmp_path_factory)
+  for recipe in smoke_runs.RECIPES:  # trained once per session; the notebook then only loads them
+    smoke_runs.smoke_workdir(root, recipe)
+  figdir = tmp_path / "figures"
+  nb = _parametrize(nbformat.read(NOTEBOOK, as_version=4), STEPS=smoke_runs.STEPS, WORKDIR=str(root),
+                    NUM_IMAGES=2, FIGDIR=str(figdir))
+  client = NotebookClient(nb, timeout=600, kernel_name="python3",
+                          resources={"metadata": {"path": str(tmp_path)}})
+  client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
+
+  written = sorted(p.name for p in figdir.iterdir())
+  want = sorted([f"{r}_reconstruction.png" for r in smoke_runs.RECIPES] + ["usfm_spectrum.png", "d2mae_obs.png"]
+                + [f"mae_stats_{s}.png" for s in ("local", "image", "own")])
+  assert written == want
+  for name in written:
+    assert (figdir / name).stat().st_size > 5000, name
+  pngs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+          if "image/png" in o.get("data", {})]
+  assert len(pngs) == len(want)  # every figure is shown inline, not only saved
+  errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if o.get("output_type") == "error"]
+  assert not errors
