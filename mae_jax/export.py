@@ -498,12 +498,6 @@ def export_model(model, config, fmt: str, out: str, *, in_chans_out: int | None 
 # ------------------------------------------------------------------------------ checkpoint -> file
 
 
-def load_checkpoint_model(workdir: str, step: int | None = None):
-  """(config, model, step) from a pretraining workdir."""
-  from mae_jax.train import core
-  return core.load_pretrained(workdir, step)
-
-
 def _read_data_stats(workdir: str) -> dict | None:
   path = os.path.join(workdir, "data_stats.json")
   if not os.path.exists(path):
@@ -532,7 +526,7 @@ def export_workdir(workdir: str, fmt: str, out: str, *, step: int | None = None,
   check_format(fmt, "mae" if path == "mae" else "simmim", in_chans=in_chans, in_chans_out=in_chans_out)
   # Fail on an occupied output before the (possibly long) restore.
   _check_free(output_paths(fmt, out, with_arrays=False), overwrite)
-  config, model, step = load_checkpoint_model(workdir, step)
+  config, model, step = core.load_pretrained(workdir, step)
   extras = {"source": {"workdir": os.path.abspath(workdir), "step": int(step)}}
   stats = _read_data_stats(workdir)
   if stats is not None:

@@ -36,7 +36,8 @@ def open_source(dcfg, split: str, *, task: str = "pretrain"):
     from mae_jax.data import us_phantom
     kwargs = dict(num_train=dcfg.num_train, num_validation=dcfg.num_validation,
                   num_test=dcfg.num_test, image_size=dcfg.native_size, seed=dcfg.seed)
-    with _build_lock(data_root(dcfg), "us_phantom"):
+    name = "us_phantom-" + "-".join(f"{k}{v}" for k, v in sorted(kwargs.items()))
+    with _build_lock(data_root(dcfg), name):  # per size: other sizes build in parallel
       us_phantom.build(data_root(dcfg), **kwargs)
     return us_phantom.data_source(data_root(dcfg), split, **kwargs)
   if dcfg.name == "folder":
@@ -46,7 +47,7 @@ def open_source(dcfg, split: str, *, task: str = "pretrain"):
     src = os.path.abspath(os.path.expanduser(dcfg.folder))
     tag = hashlib.sha1(f"{src}|{task}|{dcfg.seed}".encode()).hexdigest()[:10]
     out = os.path.join(data_root(dcfg), "folders", f"{os.path.basename(src.rstrip('/'))}-{task}-{tag}")
-    with _build_lock(data_root(dcfg), "folders"):
+    with _build_lock(data_root(dcfg), os.path.basename(out)):
       if not os.path.exists(os.path.join(out, "metadata.json")):
         folder.build_folder_dataset(src, out, task=task, split_seed=dcfg.seed)
     return folder.folder_source(out, split)

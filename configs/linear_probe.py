@@ -1,0 +1,27 @@
+"""Linear probing (MAE main_linprobe.py; SPEC §5): frozen encoder, the CLS token after the final
+norm, BatchNorm without affine (eps 1e-6) + Linear, LARS (trust 0.001, momentum 0.9), base lr 0.1 ×
+batch/256, no weight decay, 90 epochs with 10 warm-up. The same arguments as configs/finetune.py.
+
+  python -m mae_jax.main --config=configs/linear_probe.py:init_from=PRE --workdir=LP
+  python -m mae_jax.main --config=configs/linear_probe.py:smoke,init_from=PRE --workdir=LP
+"""
+
+import importlib.util
+import os
+
+from mae_jax import config_base
+
+
+def _finetune_module():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "finetune.py")
+  spec = importlib.util.spec_from_file_location("mae_jax_configs_finetune", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def get_config(arg=None):
+  args = config_base.parse_arg(arg, init_from="", fraction=1.0, seed=0, probe=True, mixup=False,
+                               pool="token", obs="", step=0, fixed_sigma=0.0, epochs=0)
+  args.probe = True
+  return _finetune_module().downstream(args)

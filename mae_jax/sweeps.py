@@ -1,0 +1,274 @@
+"""Experiment sweeps: one command per paper table, pretraining + transfer for every row over several
+seeds, written as a markdown/JSON table of mean ± 95% CI (Student t across seeds).
+
+  python -m mae_jax.sweeps --experiment=d2mae_table3 --root=runs/t3 --scale=tiny --seeds=3
+  python -m mae_jax.sweeps --experiment=deblur_table1 --root=runs/t1 --scale=paper --seeds=5
+  python -m mae_jax.sweeps --list
+
+An experiment lives in `configs/experiments/<name>.py` as `get_experiment()` returning a dict:
+
+  title:      the table's caption
+  reference:  the label of the row the others are t-tested against (Welch, two-sided, over seeds)
+  rows:       list of {'label': {column: text, ...},
+                       'pretrain': (config name, ARGS),    # configs/<name>.py:ARGS
+                       'transfer': (config name, ARGS)}    # configs/finetune.py etc.
+
+Scales: `tiny` prefixes every ARGS with `smoke` (micro ViT, 32 px; a table of ~10 rows takes
+about 10 minutes per seed on 2 CPU cores); `paper` uses the configs as published (ViT-B, 224 px,
+the papers' epochs: for GPU/TPU pods). `--pretrain_override` / `--transfer_override` (dotted
+`key=value`, repeatable) set anything else, e.g. a middle scale (`train.epochs=200`) or a real
+downstream dataset (`data.name=folder`, `data.folder=DIR`).
+
+Identical pretraining specs are trained once per seed and shared between rows (D²MAE Table 3 has
+five distinct pretrainings for twelve rows), identical transfer runs likewise; a finished run
+(`train_done.json`, `results.json`) is not repeated, so an interrupted sweep resumes where it stopped.
+Seed s sets both the pretraining and the transfer seed (the label-efficiency subset included).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import sys
+import time
+
+import numpy as np
+
+from mae_jax import evaluate
+
+log = logging.getLogger("mae_jax")
+
+SCALES = ("tiny", "paper")
+METRICS = ("macro_f1", "accuracy", "auroc")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS_DIR = os.path.join(REPO, "configs", "experiments")
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def _load_module(path: str, name: str):
+  spec = importlib.util.spec_from_file_location(name, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def list_experiments() -> list[str]:
+  if not os.path.isdir(EXPERIMENTS_DIR):
+    return []
+  return sorted(f[:-3] for f in os.listdir(EXPERIMENTS_DIR) if f.endswith(".py") and not f.startswith("_"))
+
+
+def get_experiment(name: str) -> dict:
+  path = os.path.join(EXPERIMENTS_DIR, f"{name}.py")
+  if not os.path.exists(path):
+    raise ValueError(f"--experiment={name!r}: no {path}; known: {list_experiments()}")
+  exp = _load_module(path, f"_mae_jax_experiment_{name}").get_experiment()
+  labels = [_label_text(r["label"]) for r in exp["rows"]]
+  if len(set(labels)) != len(labels):
+    raise ValueError(f"experiment {name!r}: two rows share a label")
+  if exp.get("reference") is not None and exp["reference"] not in labels:
+    raise ValueError(f"experiment {name!r}: reference {exp['reference']!r} is not a row label")
+  return exp
+
+
+def _label_text(label: dict) -> str:
+  return " / ".join(str(v) for v in label.values())
+
+
+def scaled_args(args: str, scale: str) -> str:
+  if scale not in SCALES:
+    raise ValueError(f"--scale={scale!r}: expected one of {SCALES}")
+  parts = [p for p in (args or "").split(",") if p]
+  if scale == "tiny" and "smoke" not in parts:
+    parts = ["smoke"] + parts
+  return ",".join(parts)
+
+
+def parse_overrides(items) -> dict:
+  out = {}
+  for item in items or []:
+    if "=" not in item:
+      raise ValueError(f"override {item!r}: expected key=value")
+    key, value = item.split("=", 1)
+    for cast in (int, float):
+      try:
+        value = cast(value)
+        break
+      except ValueError:
+        continue
+    else:
+      if value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    out[key] = value
+  return out
+
+
+def load_config(name: str, args: str, overrides: dict | None = None):
+  path = os.path.join(REPO, "configs", f"{name}.py")
+  if not os.path.exists(path):
+    raise ValueError(f"no config file {path}")
+  config = _load_module(path, f"_mae_jax_config_{name}").get_config(args)
+  for key, value in (overrides or {}).items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f"override {key!r}: configs/{name}.py has no such field")
+    node[leaf] = value
+  return config
+
+
+# ------------------------------------------------------------------------------------- plan
+
+
+def _slug(name: str, args: str) -> str:
+  text = f"{name}__{args}" if args else name
+  safe = re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")
+  if len(safe) > 80:
+    safe = safe[:60] + "_" + hashlib.sha1(text.encode()).hexdigest()[:10]
+  return safe
+
+
+def plan(exp: dict, root: str, *, seeds, scale: str) -> list[dict]:
+  """Every (row, seed) with its pretraining and transfer workdirs (shared where specs repeat)."""
+  out = []
+  for row in exp["rows"]:
+    p_name, p_args = row["pretrain"]
+    t_name, t_args = row["transfer"]
+    p_args, t_args = scaled_args(p_args, scale), scaled_args(t_args, scale)
+    for seed in seeds:
+      pre = os.path.join(root, "pretrain", f"{_slug(p_name, p_args)}__seed{seed}")
+      ft = os.path.join(root, "transfer", f"{_slug(p_name, p_args)}__{_slug(t_name, t_args)}__seed{seed}")
+      out.append({"label": row["label"], "seed": seed, "pretrain": (p_name, p_args, pre),
+                  "transfer": (t_name, t_args, ft)})
+  return out
+
+
+# -------------------------------------------------------------------------------------- run
+
+
+def _pretrain(name, args, workdir, seed, overrides):
+  if os.path.exists(os.path.join(workdir, "train_done.json")):
+    return
+  from mae_jax.train import pretrain
+  config = load_config(name, args, {**overrides, "seed": seed})
+  log.info("sweep: pretraining configs/%s.py:%s seed %d -> %s", name, args, seed, workdir)
+  pretrain.train(config, workdir)
+
+
+def _transfer(name, args, workdir, pre, seed, overrides) -> dict:
+  path = os.path.join(workdir, "results.json")
+  if not os.path.exists(path):
+    from mae_jax.train import finetune
+    config = load_config(name, args, {**overrides, "seed": seed, "init_from": pre})
+    if config.job not in finetune.JOBS:
+      raise ValueError(f"configs/{name}.py is a {config.job!r} job: sweeps run classification "
+                       f"transfer ({finetune.JOBS})")
+    log.info("sweep: %s configs/%s.py:%s seed %d -> %s", config.job, name, args, seed, workdir)
+    finetune.run(config, workdir)
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_sweep(exp: dict, root: str, *, seeds, scale: str = "tiny", pretrain_overrides=None,
+              transfer_overrides=None, name: str = "sweep", pretrain_fn=_pretrain,
+              transfer_fn=_transfer) -> dict:
+  """Runs (or reuses) every pretraining and transfer of the experiment and writes
+  `<root>/<name>.json` and `<root>/<name>.md`. Returns the results dict."""
+  root = os.path.abspath(os.path.expanduser(root))
+  os.makedirs(root, exist_ok=True)
+  jobs = plan(exp, root, seeds=seeds, scale=scale)
+  per_row: dict[str, dict] = {}
+  done_pre, done_ft = set(), {}
+  t0 = time.perf_counter()
+  for i, job in enumerate(jobs):
+    p_name, p_args, pre = job["pretrain"]
+    t_name, t_args, ft = job["transfer"]
+    if pre not in done_pre:
+      pretrain_fn(p_name, p_args, pre, job["seed"], dict(pretrain_overrides or {}))
+      done_pre.add(pre)
+    if ft not in done_ft:
+      done_ft[ft] = transfer_fn(t_name, t_args, ft, pre, job["seed"], dict(transfer_overrides or {}))
+    res = done_ft[ft]
+    key = _label_text(job["label"])
+    entry = per_row.setdefault(key, {"label": job["label"], "seeds": [], "workdirs": [],
+                                     **{m: [] for m in METRICS}})
+    entry["seeds"].append(job["seed"])
+    entry["workdirs"].append(ft)
+    for m in METRICS:
+      v = res["test"][m]["value"]
+      entry[m].append(float("nan") if v is None else float(v))
+    log.info("sweep %s: %d/%d done (%s, seed %d: macro-F1 %.4f) after %.0fs", name, i + 1, len(jobs),
+             key, job["seed"], entry["macro_f1"][-1], time.perf_counter() - t0)
+
+  ref = exp.get("reference")
+  rows = []
+  for key, e in per_row.items():
+    row = {k: str(v) for k, v in e["label"].items()}
+    row.update({m: list(e[m]) for m in METRICS})
+    if ref is not None and len(e["seeds"]) >= 2:
+      if key == ref:
+        row["p (vs ref)"] = "ref"
+      else:
+        _, p = evaluate.ttest(e["macro_f1"], per_row[ref]["macro_f1"])
+        row["p (vs ref)"] = "nan" if not np.isfinite(p) else f"{p:.3g}"
+    rows.append(row)
+  results = {"rows": rows, "title": exp.get("title", name), "scale": scale, "seeds": list(seeds),
+             "metrics": "test set; mean ± half-width of the 95% Student-t interval across seeds",
+             "reference": ref, "runs": {k: e["workdirs"] for k, e in per_row.items()},
+             "pretrain_overrides": pretrain_overrides or {}, "transfer_overrides": transfer_overrides or {}}
+  json_path, md_path = evaluate.write_results(root, name, results, metrics=list(METRICS))
+  with open(md_path, "a") as f:
+    f.write(f"\n{results['title']} — scale `{scale}`, seeds {list(seeds)}; {results['metrics']}; "
+            f"p: Welch two-sided t-test of macro-F1 against `{ref}`.\n")
+  log.info("sweep %s: table written to %s", name, md_path)
+  return results
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+
+def main(argv=None) -> int:
+  import argparse
+  parser = argparse.ArgumentParser(prog="python -m mae_jax.sweeps", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--experiment", help="a file of configs/experiments/ (without .py)")
+  parser.add_argument("--root", help="where the runs and the table go")
+  parser.add_argument("--scale", default="tiny", choices=SCALES)
+  parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+  parser.add_argument("--pretrain_override", action="append", default=[], metavar="KEY=VALUE")
+  parser.add_argument("--transfer_override", action="append", default=[], metavar="KEY=VALUE")
+  parser.add_argument("--list", action="store_true", help="list the experiments and exit")
+  parser.add_argument("--dry_run", action="store_true", help="print the runs and exit")
+  args = parser.parse_args(argv)
+  if args.list:
+    for name in list_experiments():
+      print(f"{name}: {get_experiment(name).get('title', '')}")
+    return 0
+  if not args.experiment or not args.root:
+    parser.error("--experiment and --root are required")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s",
+                      datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+  for noisy in ("absl", "orbax", "jax._src", "grain"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  exp = get_experiment(args.experiment)
+  seeds = list(range(args.seeds))
+  if args.dry_run:
+    for job in plan(exp, args.root, seeds=seeds, scale=args.scale):
+      print(_label_text(job["label"]), "seed", job["seed"], "|", "configs/%s.py:%s" % job["pretrain"][:2],
+            "->", "configs/%s.py:%s" % job["transfer"][:2])
+    return 0
+  run_sweep(exp, args.root, seeds=seeds, scale=args.scale,
+            pretrain_overrides=parse_overrides(args.pretrain_override),
+            transfer_overrides=parse_overrides(args.transfer_override), name=args.experiment)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
