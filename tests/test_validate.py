@@ -51,7 +51,7 @@ PRETRAIN_CASES = [
     ("mae", "train.b1", 1.0, 1),
     ("mae", "train.b2", -0.5, 1),
     ("mae", "train.grad_clip", -1.0, 1),
-    ("mae", "train.warmup_epochs", -1, 1),
+    ("mae", "train.warmup_epochs", -1.0, 1),
     ("mae", "train.max_bad_steps", 0, 1),
     ("mae", "train.log_every", 0, 1),
     ("mae", "train.image_every", -1, 1),
