@@ -291,14 +291,14 @@ def segmentation_metrics(pred_masks, true_masks, num_classes: int,
         per[k][i, j] = fn(pc, tc)
   for k in fns:
     out[f"{k}_per_class"] = per[k]
-    out[k] = _nanmean(per[k], axis=1)
-    out[f"{k}_mean"] = float(_nanmean(out[k]))
+    out[k] = nanmean(per[k], axis=1)
+    out[f"{k}_mean"] = float(nanmean(out[k]))
   out["pixel_accuracy"] = np.array([pixel_accuracy(p[i], t[i]) for i in range(p.shape[0])])
   out["pixel_accuracy_mean"] = float(np.mean(out["pixel_accuracy"]))
   return out
 
 
-def _nanmean(x, axis=None):
+def nanmean(x, axis=None):
   """np.nanmean without the all-NaN RuntimeWarning (all-NaN slices give NaN)."""
   x = np.asarray(x, dtype=np.float64)
   ok = ~np.isnan(x)

@@ -86,7 +86,7 @@ def test_d2mae_loss_is_against_the_unblurred_image_on_all_patches():
 def test_usfm_path_sees_all_tokens_and_uses_l1_plus_focal_frequency():
   model = mae_lib.SimMIM(SPEC, ffl_weight=0.4, rngs=nnx.Rngs(0))
   x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 1))
-  xc, pix = recipes.corrupt(_usfm_config(), jax.random.key(3), x)[0], None
+  xc = recipes.corrupt(_usfm_config(), jax.random.key(3), x)[0]
   tokens = model.encoder(xc)
   assert tokens.shape == (2, 1 + SPEC.num_patches, SPEC.width)
   loss, pred, _ = model(xc, target=x)

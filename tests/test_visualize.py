@@ -1,7 +1,6 @@
 """Reconstruction figures (issue 8): the array helpers against hand-built arrays, the figures' sizes,
 and the CLI on every recipe's smoke checkpoint."""
 
-import os
 
 import jax
 import jax.numpy as jnp

@@ -44,7 +44,7 @@ def copy_encoder(src: vit.Encoder, *, drop_path: float = 0.0, learnable_pos: boo
   return dst
 
 
-class _BlurTokenSequence(nnx.Module):
+class BlurTokenSequence(nnx.Module):
   """[CLS, (BLU(t)), patch tokens] as in `mae.MAE.forward_encoder` with mask ratio 0."""
 
   def _init_blur(self, encoder, blur_embed: str, blur_token):
@@ -77,7 +77,7 @@ class _BlurTokenSequence(nnx.Module):
     return jnp.concatenate(prefix + [x], axis=1)
 
 
-class Classifier(_BlurTokenSequence):
+class Classifier(BlurTokenSequence):
   """Fine-tuning model: encoder (+ drop path) -> global pool -> fc_norm -> head."""
 
   def __init__(self, encoder: vit.Encoder, num_classes: int, *, global_pool: str = "avg",
@@ -113,7 +113,7 @@ class Classifier(_BlurTokenSequence):
     return self.head(self.features(images, blur_t=blur_t, key=key)).astype(jnp.float32)
 
 
-class LinearProbe(_BlurTokenSequence):
+class LinearProbe(BlurTokenSequence):
   """Linear probing: frozen encoder, CLS after the final norm, BatchNorm (no affine) + Linear.
 
   Only `head` is trained; `bn` carries running statistics (nnx.BatchStat)."""

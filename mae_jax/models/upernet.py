@@ -254,7 +254,7 @@ def truncated_encoder(src: vit.Encoder, depth: int, *, drop_path: float, seed: i
   return dst
 
 
-class Segmenter(heads._BlurTokenSequence):  # the [CLS, (BLU(t)), patches] sequence of fine-tuning
+class Segmenter(heads.BlurTokenSequence):  # the [CLS, (BLU(t)), patches] sequence of fine-tuning
   """Pretrained ViT + BEiT necks + UperHead. `__call__(images) -> (N, H, W, num_classes)` logits."""
 
   def __init__(self, encoder: vit.Encoder, num_classes: int, *, channels: int = 512, blocks=None,

@@ -162,30 +162,56 @@ def apply_if_finite(state: TrainState, grads, loss, tx, max_norm_inf: float = jn
 # ---------------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: str, *, keep: int, async_save: bool = True,
+                       subdir: str = "checkpoints") -> ocp.CheckpointManager:
+  """Checkpoints of every job in `workdir/subdir`: the train state, optional non-trained state
+  (`stats`, e.g. a linear probe's BatchNorm statistics) and a small JSON (`data`: the next batch,
+  the best validation score, ...)."""
   # cleanup_tmp_directories: a save killed half-way (SIGKILL, node loss) leaves a temporary step
   # directory; it is never restored, and is deleted when the run restarts.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                          enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
-                               item_names=("state", "data"))
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), subdir), options=options,
+                               item_names=("state", "stats", "data"))
 
 
-def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: TrainState, data_state,
-                    *, force: bool = False) -> None:
-  items = {"state": ocp.args.StandardSave(state)}
-  items["data"] = ocp.args.JsonSave(data_state if data_state is not None else {})
+def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state, data_state, *, stats=None,
+                    force: bool = False) -> None:
+  items = {"state": ocp.args.StandardSave(state),
+           "data": ocp.args.JsonSave(data_state if data_state is not None else {})}
+  if stats is not None and jax.tree.leaves(stats):
+    items["stats"] = ocp.args.StandardSave(stats)
   mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
 
-def restore_checkpoint(mngr: ocp.CheckpointManager, abstract_state: TrainState, step: int | None = None):
-  """Restores the latest complete checkpoint (orbax never lists a half-written one)."""
+@dataclasses.dataclass
+class Restored:
+  step: int
+  state: Any
+  stats: Any
+  data: dict
+
+
+def restore_checkpoint(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None, *,
+                       abstract_stats=None) -> Restored | None:
+  """The latest complete checkpoint (orbax never lists a half-written one), or None."""
   step = mngr.latest_step() if step is None else step
   if step is None:
-    return None, None, None
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-  return step, restored["state"], restored["data"]
+    return None
+  items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
+  with_stats = abstract_stats is not None and jax.tree.leaves(abstract_stats)
+  if with_stats:
+    items["stats"] = ocp.args.StandardRestore(abstract_stats)
+  r = mngr.restore(step, args=ocp.args.Composite(**items))
+  return Restored(int(step), r["state"], r["stats"] if with_stats else {}, r["data"])
+
+
+def host_gather(tree):
+  """A (possibly multi-process) global pytree as host numpy arrays, whole on every process."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+  from jax.experimental import multihost_utils
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
 def abstract_like(tree, shardings):

@@ -42,7 +42,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from mae_jax import evaluate, recipes
@@ -265,13 +264,6 @@ def make_steps(config, graphdef, tx, schedule, plan: TransferPlan, num_classes: 
   return train_step, eval_step
 
 
-def _host(tree):
-  if jax.process_count() == 1:
-    return jax.tree.map(np.asarray, jax.device_get(tree))
-  from jax.experimental import multihost_utils
-  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-
-
 def predict(eval_fn, params, stats, frozen, source, split, plan, *, config, image_size, in_chans, mesh):
   """Probabilities for every record of `source` (in order): dict probs, label, index."""
   bs = int(config.train.eval_batch_size or config.train.batch_size)
@@ -286,7 +278,7 @@ def predict(eval_fn, params, stats, frozen, source, split, plan, *, config, imag
     local.pop("organ", None)
     out = eval_fn(params, stats, frozen, core.global_batch(local, mesh))
     outs.append(out)
-  outs = _host(outs)
+  outs = core.host_gather(outs)
   cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
   valid = cat.pop("valid").astype(bool)
   res = {k: v[valid] for k, v in cat.items()}
@@ -331,37 +323,6 @@ def validate_config(config, num_devices: int) -> None:
 
 
 # ---------------------------------------------------------------------------------- run
-
-
-def _layer_decay(config, pcfg) -> float:
-  if config.train.layer_decay is not None:
-    return float(config.train.layer_decay)
-  # SPEC §5: 0.65 for ViT-B, 0.75 otherwise (MAE uses 0.75 for L/H).
-  return 0.65 if pcfg.model.variant == "b" else 0.75
-
-
-def _save(mngr, step, state, stats, data, *, force=False):
-  items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data)}
-  if jax.tree.leaves(stats):
-    items["stats"] = ocp.args.StandardSave(stats)
-  mngr.save(step, args=ocp.args.Composite(**items), force=force)
-
-
-def _restore(mngr, abstract_state, abstract_stats, step=None):
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    return None
-  items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
-  if jax.tree.leaves(abstract_stats):
-    items["stats"] = ocp.args.StandardRestore(abstract_stats)
-  r = mngr.restore(step, args=ocp.args.Composite(**items))
-  return step, r["state"], (r["stats"] if "stats" in items else {}), r["data"]
-
-
-def _manager(path, keep):
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-  names = ("state", "stats", "data")
-  return ocp.CheckpointManager(path, options=options, item_names=names)
 
 
 def run(config, workdir: str) -> dict:
@@ -420,7 +381,7 @@ def run(config, workdir: str) -> dict:
     tx = lr_decay.lars(schedule, params, momentum=0.9, trust_coefficient=0.001, weight_decay=t.weight_decay)
     decay = None
   else:
-    decay = _layer_decay(config, pcfg)
+    decay = lr_decay.layer_decay_for(config, pcfg)
     tx = lr_decay.layerwise_adamw(schedule, params, depth=model.encoder.spec.depth, layer_decay=decay,
                                   b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
 
@@ -430,20 +391,22 @@ def run(config, workdir: str) -> dict:
   stats_sh, frozen_sh = rep(stats), rep(frozen)
   frozen = jax.device_put(frozen, frozen_sh)
 
-  mngr = _manager(os.path.join(workdir, "checkpoints"), int(t.keep_checkpoints))
-  best_mngr = _manager(os.path.join(workdir, "best", "checkpoints"), 1)
-  restored = _restore(mngr, core.abstract_like(state, shardings), core.abstract_like(stats, stats_sh))
+  mngr = core.checkpoint_manager(workdir, keep=int(t.keep_checkpoints), async_save=False)
+  best_mngr = core.checkpoint_manager(workdir, keep=1, async_save=False, subdir="best/checkpoints")
+  restored = core.restore_checkpoint(mngr, core.abstract_like(state, shardings),
+                                     abstract_stats=core.abstract_like(stats, stats_sh))
   best = {"macro_f1": -1.0, "epoch": 0, "step": 0, "metrics": None}
   best_params = best_stats = None
   history = []
   if restored is not None:
-    start, state, stats, data = restored
+    start, state, stats, data = restored.step, restored.state, restored.stats, restored.data
     best.update({k: data[k] for k in ("macro_f1", "epoch", "step", "metrics") if k in data})
     history = list(data.get("history") or [])
-    b = _restore(best_mngr, core.abstract_like({"params": params}, {"params": shardings.params}),
-                 core.abstract_like(stats, stats_sh))
+    b = core.restore_checkpoint(best_mngr,
+                                core.abstract_like({"params": params}, {"params": shardings.params}),
+                                abstract_stats=core.abstract_like(stats, stats_sh))
     if b is not None:
-      best_params, best_stats = jax.device_get(b[1]["params"]), jax.device_get(b[2])
+      best_params, best_stats = jax.device_get(b.state["params"]), jax.device_get(b.stats)
     log.info("resumed at step %d (best validation macro-F1 so far %.4f, epoch %d)", start,
              best["macro_f1"], best["epoch"])
   else:
@@ -512,8 +475,9 @@ def run(config, workdir: str) -> dict:
         if improved:
           best = {"macro_f1": vm["macro_f1"], "epoch": epoch, "step": step, "metrics": vm}
           best_params, best_stats = jax.device_get(state.params), jax.device_get(stats)
-          _save(best_mngr, step, {"params": state.params}, stats, best, force=True)
-        _save(mngr, step, state, stats, {"next_batch": step, **best, "history": history}, force=True)
+          core.save_checkpoint(best_mngr, step, {"params": state.params}, best, stats=stats, force=True)
+        core.save_checkpoint(mngr, step, state, {"next_batch": step, **best, "history": history}, stats=stats,
+                             force=True)
   finally:
     mngr.wait_until_finished()
     best_mngr.wait_until_finished()

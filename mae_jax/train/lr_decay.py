@@ -123,3 +123,11 @@ def lars(schedule, params, *, momentum: float = 0.9, trust_coefficient: float = 
   matrix: Any = jax.tree.map(lambda x: getattr(x, "ndim", 0) > 1, params)
   return optax.lars(schedule, weight_decay=weight_decay, weight_decay_mask=matrix,
                     trust_coefficient=trust_coefficient, trust_ratio_mask=matrix, momentum=momentum)
+
+
+def layer_decay_for(config, pretrain_config) -> float:
+  """`config.train.layer_decay`, or SPEC §5's default for the pretrained size: 0.65 for ViT-B,
+  0.75 otherwise (MAE uses 0.75 for L/H)."""
+  if config.train.layer_decay is not None:
+    return float(config.train.layer_decay)
+  return 0.65 if pretrain_config.model.variant == "b" else 0.75

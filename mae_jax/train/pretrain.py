@@ -176,14 +176,13 @@ def train(config, workdir: str) -> dict:
   rest = jax.device_put(rest, rest_sharding)
 
   mngr = core.checkpoint_manager(workdir, keep=config.train.keep_checkpoints)
-  start, restored, data_state = core.restore_checkpoint(mngr, core.abstract_like(state, shardings))
+  restored = core.restore_checkpoint(mngr, core.abstract_like(state, shardings))
   if restored is not None:
-    state = restored
+    state, start, data_state = restored.state, restored.step, restored.data
     log.info("resumed from the checkpoint at step %d in %s", start, mngr.directory)
   else:
     state = jax.device_put(state, shardings)
     start, data_state = 0, {}
-  start = int(start)
   # The iterator is a pure function of (seed, draw index): its whole state is the next batch number.
   next_batch = int((data_state or {}).get("next_batch", start))
 

@@ -173,7 +173,7 @@ def predict(eval_fn, params, rest, source, split, plan, *, config, image_size, i
     local.pop("organ", None)
     local.pop("label", None)
     outs.append(eval_fn(params, rest, core.global_batch(local, mesh)))
-  outs = finetune._host(outs)
+  outs = core.host_gather(outs)
   cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
   valid = cat.pop("valid").astype(bool)
   res = {k: v[valid] for k, v in cat.items()}
@@ -208,7 +208,7 @@ def aggregate(per_image: dict, *, n_boot: int, alpha: float, seed: int) -> dict[
   cols = [np.asarray(per_image[k], np.float64) for k in METRICS]
 
   def means(*arrays):
-    return {k: float(evaluate._nanmean(a)) for k, a in zip(METRICS, arrays)}
+    return {k: float(evaluate.nanmean(a)) for k, a in zip(METRICS, arrays)}
 
   return evaluate.bootstrap_ci(means, *cols, n_boot=n_boot, alpha=alpha, seed=seed)
 
@@ -394,7 +394,7 @@ def run(config, workdir: str) -> dict:
   total = t.total_steps or int(math.ceil(t.epochs * steps_per_epoch))
   warmup = min(int(round(t.warmup_epochs * steps_per_epoch)), total)
   schedule = core.warmup_cosine(float(t.lr), warmup, total, t.min_lr)
-  decay = finetune._layer_decay(config, pcfg)
+  decay = lr_decay.layer_decay_for(config, pcfg)
   # The pretrained depth, not the truncated one: block i keeps MAE's / mmseg's multiplier.
   tx = lr_decay.layerwise_adamw(schedule, params, depth=model.full_depth, layer_decay=decay,
                                 b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
@@ -404,17 +404,18 @@ def run(config, workdir: str) -> dict:
   rest_sh = jax.tree.map(lambda _: core.replicated(mesh), rest)
   rest = jax.device_put(rest, rest_sh)
 
-  mngr = finetune._manager(os.path.join(workdir, "checkpoints"), int(t.keep_checkpoints))
-  best_mngr = finetune._manager(os.path.join(workdir, "best", "checkpoints"), 1)
-  restored = finetune._restore(mngr, core.abstract_like(state, shardings), {})
+  mngr = core.checkpoint_manager(workdir, keep=int(t.keep_checkpoints), async_save=False)
+  best_mngr = core.checkpoint_manager(workdir, keep=1, async_save=False, subdir="best/checkpoints")
+  restored = core.restore_checkpoint(mngr, core.abstract_like(state, shardings))
   best = {"dice": -1.0, "epoch": 0, "step": 0, "metrics": None}
   best_params = None
   if restored is not None:
-    start, state, _, data = restored
+    start, state, data = restored.step, restored.state, restored.data
     best.update({k: data[k] for k in best if k in data})
-    b = finetune._restore(best_mngr, core.abstract_like({"params": params}, {"params": shardings.params}), {})
+    b = core.restore_checkpoint(best_mngr,
+                                core.abstract_like({"params": params}, {"params": shardings.params}))
     if b is not None:
-      best_params = jax.device_get(b[1]["params"])
+      best_params = jax.device_get(b.state["params"])
     log.info("resumed at step %d (best validation Dice so far %.4f, epoch %d)", start, best["dice"],
              best["epoch"])
   else:
@@ -490,9 +491,9 @@ def run(config, workdir: str) -> dict:
           # The best parameters go to disk before the state that records their score, so a resumed
           # run always finds the best checkpoint its state refers to.
           if best_unsaved:
-            finetune._save(best_mngr, best["step"], {"params": best_params}, {}, best, force=True)
+            core.save_checkpoint(best_mngr, best["step"], {"params": best_params}, best, force=True)
             best_unsaved = False
-          finetune._save(mngr, step, state, {}, {"next_batch": step, **best}, force=True)
+          core.save_checkpoint(mngr, step, state, {"next_batch": step, **best}, force=True)
   finally:
     mngr.wait_until_finished()
     best_mngr.wait_until_finished()
@@ -515,7 +516,7 @@ def run(config, workdir: str) -> dict:
   results = {
       "rows": [row],
       "test": {k: {"value": ci[k][0], "lo": ci[k][1], "hi": ci[k][2]} for k in METRICS},
-      "test_per_class": {k: dict(zip(names[1:], evaluate._nanmean(per[f"{k}_per_class"], axis=0)))
+      "test_per_class": {k: dict(zip(names[1:], evaluate.nanmean(per[f"{k}_per_class"], axis=0)))
                          for k in ("dice", "iou", "hd95", "sensitivity")},
       "test_n": int(len(p["mask"])),
       "test_n_with_foreground": int(has_fg.sum()),
