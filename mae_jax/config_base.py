@@ -98,7 +98,11 @@ def base(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 4096  # global
-  c.train.grad_accum = 1  # micro-batches per step: the same effective batch on a smaller machine
+  # Micro-batches per step: the same effective batch on a smaller machine. 0 = automatic: the whole
+  # batch at once on GPU/TPU, micro-batches of at most `cpu_micro_batch` per device on CPU, so the
+  # published batch (e.g. 1024 for D²MAE) runs as is on a laptop, only slowly.
+  c.train.grad_accum = 0
+  c.train.cpu_micro_batch = 32
   c.train.epochs = 800
   c.train.total_steps = 0  # 0: from epochs
   c.train.warmup_epochs = 40.0

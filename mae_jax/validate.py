@@ -113,7 +113,7 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
     _fail("train.batch_size", t.batch_size, f"must be a positive multiple of the device count ({num_devices})")
   if t.batch_size % process_count:
     _fail("train.batch_size", t.batch_size, f"must be a multiple of the process count ({process_count})")
-  if t.grad_accum < 1 or t.batch_size % (t.grad_accum * num_devices):
+  if t.grad_accum < 0 or (t.grad_accum and t.batch_size % (t.grad_accum * num_devices)):
     _fail("train.grad_accum", t.grad_accum,
           f"batch_size {t.batch_size} must split into grad_accum micro-batches divisible by {num_devices} devices")
   if t.total_steps < 0 or (t.total_steps == 0 and t.epochs <= 0):

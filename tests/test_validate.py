@@ -44,7 +44,7 @@ PRETRAIN_CASES = [
     ("mae", "train.batch_size", 30, 4),  # not divisible by 4 devices
     ("mae", "train.batch_size", 0, 1),
     ("mae", "train.grad_accum", 3, 1),  # 32 rows do not split into 3 micro-batches
-    ("mae", "train.grad_accum", 0, 1),
+    ("mae", "train.grad_accum", -1, 1),
     ("mae", "train.base_lr", 0.0, 1),
     ("mae", "train.min_lr", -1e-6, 1),
     ("mae", "train.weight_decay", -0.1, 1),

@@ -55,10 +55,22 @@ def make_loss_fn(config, graphdef, mean: float, std: float):
   return loss_fn
 
 
+def grad_accum_steps(tcfg, num_devices: int, platform: str) -> int:
+  """`train.grad_accum`, or for 0 (automatic) the fewest micro-batches that keep each device's
+  micro-batch within `train.cpu_micro_batch` on CPU (1 on accelerators)."""
+  if tcfg.grad_accum:
+    return int(tcfg.grad_accum)
+  per_device = tcfg.batch_size // num_devices
+  if platform != "cpu" or per_device <= tcfg.cpu_micro_batch:
+    return 1
+  return next(a for a in range(-(-per_device // tcfg.cpu_micro_batch), per_device + 1)
+              if per_device % a == 0)
+
+
 def make_train_step(config, graphdef, tx, schedule, mean: float, std: float):
   loss_fn = make_loss_fn(config, graphdef, mean, std)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  accum = config.train.grad_accum
+  accum = grad_accum_steps(config.train, jax.device_count(), jax.default_backend())
 
   def train_step(state: core.TrainState, rest, batch):
     key = core.step_key(state)
@@ -203,9 +215,10 @@ def train(config, workdir: str) -> dict:
   if is_main and start == 0:
     writer.write_scalars(0, {"params_millions": n_params / 1e6})
   log.info("recipe=%s model=%s (%.2fM params) devices=%d processes=%d steps=%d (warm-up %d) "
-           "global batch=%d peak lr=%.3g, images %dpx", config.recipe, config.model.variant,
-           n_params / 1e6, jax.device_count(), jax.process_count(), steps, warmup,
-           config.train.batch_size, peak_lr, config.model.image_size)
+           "global batch=%d (%d micro-batches) peak lr=%.3g, images %dpx", config.recipe,
+           config.model.variant, n_params / 1e6, jax.device_count(), jax.process_count(), steps, warmup,
+           config.train.batch_size, grad_accum_steps(config.train, jax.device_count(), jax.default_backend()),
+           peak_lr, config.model.image_size)
 
   tp = core.Throughput(steps, config.train.batch_size, start)
   metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start) if is_main else None
