@@ -22,19 +22,25 @@ def shuffle_from_noise(noise):
   return ids_shuffle, ids_restore
 
 
+def keep_indices(noise, mask_ratio: float):
+  """MAE's token selection from noise (N, L), without touching any tokens.
+
+  Returns (ids_keep (N, len_keep) int32, mask (N, L) bool with True = removed, ids_restore (N, L)).
+  """
+  len_keep = num_kept(noise.shape[1], mask_ratio)
+  ids_shuffle, ids_restore = shuffle_from_noise(noise)
+  # mask in shuffled order is [0]*keep + [1]*rest; unshuffling it is a comparison of ranks.
+  return ids_shuffle[:, :len_keep], ids_restore >= len_keep, ids_restore
+
+
 def random_masking(x, mask_ratio: float, noise):
   """MAE random masking of tokens x (N, L, D) driven by noise (N, L).
 
   Returns (x_kept (N, len_keep, D), mask (N, L) with 1 = removed, ids_restore (N, L)).
   """
-  n, length, _ = x.shape
-  len_keep = num_kept(length, mask_ratio)
-  ids_shuffle, ids_restore = shuffle_from_noise(noise)
-  ids_keep = ids_shuffle[:, :len_keep]
+  ids_keep, mask, ids_restore = keep_indices(noise, mask_ratio)
   x_kept = jnp.take_along_axis(x, ids_keep[:, :, None], axis=1)
-  # mask in shuffled order is [0]*keep + [1]*rest; unshuffling it is a comparison of ranks.
-  mask = (ids_restore >= len_keep).astype(x.dtype)
-  return x_kept, mask, ids_restore
+  return x_kept, mask.astype(x.dtype), ids_restore
 
 
 def random_mask_from_key(key, batch: int, num_patches: int):

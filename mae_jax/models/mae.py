@@ -75,12 +75,15 @@ class MAE(nnx.Module):
 
   def forward_encoder(self, images, noise, mask_ratio, blur_t=None):
     n = images.shape[0]
-    x = self.encoder.embed(images)
     if self.blur_embed != "none" and blur_t is None:
       raise ValueError("this model has a blurriness embedding: pass blur_t (the blur level index t)")
+    # Masking before the (per-token) embedding: the same kept tokens as embedding all and dropping
+    # 3/4 of them, as the official code does, for a quarter of the patch-embedding work.
+    ids_keep, mask, ids_restore = masking.keep_indices(noise, mask_ratio)
+    x = self.encoder.embed_kept(images, ids_keep)
+    mask = mask.astype(x.dtype)
     if self.blur_embed == "add":
       x = x + self.blur_embedding(blur_t)[:, None, :]
-    x, mask, ids_restore = masking.random_masking(x, mask_ratio, noise)
     prefix = [self.encoder.cls(n)]
     if self.blur_embed == "token":
       # The token gets a zero position row, like CLS.

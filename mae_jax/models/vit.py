@@ -7,6 +7,7 @@ erf GELU, pre-LN blocks, LayerNorm eps 1e-6, xavier_uniform Linear kernels, MAE'
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -56,9 +57,35 @@ def sincos_2d(dim: int, grid_hw: tuple[int, int], num_prefix: int = 1) -> np.nda
   return emb.astype(np.float32)
 
 
+_INV_SQRT2 = float(1.0 / np.sqrt(2.0))
+_INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
+
+
+@jax.custom_vjp
 def gelu_exact(x):
-  # Flax's default gelu is the tanh approximation; torch's nn.GELU is erf.
-  return jax.nn.gelu(x, approximate=False)
+  """Exact GELU, x·Φ(x) = x/2·(1 + erf(x/√2)), as torch's nn.GELU computes it (float32 inside).
+
+  Flax's default gelu is the tanh approximation; `jax.nn.gelu(approximate=False)` is exact but goes
+  through erfc, whose XLA:CPU expansion costs several times erf's. The backward,
+  dy·(Φ(x) + x·φ(x)), recomputes Φ from x in the same pass instead of saving it, so the forward is
+  one pass over the MLP's hidden activations and the backward another.
+  """
+  return _gelu_fwd(x)[0]
+
+
+def _gelu_fwd(x):
+  x32 = x.astype(jnp.float32)
+  return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * _INV_SQRT2))).astype(x.dtype), x
+
+
+def _gelu_bwd(x, dy):
+  x32 = x.astype(jnp.float32)
+  cdf = 0.5 * (1.0 + jax.lax.erf(x32 * _INV_SQRT2))
+  pdf = jnp.exp(-0.5 * x32 * x32) * _INV_SQRT_2PI
+  return ((dy.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
+
+
+gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,14 +119,83 @@ class ViTSpec:
                width=width, depth=depth, num_heads=heads)
 
 
+def matmul_2d(lhs, rhs, dimension_numbers, precision=None, **kwargs):
+  """`lax.dot_general` for Linear's `x[..., K] @ W[K, N]`, computed as one 2-D matmul.
+
+  Why: on (B, L, D) activations the weight gradient contracts over (B, L), and XLA:CPU then writes a
+  transposed copy of the output gradient (re-running the fusion that produced it) before each
+  weight-gradient dot. On (B·L, D) the backward is a plain xᵀ·dy that reads both operands in place.
+  Same products and sums, so the results do not change.
+  """
+  (lc, rc), (lb, rb) = dimension_numbers
+  if (lhs.ndim <= 2 or rhs.ndim != 2 or lb or rb or tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,)
+      or kwargs.get("out_sharding") is not None):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
+  kwargs.pop("out_sharding", None)
+  out = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())),
+                            precision=precision, **kwargs)
+  return out.reshape(*lhs.shape[:-1], rhs.shape[1])
+
+
 def _dense(din, dout, *, dtype, rngs, kernel_init=None):
   return nnx.Linear(din, dout, kernel_init=kernel_init or nnx.initializers.xavier_uniform(),
                     bias_init=nnx.initializers.zeros_init(), dtype=dtype,
-                    param_dtype=jnp.float32, rngs=rngs)
+                    param_dtype=jnp.float32, dot_general=matmul_2d, rngs=rngs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, eps: float):
+  """LayerNorm over the last axis, (x − mean)/sqrt(var + eps)·scale + bias, statistics in float32.
+
+  The backward is written out so that XLA:CPU runs it as a few elementwise passes, two matrix-vector
+  products (the row sums that involve `scale`) and column sums: autodiff of the textbook form puts
+  the row sums into library fusions that take `scale` as a materialised (tokens × width) broadcast,
+  which made LayerNorm ~10% of a ViT-S MAE step on CPU. Only x's row mean and 1/std are saved.
+  """
+  return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  xc = x32 - mean
+  rstd = jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)
+  y = xc * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  return y.astype(x.dtype), (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_bwd(eps, res, dy):
+  x, mean, rstd, scale, bias = res
+  d = x.shape[-1]
+  x2 = x.reshape(-1, d).astype(jnp.float32)
+  dy2 = dy.reshape(-1, d).astype(jnp.float32)
+  rstd2, s32 = rstd.reshape(-1, 1), scale.astype(jnp.float32)
+  xhat = (x2 - mean.reshape(-1, 1)) * rstd2
+  dy_xhat = dy2 * xhat
+  # dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) with g = dy·scale; the two row means as matvecs.
+  mean_g = (dy2 @ s32)[:, None] / d
+  mean_gx = (dy_xhat @ s32)[:, None] / d
+  dx = rstd2 * (dy2 * s32 - mean_g - xhat * mean_gx)
+  dscale = jnp.sum(dy_xhat, axis=0).astype(scale.dtype)
+  dbias = jnp.sum(dy2, axis=0).astype(bias.dtype)
+  return dx.reshape(x.shape).astype(x.dtype), dscale, dbias
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nnx.LayerNorm):
+  """`nnx.LayerNorm` (same parameters, init and state layout) computed by `layer_norm`."""
+
+  def __call__(self, x, *, mask=None):
+    if mask is not None or self.scale is None or self.bias is None:
+      return super().__call__(x, mask=mask)
+    y = layer_norm(x, self.scale[...], self.bias[...], self.epsilon)
+    return y if self.dtype is None else y.astype(self.dtype)
 
 
 def _norm(dim, *, dtype, rngs):
-  return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+  return LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
 class PatchEmbed(nnx.Module):
@@ -123,12 +219,43 @@ class Attention(nnx.Module):
     self.qkv = _dense(dim, 3 * dim, dtype=dtype, rngs=rngs)
     self.proj = _dense(dim, dim, dtype=dtype, rngs=rngs)
 
+  @jax.named_scope("attn")  # names the ops in profiles (docs/benchmarks.md)
   def __call__(self, x):
     b, n, d = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, hd): the layout XLA/cuDNN want
-    out = jax.nn.dot_product_attention(q, k, v)
-    return self.proj(out.reshape(b, n, d))
+    return self.proj(attention(qkv).reshape(b, n, d))
+
+
+def attention(qkv):
+  """Multi-head softmax(q·kᵀ/√hd)·v of a fused projection qkv (B, T, 3, H, hd) -> (B, T, H, hd).
+
+  On GPU: `jax.nn.dot_product_attention` (cuDNN's fused flash attention for 16-bit inputs).
+  Elsewhere an explicit form that XLA:CPU runs faster (forward + backward of a ViT-S MAE decoder
+  block, qkv and output projections included: 0.75x the time, docs/benchmarks.md) than the XLA path
+  of `jax.nn.dot_product_attention`: q, k, v each copied once to head-major (B, H, T, hd), the
+  1/√hd scale folded into that copy of q (T·hd values, not T·T), and the softmax normalisation
+  applied to the (T, hd) output instead of the (T, T) probabilities. The logits, softmax and its
+  sums are float32 for any compute dtype.
+  """
+  if jax.default_backend() == "gpu":
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    hd = q.shape[-1]
+    if q.dtype in (jnp.bfloat16, jnp.float16) and hd % 8 == 0 and hd <= 128:
+      try:
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+      except Exception:  # cuDNN missing or too old (checked while tracing): the XLA path
+        pass
+    return jax.nn.dot_product_attention(q, k, v)
+  scale = jnp.asarray(qkv.shape[-1] ** -0.5, qkv.dtype)
+  q = jnp.transpose(qkv[:, :, 0], (0, 2, 1, 3)) * scale  # (B, H, T, hd), one strided copy each
+  k = jnp.transpose(qkv[:, :, 1], (0, 2, 1, 3))
+  v = jnp.transpose(qkv[:, :, 2], (0, 2, 1, 3))
+  logits = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
+  # Any per-row constant cancels in the softmax; subtracting the max only guards exp's range.
+  e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+  out = jnp.einsum("bhts,bhsd->bhtd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = out / jnp.sum(e, axis=-1, keepdims=True)
+  return jnp.transpose(out, (0, 2, 1, 3)).astype(v.dtype)
 
 
 class Mlp(nnx.Module):
@@ -137,8 +264,12 @@ class Mlp(nnx.Module):
     self.fc1 = _dense(dim, hidden, dtype=dtype, rngs=rngs)
     self.fc2 = _dense(hidden, dim, dtype=dtype, rngs=rngs)
 
+  @jax.named_scope("mlp")
   def __call__(self, x):
-    return self.fc2(gelu_exact(self.fc1(x)))
+    # On (tokens, width): between the two matmuls XLA:CPU then fuses bias, GELU and the layout of
+    # the hidden activations into one pass (a 3-D hidden costs an extra pass; see matmul_2d).
+    h = gelu_exact(self.fc1(x.reshape(-1, x.shape[-1])))
+    return self.fc2(h).reshape(x.shape)
 
 
 def drop_path(key, x, rate: float):
@@ -189,6 +320,17 @@ class Encoder(nnx.Module):
   def embed(self, images):
     """Patch tokens + their position rows (no CLS): (N, L, D)."""
     return self.patch_embed(images.astype(self.dtype)) + self.pos_embed[...][:, 1:].astype(self.dtype)
+
+  def embed_kept(self, images, ids_keep):
+    """`embed(images)` at the token indices ids_keep (N, K) only: (N, K, D).
+
+    The patch projection and the position rows act on each token alone, so picking the kept
+    patches first gives the same tokens while MAE (K = L/4) embeds a quarter of them.
+    """
+    patches = patch_lib.patchify(images.astype(self.dtype), self.spec.patch_size)
+    patches = jnp.take_along_axis(patches, ids_keep[:, :, None], axis=1)
+    pos = jnp.take(self.pos_embed[...][0, 1:], ids_keep, axis=0)
+    return self.patch_embed.proj(patches) + pos.astype(self.dtype)
 
   def cls(self, batch: int):
     tok = (self.cls_token[...] + self.pos_embed[...][:, :1]).astype(self.dtype)

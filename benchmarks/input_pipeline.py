@@ -1,0 +1,116 @@
+"""Host input pipeline alone: images/s (and per core) for decode + random resized crop + flip.
+
+Runs `mae_jax.data.pipeline.train_iterator` over `mae_jax.data.sources.open_source(config.data,
+'train')` exactly as the trainer calls it (the built-in `us_phantom` dataset by default, built on
+first use), pulls batches as fast as it can and reports throughput, with no model step behind it.
+
+  python -m benchmarks.input_pipeline                         # threads = nproc, 224 px, 1 channel
+  python -m benchmarks.input_pipeline --threads 1             # one core: the per-core rate
+  python -m benchmarks.input_pipeline --step-json /tmp/step.json   # + ratio to a measured step
+
+Per core = images per CPU-second of the whole process (reader threads, batching and main thread),
+i.e. what one fully busy core sustains. With `--step-json` (written by `python -m benchmarks.step --json`) it also
+prints pipeline images/s ÷ train-step images/s: the host keeps up when that is well above 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(prog="python -m benchmarks.input_pipeline", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default="configs/mae.py", help="config file whose `data` section is read")
+  p.add_argument("--config-args", default="", help="its argument string, e.g. 'smoke'")
+  p.add_argument("--image-size", type=int, default=224)
+  p.add_argument("--channels", type=int, default=1, help="1 (ultrasound) or 3 (grey repeated)")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--batches", type=int, default=20, help="timed batches")
+  p.add_argument("--warmup", type=int, default=3, help="untimed batches (fills the prefetch buffer)")
+  p.add_argument("--threads", type=int, default=0, help="grain reader threads (0: nproc)")
+  p.add_argument("--num-train", type=int, default=0, help="override data.num_train (0: the config's)")
+  p.add_argument("--data-dir", default="", help="override data.data_dir")
+  p.add_argument("--step-json", default="", help="a benchmarks.step --json result to compare with")
+  p.add_argument("--json", default="", help="write the results here")
+  return p.parse_args(argv)
+
+
+def load_config(path: str, arg: str):
+  path = path if os.path.isabs(path) else os.path.join(REPO, path)
+  spec = importlib.util.spec_from_file_location("_bench_input_cfg", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg or None)
+
+
+def measure(source, config, args, threads: int) -> dict:
+  from mae_jax.data import pipeline
+  it = pipeline.train_iterator(
+      source, global_batch=args.batch, image_size=args.image_size, seed=config.data.seed,
+      scale=(config.data.crop_scale_min, 1.0), hflip=config.data.hflip,
+      sampler=config.data.sampler, in_chans=args.channels, num_threads=threads)
+  for _ in range(args.warmup):
+    next(it)
+  # Time each batch; the median batch interval is robust to a stall from another process.
+  times = []
+  c0, t0 = time.process_time(), time.perf_counter()
+  last = t0
+  for _ in range(args.batches):
+    batch = next(it)
+    now = time.perf_counter()
+    times.append(now - last)
+    last = now
+  wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+  assert batch["image"].shape == (args.batch, args.image_size, args.image_size, args.channels)
+  ips = args.batch / statistics.median(times)
+  n = args.batch * args.batches
+  # Per core = images per second of CPU time used by the whole process (reader threads, batching
+  # and the main thread alike): what one fully busy core sustains, whatever the thread count.
+  return {"threads": threads, "images_per_s": ips, "images_per_s_mean": n / wall,
+          "images_per_s_per_core": n / cpu, "cpu_ms_per_image": 1e3 * cpu / n}
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  threads = args.threads or len(os.sched_getaffinity(0))
+  from mae_jax.data import sources
+  config = load_config(args.config, args.config_args)
+  if args.num_train:
+    config.data.num_train = args.num_train
+  if args.data_dir:
+    config.data.data_dir = args.data_dir
+  t0 = time.perf_counter()
+  source = sources.open_source(config.data, "train")
+  open_s = time.perf_counter() - t0
+  print(f"# {config.data.name}: {len(source)} train records at {config.data.native_size} px "
+        f"(opened in {open_s:.1f}s) -> {args.image_size} px x {args.channels}, batch {args.batch}; "
+        f"load avg {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+  res = measure(source, config, args, threads)
+  res["load_avg"] = os.getloadavg()
+  print(f"reader threads {res['threads']}: {res['images_per_s']:.0f} images/s "
+        f"(mean {res['images_per_s_mean']:.0f}), {res['images_per_s_per_core']:.0f} images/s per core, "
+        f"{res['cpu_ms_per_image']:.2f} ms CPU per image")
+  if args.step_json:
+    with open(args.step_json) as f:
+      step = json.load(f)["results"]
+    for name, r in step.items():
+      if "images_per_s" in r:
+        print(f"  pipeline / {name} train step = {res['images_per_s'] / r['images_per_s']:.1f}x "
+              f"({r['images_per_s']:.2f} images/s)")
+        res[f"vs_{name}"] = res["images_per_s"] / r["images_per_s"]
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(res, f, indent=2)
+  return res
+
+
+if __name__ == "__main__":
+  main()

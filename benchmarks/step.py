@@ -1,0 +1,603 @@
+"""Train-step throughput of each recipe's jitted step, side by side with a PyTorch MAE peer.
+
+The JAX step is the trainer's own (`mae_jax.train.pretrain.make_train_step`: corruption, masking,
+forward, backward, finite check and AdamW in one jit, state donated). The peer is transformers'
+`ViTMAEForPreTraining` (qkv bias, LayerNorm eps 1e-6, SDPA attention) with `torch.optim.AdamW`
+(MAE's no-decay groups), at the same model size, batch, image size and precision, fed the same
+uint8 images (normalised inside the timed step on both sides).
+
+Both sides run in one process and take turns (A B B A A B ...) so that load from other processes
+hits both alike; the reported numbers are medians over the timed steps, and the ratio is
+JAX images/s ÷ torch images/s. Defaults are issue 9's configuration: encoder ViT-S (384 × 12,
+6 heads, patch 16), decoder 256 × 4 (8 heads), batch 32, 224 × 224 × 3, float32.
+
+  python -m benchmarks.step                                  # MAE vs torch, issue-9 config
+  python -m benchmarks.step --recipes mae,d2mae,usfm,simmim  # recipe overhead (no torch needed)
+  python -m benchmarks.step --dtype bfloat16 --batch 256 --variant b --decoder 512x8x16  # on a GPU
+  python -m benchmarks.step --profile /tmp/prof              # + per-op tables of both sides
+
+Threads: `--threads N` (default: all cores this process may use, `nproc`) pins the process to N
+cores before JAX and torch start, sets torch's intra-op threads to N, and lets XLA:CPU size its
+intra-op pool from the same affinity mask, so both sides get the same N cores.
+
+Pseudo-recipe `simmim`: USFM's model (all tokens, linear decoder, L1 + FFL) with no corruption,
+to separate USFM's model cost from its corruption cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = {"mae": "mae.py", "deblur": "deblur_mae.py", "denoise": "denoise_mae.py",
+                "d2mae": "d2mae.py", "usfm": "usfm.py", "simmim": "usfm.py"}
+TORCH = "torch-mae"
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--recipes", default="mae",
+                 help="comma list of mae,deblur,denoise,d2mae,usfm,simmim (default: mae)")
+  p.add_argument("--variant", default="s", help="encoder preset (mae_jax.models.vit.PRESETS); s = 384x12, 6 heads")
+  p.add_argument("--decoder", default="256x4x8", help="decoder WIDTHxDEPTHxHEADS (default 256x4x8)")
+  p.add_argument("--patch", type=int, default=0, help="patch size (0: the preset's)")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--image-size", type=int, default=224)
+  p.add_argument("--channels", type=int, default=3)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype (parameters stay float32); torch uses autocast for bfloat16")
+  p.add_argument("--config-args", default="", help="extra config words, e.g. 'range=0.1:1.6:0.1'")
+  p.add_argument("--steps", type=int, default=10, help="timed steps per side")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps per side after compilation")
+  p.add_argument("--threads", type=int, default=0, help="cores for both sides (0: all usable, nproc)")
+  p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+  p.add_argument("--torch-adamw", default="default", choices=("default", "foreach", "fused"),
+                 help="torch AdamW implementation (default: torch's choice, as the official MAE)")
+  p.add_argument("--no-donate", action="store_true",
+                 help="do not donate the train state to the step (the trainer donates it)")
+  p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before JAX starts")
+  p.add_argument("--matmul-precision", default="", help="jax_default_matmul_precision (e.g. highest)")
+  p.add_argument("--corruption", action="store_true",
+                 help="also time each recipe's corruption function alone (forward, jitted)")
+  p.add_argument("--profile", default="", help="directory for a jax.profiler trace and per-op tables")
+  p.add_argument("--profile-steps", type=int, default=3)
+  p.add_argument("--json", default="", help="write the results here")
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  args.recipes = [r for r in args.recipes.split(",") if r]
+  for r in args.recipes:
+    if r not in CONFIG_FILES:
+      raise SystemExit(f"--recipes: unknown recipe {r!r}; expected some of {sorted(CONFIG_FILES)}")
+  try:
+    args.dec_width, args.dec_depth, args.dec_heads = (int(v) for v in args.decoder.lower().split("x"))
+  except ValueError:
+    raise SystemExit(f"--decoder={args.decoder!r}: expected WIDTHxDEPTHxHEADS, e.g. 256x4x8") from None
+  return args
+
+
+def setup_threads(n: int) -> int:
+  """Pins this process to n of its usable cores (before JAX/torch create their pools)."""
+  usable = sorted(os.sched_getaffinity(0))
+  n = n or len(usable)
+  if n > len(usable):
+    raise SystemExit(f"--threads={n}: only {len(usable)} cores are usable")
+  os.sched_setaffinity(0, usable[:n])
+  for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(var, str(n))
+  return n
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+def load_config(recipe: str, args):
+  path = os.path.join(REPO, "configs", CONFIG_FILES[recipe])
+  spec = importlib.util.spec_from_file_location(f"_bench_cfg_{recipe}", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  words = ",".join(filter(None, [args.variant, args.config_args if recipe != "simmim" else ""]))
+  c = mod.get_config(words)
+  if recipe == "simmim":
+    c.recipe = "mae"  # no corruption; the model path stays 'simmim'
+  c.model.image_size = args.image_size
+  c.model.in_chans = args.channels
+  c.model.patch_size = args.patch
+  c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads = (
+      args.dec_width, args.dec_depth, args.dec_heads)
+  c.model.dtype = args.dtype
+  c.train.batch_size = args.batch
+  return c
+
+
+# ---------------------------------------------------------------------------------------- memory
+
+
+class RssPeak:
+  """Peak resident set size while active, sampled every few ms (CPU peak memory of one side)."""
+
+  def __init__(self, interval: float = 0.005):
+    self.interval, self.peak, self._stop = interval, 0, None
+
+  @staticmethod
+  def rss() -> int:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+  def __enter__(self):
+    self.base = self.peak = self.rss()
+    self._stop = threading.Event()
+    self._t = threading.Thread(target=self._run, daemon=True)
+    self._t.start()
+    return self
+
+  def _run(self):
+    while not self._stop.wait(self.interval):
+      self.peak = max(self.peak, self.rss())
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._t.join()
+    self.peak = max(self.peak, self.rss())
+
+  @property
+  def delta(self) -> int:
+    return self.peak - self.base
+
+
+# ------------------------------------------------------------------------------------------ sides
+
+
+class JaxSide:
+  """One recipe's jitted train step, compiled ahead of the timing."""
+
+  def __init__(self, recipe: str, args, images_u8):
+    import jax
+    import jax.numpy as jnp
+    from mae_jax import models
+    from mae_jax.train import core, pretrain
+
+    self.name, self.batch = recipe, args.batch
+    self.config = config = load_config(recipe, args)
+    t = config.train
+    model = models.build_pretrain_model(config.model, seed=args.seed)
+    graphdef, params, rest = core.split_model(model)
+    self.num_params = sum(int(x.size) for x in jax.tree.leaves(params))
+    schedule = core.warmup_cosine(t.base_lr * args.batch / 256, 10, 1000, t.min_lr)
+    tx = core.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
+    step = pretrain.make_train_step(config, graphdef, tx, schedule, MEAN, STD)
+    state = core.init_state(params, tx, args.seed)
+    self.batch_dev = {"image": jax.device_put(jnp.asarray(images_u8))}
+    self.rest = rest
+    # The trainer donates the state (pretrain.train); --no-donate measures that lever.
+    jitted = jax.jit(step, donate_argnums=() if getattr(args, "no_donate", False) else (0,))
+    t0 = time.perf_counter()
+    self.compiled = jitted.lower(state, rest, self.batch_dev).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.state = state
+    self.memory = _memory_analysis(self.compiled)
+
+  def step(self):
+    import jax
+    self.state, metrics = self.compiled(self.state, self.rest, self.batch_dev)
+    jax.block_until_ready((self.state, metrics))
+    return metrics
+
+  def loss(self) -> float:
+    return float(self.step()["loss"])
+
+
+def _memory_analysis(compiled) -> dict:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # not every backend implements it
+    return {}
+  if m is None:
+    return {}
+  keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+          "alias_size_in_bytes", "generated_code_size_in_bytes")
+  return {k: int(getattr(m, k)) for k in keys if hasattr(m, k)}
+
+
+class TorchSide:
+  """transformers' ViTMAEForPreTraining + torch AdamW: the official MAE's training step."""
+
+  def __init__(self, args, images_u8, config):
+    import torch
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    self.name, self.batch = TORCH, args.batch
+    from mae_jax.models import vit
+    width, depth, heads, patch = vit.PRESETS[args.variant]
+    m = config.model
+    torch.manual_seed(args.seed)
+    self.device = torch.device("cuda" if torch.cuda.is_available() and _jax_platform() == "gpu" else "cpu")
+    cfg = ViTMAEConfig(
+        hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
+        intermediate_size=4 * width, image_size=args.image_size, patch_size=args.patch or patch,
+        num_channels=args.channels, qkv_bias=True, layer_norm_eps=1e-6, hidden_act="gelu",
+        decoder_hidden_size=args.dec_width, decoder_num_hidden_layers=args.dec_depth,
+        decoder_num_attention_heads=args.dec_heads, decoder_intermediate_size=4 * args.dec_width,
+        mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)
+    self.model = ViTMAEForPreTraining(cfg).to(self.device).train()
+    self.attn_implementation = self.model.config._attn_implementation
+    decay = [p for n, p in self.model.named_parameters() if p.ndim > 1 and p.requires_grad]
+    no_decay = [p for n, p in self.model.named_parameters() if p.ndim <= 1 and p.requires_grad]
+    kw = {"foreach": True} if args.torch_adamw == "foreach" else (
+        {"fused": True} if args.torch_adamw == "fused" else {})
+    t = config.train
+    self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}],
+                                 lr=t.base_lr * args.batch / 256, betas=(t.b1, t.b2), **kw)
+    self.num_params = sum(p.numel() for p in decay + no_decay)
+    # NHWC -> NCHW once, outside the timing: each framework gets its native layout.
+    self.images = torch.from_numpy(images_u8.transpose(0, 3, 1, 2).copy()).to(self.device)
+    self.autocast = args.dtype == "bfloat16"
+    self.compile_s = 0.0
+    self.memory = {}
+    self._torch = torch
+
+  def step(self):
+    torch = self._torch
+    x = (self.images.float() / 255.0 - MEAN) / STD
+    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+      loss = self.model(pixel_values=x).loss
+    loss.backward()
+    self.opt.step()
+    self.opt.zero_grad(set_to_none=True)
+    if self.device.type == "cuda":
+      torch.cuda.synchronize()
+    return loss
+
+  def loss(self) -> float:
+    return float(self.step())
+
+
+MEAN, STD = 0.5, 0.25  # any fixed dataset statistics: normalisation costs the same
+
+
+def _jax_platform() -> str:
+  import jax
+  return jax.default_backend()
+
+
+# ----------------------------------------------------------------------------------------- timing
+
+
+def time_sides(sides, steps: int) -> dict[str, list[float]]:
+  """Round-robin, one step per turn, the order reversed every round (A B B A A B ...)."""
+  times = {s.name: [] for s in sides}
+  cpu = {s.name: [] for s in sides}
+  for r in range(steps):
+    for s in (sides if r % 2 == 0 else sides[::-1]):
+      c0, t0 = time.process_time(), time.perf_counter()
+      s.step()
+      times[s.name].append(time.perf_counter() - t0)
+      cpu[s.name].append(time.process_time() - c0)
+  return times, cpu
+
+
+def warm_up(side, steps: int, on_gpu: bool) -> dict:
+  """Untimed steps; measures the peak memory of the side while it runs."""
+  mem = {}
+  if on_gpu:
+    import jax
+    if side.name == TORCH:
+      side._torch.cuda.reset_peak_memory_stats()
+  with RssPeak() as rss:
+    t0 = time.perf_counter()
+    side.step()
+    first = time.perf_counter() - t0
+    for _ in range(max(steps - 1, 0)):
+      side.step()
+  mem["host_rss_peak_delta_bytes"] = rss.delta
+  if on_gpu:
+    if side.name == TORCH:
+      mem["device_peak_bytes"] = int(side._torch.cuda.max_memory_allocated())
+    else:
+      stats = jax.devices()[0].memory_stats() or {}
+      mem["device_peak_bytes_process"] = int(stats.get("peak_bytes_in_use", 0))
+  if side.name == TORCH:
+    side.compile_s = first  # eager: the first step pays allocator and kernel-selection warm-up
+  return mem
+
+
+def time_corruption(config, images_u8, steps: int) -> float:
+  """Median seconds of the recipe's corruption alone (uint8 -> float, corrupt), jitted, forward."""
+  import jax
+  import jax.numpy as jnp
+  from mae_jax import recipes
+
+  @jax.jit
+  def fn(key, images):
+    x01 = images.astype(jnp.float32) / 255.0
+    out, kwargs = recipes.corrupt(config, key, x01)
+    return out, kwargs
+
+  images = jax.device_put(jnp.asarray(images_u8))
+  key = jax.random.key(0)
+  jax.block_until_ready(fn(key, images))
+  ts = []
+  for i in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(jax.random.fold_in(key, i), images))
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts)
+
+
+# ---------------------------------------------------------------------------------------- profile
+
+
+def profile_sides(sides, directory: str, steps: int) -> dict:
+  """jax.profiler trace of each JAX side (per-op and per-category tables from it, joined with the
+  compiled HLO) and a torch.profiler table of the peer, all in ms per step."""
+  import jax
+  out = {}
+  os.makedirs(directory, exist_ok=True)
+  for s in sides:
+    if s.name == TORCH:
+      import torch.profiler as tp
+      with tp.profile(activities=[tp.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+          s.step()
+      table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+      path = os.path.join(directory, "torch_ops.txt")
+      with open(path, "w") as f:
+        f.write(table)
+      out[s.name] = {"table": path, "ops": _torch_op_rows(prof, steps)}
+    else:
+      d = os.path.join(directory, f"jax_{s.name}")
+      with jax.profiler.trace(d, create_perfetto_trace=True):
+        for _ in range(steps):
+          s.step()
+      hlo = s.compiled.as_text()
+      with open(os.path.join(directory, f"jax_{s.name}_hlo.txt"), "w") as f:
+        f.write(hlo)
+      per_instance = {k: v / steps for k, v in trace_op_ms(d).items()}
+      rows, cats = jax_op_rows(per_instance, hlo)
+      path = os.path.join(directory, f"jax_{s.name}_ops.txt")
+      with open(path, "w") as f:
+        f.write(format_rows(rows, 200) + "\n\n" + format_categories(cats))
+      out[s.name] = {"table": path, "ops": rows[:60], "categories": cats}
+  return out
+
+
+def _torch_op_rows(prof, steps: int) -> list[dict]:
+  rows = []
+  for e in prof.key_averages():
+    rows.append({"op": e.key, "ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+                 "count_per_step": e.count / steps})
+  rows.sort(key=lambda r: -r["ms_per_step"])
+  total = sum(r["ms_per_step"] for r in rows)
+  for r in rows:
+    r["share"] = r["ms_per_step"] / total if total else 0.0
+  return rows[:60]
+
+
+def trace_op_ms(trace_dir: str) -> dict[str, float]:
+  """Total ms of each event name in the perfetto trace (XLA:CPU emits one event per HLO op)."""
+  import glob
+  import gzip
+  paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+  if not paths:
+    return {}
+  with gzip.open(max(paths, key=os.path.getmtime)) as f:
+    trace = json.load(f)
+  agg = {}
+  for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
+    if e.get("ph") == "X" and "dur" in e:
+      agg[e["name"]] = agg.get(e["name"], 0.0) + e["dur"] / 1e3
+  return agg
+
+
+def hlo_ops(hlo_text: str) -> dict[str, str]:
+  """Instruction name -> its op_name metadata, for the entry computation of a compiled module."""
+  import re
+  entry = hlo_text[hlo_text.find("\nENTRY"):]
+  ops = {}
+  for line in entry.splitlines():
+    m = re.match(r"\s+(?:ROOT )?%(\S+) = ", line)
+    if m:
+      meta = re.search(r'op_name="([^"]*)"', line)
+      ops[m.group(1)] = meta.group(1) if meta else ""
+  return ops
+
+
+def op_category(name: str, op_name: str) -> tuple[str, str]:
+  """(what, phase) of one HLO op. phase: forward / backward (transpose of the forward) / update
+  (everything outside the gradient: optimizer, finite check). what: attention or MLP (from the
+  model's named scopes) or other, split into matmul and the rest."""
+  phase = "backward" if "transpose(" in op_name else ("forward" if "jvp(" in op_name else "update")
+  last = op_name.rsplit("/", 1)[-1]
+  matmul = name.startswith("dot") or "dot_general" in last or "->" in last
+  scope = "attention" if "attn" in op_name else ("mlp" if "mlp" in op_name else "other")
+  if phase == "update":
+    return "optimizer + finite check", phase
+  return f"{scope} {'matmul' if matmul else 'non-matmul'}", phase
+
+
+def jax_op_rows(per_instance: dict[str, float], hlo_text: str):
+  """Per op kind (HLO name without its numeric suffix) and per category, ms per step. Only events
+  that are HLO ops count; time is summed over threads (ops can run on both cores at once)."""
+  import re
+  ops = hlo_ops(hlo_text)
+  agg, cats = {}, {}
+  for name, ms in per_instance.items():
+    if name not in ops:
+      continue
+    key = re.sub(r"(\.\d+)+$", "", name)
+    a = agg.setdefault(key, [0.0, 0])
+    a[0] += ms
+    a[1] += 1
+    what, phase = op_category(name, ops[name])
+    c = cats.setdefault(what, {"forward": 0.0, "backward": 0.0, "update": 0.0})
+    c[phase] += ms
+  rows = [{"op": k, "ms_per_step": v[0], "count_per_step": v[1]} for k, v in agg.items()]
+  rows.sort(key=lambda r: -r["ms_per_step"])
+  total = sum(r["ms_per_step"] for r in rows)
+  for r in rows:
+    r["share"] = r["ms_per_step"] / total if total else 0.0
+  return rows, dict(sorted(cats.items(), key=lambda kv: -sum(kv[1].values())))
+
+
+def format_categories(cats: dict) -> str:
+  total = sum(sum(c.values()) for c in cats.values()) or 1.0
+  lines = [f"{'category':28s} {'forward':>9s} {'backward':>9s} {'update':>9s} {'total':>9s} {'share':>7s}"]
+  for what, c in cats.items():
+    t = sum(c.values())
+    lines.append(f"{what:28s} {c['forward']:9.1f} {c['backward']:9.1f} {c['update']:9.1f} {t:9.1f} "
+                 f"{100 * t / total:6.1f}%")
+  lines.append(f"{'all ops (ms/step, summed over threads)':44s}{'':16s}{total:9.1f}")
+  return "\n".join(lines)
+
+
+def format_rows(rows, limit: int = 60) -> str:
+  lines = [f"{'op':60s} {'ms/step':>10s} {'share':>7s} {'calls/step':>10s}"]
+  for r in rows[:limit]:
+    lines.append(f"{r['op'][:60]:60s} {r['ms_per_step']:10.2f} {100 * r['share']:6.1f}% "
+                 f"{r['count_per_step']:10.1f}")
+  return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def environment(threads: int) -> dict:
+  import jax
+  env = {"python": platform.python_version(), "jax": jax.__version__, "platform": _jax_platform(),
+         "device": jax.devices()[0].device_kind, "threads": threads, "nproc": os.cpu_count(),
+         "load_avg": os.getloadavg(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+         "cpu": _cpu_name()}
+  try:
+    import torch
+    import transformers
+    env.update(torch=torch.__version__, transformers=transformers.__version__,
+               torch_threads=torch.get_num_threads(), mkldnn=torch.backends.mkldnn.is_available())
+  except ImportError:
+    pass
+  return env
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  threads = setup_threads(args.threads)
+  if args.xla_flags:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+  import jax
+  import numpy as np
+  if args.matmul_precision:
+    jax.config.update("jax_default_matmul_precision", args.matmul_precision)
+  from benchmarks import flops as flops_lib
+  if not args.no_torch:
+    import torch
+    torch.set_num_threads(threads)
+
+  on_gpu = _jax_platform() == "gpu"
+  rng = np.random.default_rng(args.seed)
+  images = rng.integers(0, 256, size=(args.batch, args.image_size, args.image_size, args.channels),
+                        dtype=np.uint8)
+  env = environment(threads)
+  print(f"# {env['cpu']} | {env['device']} ({env['platform']}) | threads {threads}/{env['nproc']} "
+        f"| load avg {env['load_avg'][0]:.2f} {env['load_avg'][1]:.2f} {env['load_avg'][2]:.2f}")
+  print(f"# jax {env['jax']} torch {env.get('torch', '-')} transformers {env.get('transformers', '-')} "
+        f"| XLA_FLAGS={env['XLA_FLAGS']!r}", flush=True)
+
+  sides, results = [], {}
+  for r in args.recipes:
+    s = JaxSide(r, args, images)
+    sides.append(s)
+    results[r] = {"compile_s": s.compile_s, "params": s.num_params, "xla_memory": s.memory,
+                  "train_gflop_per_image": flops_lib.train_flops_per_image(s.config.model) / 1e9}
+    print(f"# compiled {r}: {s.compile_s:.1f}s, {s.num_params / 1e6:.2f}M params", flush=True)
+  if not args.no_torch:
+    s = TorchSide(args, images, load_config("mae", args))
+    sides.append(s)
+    results[TORCH] = {"params": s.num_params, "attn": s.attn_implementation,
+                      "adamw": args.torch_adamw}
+
+  for s in sides:
+    results[s.name]["memory"] = warm_up(s, args.warmup, on_gpu)
+    if s.name == TORCH:
+      results[s.name]["compile_s"] = s.compile_s
+  times, cpu = time_sides(sides, args.steps)
+  for s in sides:
+    ts = times[s.name]
+    med = statistics.median(ts)
+    results[s.name].update(step_s_median=med, step_s_min=min(ts), step_s_max=max(ts),
+                           images_per_s=args.batch / med, steps=len(ts), step_s_all=ts,
+                           cpu_s_median=statistics.median(cpu[s.name]))
+    if s.name != TORCH and on_gpu:
+      peak = flops_lib.peak_flops(env["device"])
+      if peak:
+        results[s.name]["mfu"] = flops_lib.mfu(args.batch / med, results[s.name]["train_gflop_per_image"] * 1e9, peak)
+  if args.corruption:
+    for s in sides:
+      if s.name != TORCH:
+        results[s.name]["corruption_s"] = time_corruption(s.config, images, args.steps)
+
+  profile = profile_sides(sides, args.profile, args.profile_steps) if args.profile else {}
+  env["load_avg_end"] = os.getloadavg()
+  _print_table(args, results, sides, profile)
+  out = {"args": {k: v for k, v in vars(args).items()}, "env": env, "results": results,
+         "profile": profile}
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=2, default=str)
+  return out
+
+
+def _print_table(args, results, sides, profile):
+  print(f"\nbatch {args.batch}, {args.image_size}x{args.image_size}x{args.channels}, {args.dtype}, "
+        f"encoder {args.variant}, decoder {args.decoder}; {args.steps} timed steps per side, "
+        f"medians")
+  hdr = (f"{'side':12s} {'step ms':>9s} {'cpu ms':>9s} {'img/s':>8s} {'compile s':>9s} "
+         f"{'peak RSS +MB':>12s}")
+  mae_s = results.get("mae", {}).get("step_s_median")
+  torch_s = results.get(TORCH, {}).get("step_s_median")
+  hdr += f" {'vs torch':>9s} {'vs mae':>7s} {'GFLOP/img':>9s} {'MFU':>6s} {'corrupt ms':>10s}"
+  print(hdr)
+  for s in sides:
+    r = results[s.name]
+    mem = r.get("memory", {}).get("host_rss_peak_delta_bytes", 0) / 2**20
+    line = (f"{s.name:12s} {1e3 * r['step_s_median']:9.1f} {1e3 * r['cpu_s_median']:9.1f} "
+            f"{r['images_per_s']:8.2f} "
+            f"{r.get('compile_s', 0):9.1f} {mem:12.0f}")
+    vs_t = f"{torch_s / r['step_s_median']:.3f}x" if torch_s and s.name != TORCH else "-"
+    vs_m = f"{r['step_s_median'] / mae_s:.3f}" if mae_s and s.name != TORCH else "-"
+    gf = f"{r['train_gflop_per_image']:.2f}" if "train_gflop_per_image" in r else "-"
+    mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+    cor = f"{1e3 * r['corruption_s']:.1f}" if "corruption_s" in r else "-"
+    print(line + f" {vs_t:>9s} {vs_m:>7s} {gf:>9s} {mfu:>6s} {cor:>10s}")
+  if torch_s and "mae" in results:
+    print(f"\nratio (JAX mae img/s / torch img/s) = {torch_s / results['mae']['step_s_median']:.3f}")
+  for name, p in profile.items():
+    print(f"\n## per-op profile: {name} ({p['table']})")
+    print(format_rows(p["ops"], 25))
+    if "categories" in p:
+      print()
+      print(format_categories(p["categories"]))
+
+
+if __name__ == "__main__":
+  main()

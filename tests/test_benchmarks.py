@@ -1,0 +1,107 @@
+"""The benchmarks do not rot: the FLOP formula against its closed form and against the matmuls the
+model really traces, and both CLIs on a micro configuration (no timing is checked)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from benchmarks import flops
+from mae_jax.models import mae as mae_lib
+from mae_jax.models import vit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_vit_b_mae_closed_form():
+  # ViT-B/16 at 224 px, RGB, decoder 512 x 8: L = 196, K = 49, P = 768.
+  f = flops.mae_forward_flops(image_size=224, patch_size=16, in_chans=3, width=768, depth=12,
+                              decoder_width=512, decoder_depth=8, mask_ratio=0.75)
+  enc_block = 24 * 50 * 768**2 + 4 * 50**2 * 768
+  dec_block = 24 * 197 * 512**2 + 4 * 197**2 * 512
+  closed = (2 * 196 * 768 * 768 + 12 * enc_block + 2 * 50 * 768 * 512 + 8 * dec_block
+            + 2 * 197 * 512 * 768)
+  assert f == closed
+  assert 3 * f / 1e9 == pytest.approx(58.7, abs=0.05)
+  # The physical limit of issue 9: one H100 at 989 TFLOP/s dense bf16.
+  assert flops.PEAK_FLOPS["H100"] / (3 * f) == pytest.approx(16_900, rel=0.01)
+  assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert flops.peak_flops("cpu") is None
+
+
+def _dot_flops(jaxpr) -> float:
+  """2·(batch)·M·N·K summed over every dot_general of a (closed) jaxpr, sub-jaxprs included."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (lc, _), (lb, _) = eqn.params["dimension_numbers"]
+      lhs, rhs = (v.aval.shape for v in eqn.invars)
+      out = eqn.outvars[0].aval.shape
+      total += 2.0 * np.prod(out) * np.prod([lhs[d] for d in lc])
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (list, tuple)) else [p]):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          total += _dot_flops(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          total += _dot_flops(sub)
+  return total
+
+
+@pytest.mark.parametrize("blur_embed", ["none", "token"])
+def test_formula_counts_the_traced_matmuls(blur_embed):
+  spec = vit.ViTSpec(image_size=32, patch_size=8, in_chans=3, width=32, depth=2, num_heads=2)
+  model = mae_lib.MAE(spec, decoder_width=16, decoder_depth=1, decoder_heads=2, mask_ratio=0.75,
+                      blur_embed=blur_embed, rngs=nnx.Rngs(0))
+  images = jnp.zeros((2, 32, 32, 3))
+  kw = {"blur_t": jnp.ones((2,), jnp.int32)} if blur_embed == "token" else {}
+  jaxpr = jax.make_jaxpr(lambda x: model(x, key=jax.random.key(0), **kw)[0])(images)
+  prefix = 2 if blur_embed == "token" else 1
+  f = flops.mae_forward_flops(image_size=32, patch_size=8, in_chans=3, width=32, depth=2,
+                              decoder_width=16, decoder_depth=1, mask_ratio=0.75, num_prefix=prefix)
+  # The formula counts the official model, which embeds all L patches; ours embeds the K kept ones.
+  saved = 2.0 * (16 - 4) * (8 * 8 * 3) * 32
+  assert _dot_flops(jaxpr.jaxpr) / 2 == f - saved  # / 2: a batch of two images
+
+
+def test_simmim_formula_counts_the_traced_matmuls():
+  spec = vit.ViTSpec(image_size=32, patch_size=8, in_chans=1, width=32, depth=2, num_heads=2)
+  model = mae_lib.SimMIM(spec, rngs=nnx.Rngs(0))
+  jaxpr = jax.make_jaxpr(lambda x: model(x)[0])(jnp.zeros((1, 32, 32, 1)))
+  f = flops.simmim_forward_flops(image_size=32, patch_size=8, in_chans=1, width=32, depth=2)
+  assert _dot_flops(jaxpr.jaxpr) == f
+
+
+def _run(args, tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  return out.stdout
+
+
+def test_step_cli_micro(tmp_path):
+  path = tmp_path / "step.json"
+  stdout = _run(["benchmarks.step", "--variant", "micro", "--decoder", "16x1x2", "--image-size", "32",
+                 "--patch", "8", "--batch", "4", "--steps", "2", "--warmup", "1",
+                 "--recipes", "mae,usfm", "--corruption", "--json", str(path)], tmp_path)
+  assert "ratio (JAX mae img/s / torch img/s)" in stdout
+  res = json.loads(path.read_text())["results"]
+  assert set(res) == {"mae", "usfm", "torch-mae"}
+  for name, r in res.items():
+    assert r["images_per_s"] > 0 and r["steps"] == 2, name
+  assert res["mae"]["params"] == res["torch-mae"]["params"]  # the same model on both sides
+  assert res["usfm"]["corruption_s"] > 0
+
+
+def test_input_pipeline_cli_micro(tmp_path):
+  path = tmp_path / "pipe.json"
+  _run(["benchmarks.input_pipeline", "--config-args", "smoke", "--image-size", "32", "--batch", "8",
+        "--batches", "2", "--warmup", "1", "--json", str(path)], tmp_path)
+  res = json.loads(path.read_text())
+  assert res["images_per_s"] > 0 and res["images_per_s_per_core"] > 0
