@@ -5,7 +5,7 @@ Runs `mae_jax.data.pipeline.train_iterator` over `mae_jax.data.sources.open_sour
 first use), pulls batches as fast as it can and reports throughput, with no model step behind it.
 
   python -m benchmarks.input_pipeline                         # threads = nproc, 224 px, 1 channel
-  python -m benchmarks.input_pipeline --threads 1             # one core: the per-core rate
+  python -m benchmarks.input_pipeline --threads 1             # one reader thread
   python -m benchmarks.input_pipeline --step-json /tmp/step.json   # + ratio to a measured step
 
 Per core = images per CPU-second of the whole process (reader threads, batching and main thread),

@@ -12,7 +12,7 @@ JAX images/s ÷ torch images/s. Defaults are issue 9's configuration: encoder Vi
 6 heads, patch 16), decoder 256 × 4 (8 heads), batch 32, 224 × 224 × 3, float32.
 
   python -m benchmarks.step                                  # MAE vs torch, issue-9 config
-  python -m benchmarks.step --recipes mae,d2mae,usfm,simmim  # recipe overhead (no torch needed)
+  python -m benchmarks.step --recipes mae,d2mae,usfm,simmim --no-torch --corruption  # recipes
   python -m benchmarks.step --dtype bfloat16 --batch 256 --variant b --decoder 512x8x16  # on a GPU
   python -m benchmarks.step --profile /tmp/prof              # + per-op tables of both sides
 
@@ -31,9 +31,7 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import statistics
-import sys
 import threading
 import time
 
@@ -572,7 +570,7 @@ def _print_table(args, results, sides, profile):
         f"encoder {args.variant}, decoder {args.decoder}; {args.steps} timed steps per side, "
         f"medians")
   hdr = (f"{'side':12s} {'step ms':>9s} {'cpu ms':>9s} {'img/s':>8s} {'compile s':>9s} "
-         f"{'peak RSS +MB':>12s}")
+         f"{'peak RSS +MB':>12s} {'XLA temp MB':>11s}")
   mae_s = results.get("mae", {}).get("step_s_median")
   torch_s = results.get(TORCH, {}).get("step_s_median")
   hdr += f" {'vs torch':>9s} {'vs mae':>7s} {'GFLOP/img':>9s} {'MFU':>6s} {'corrupt ms':>10s}"
@@ -580,9 +578,11 @@ def _print_table(args, results, sides, profile):
   for s in sides:
     r = results[s.name]
     mem = r.get("memory", {}).get("host_rss_peak_delta_bytes", 0) / 2**20
+    temp = r.get("xla_memory", {}).get("temp_size_in_bytes")
+    temp = f"{temp / 2**20:.0f}" if temp is not None else "-"
     line = (f"{s.name:12s} {1e3 * r['step_s_median']:9.1f} {1e3 * r['cpu_s_median']:9.1f} "
             f"{r['images_per_s']:8.2f} "
-            f"{r.get('compile_s', 0):9.1f} {mem:12.0f}")
+            f"{r.get('compile_s', 0):9.1f} {mem:12.0f} {temp:>11s}")
     vs_t = f"{torch_s / r['step_s_median']:.3f}x" if torch_s and s.name != TORCH else "-"
     vs_m = f"{r['step_s_median'] / mae_s:.3f}" if mae_s and s.name != TORCH else "-"
     gf = f"{r['train_gflop_per_image']:.2f}" if "train_gflop_per_image" in r else "-"

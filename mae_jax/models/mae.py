@@ -77,8 +77,8 @@ class MAE(nnx.Module):
     n = images.shape[0]
     if self.blur_embed != "none" and blur_t is None:
       raise ValueError("this model has a blurriness embedding: pass blur_t (the blur level index t)")
-    # Masking before the (per-token) embedding: the same kept tokens as embedding all and dropping
-    # 3/4 of them, as the official code does, for a quarter of the patch-embedding work.
+    # Masking before the (per-token) embedding: the same kept tokens as embedding all of them and
+    # dropping the rest, as the official code does, for a (1 - mask_ratio) share of the work.
     ids_keep, mask, ids_restore = masking.keep_indices(noise, mask_ratio)
     x = self.encoder.embed_kept(images, ids_keep)
     mask = mask.astype(x.dtype)

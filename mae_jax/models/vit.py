@@ -66,9 +66,9 @@ def gelu_exact(x):
   """Exact GELU, x·Φ(x) = x/2·(1 + erf(x/√2)), as torch's nn.GELU computes it (float32 inside).
 
   Flax's default gelu is the tanh approximation; `jax.nn.gelu(approximate=False)` is exact but goes
-  through erfc, whose XLA:CPU expansion costs several times erf's. The backward,
-  dy·(Φ(x) + x·φ(x)), recomputes Φ from x in the same pass instead of saving it, so the forward is
-  one pass over the MLP's hidden activations and the backward another.
+  through erfc, whose XLA:CPU expansion is ~6x slower than erf's (forward on a 6304 x 1024
+  activation). The backward, dy·(Φ(x) + x·φ(x)), recomputes Φ from x in the same pass instead of
+  saving it, so nothing but x is kept for it.
   """
   return _gelu_fwd(x)[0]
 
@@ -148,9 +148,10 @@ def layer_norm(x, scale, bias, eps: float):
   """LayerNorm over the last axis, (x − mean)/sqrt(var + eps)·scale + bias, statistics in float32.
 
   The backward is written out so that XLA:CPU runs it as a few elementwise passes, two matrix-vector
-  products (the row sums that involve `scale`) and column sums: autodiff of the textbook form puts
-  the row sums into library fusions that take `scale` as a materialised (tokens × width) broadcast,
-  which made LayerNorm ~10% of a ViT-S MAE step on CPU. Only x's row mean and 1/std are saved.
+  products (the row sums that involve `scale`) and column sums: autodiff of flax's LayerNorm puts
+  the row sums into library (YNNPACK) fusions that take `scale` as a materialised tokens × width
+  broadcast, one per LayerNorm and step (~4% of a ViT-S MAE step on CPU, docs/benchmarks.md).
+  Only x's row mean and 1/std are saved (x itself is the residual stream, alive anyway).
   """
   return _layer_norm_fwd(x, scale, bias, eps)[0]
 
@@ -230,9 +231,10 @@ def attention(qkv):
   """Multi-head softmax(q·kᵀ/√hd)·v of a fused projection qkv (B, T, 3, H, hd) -> (B, T, H, hd).
 
   On GPU: `jax.nn.dot_product_attention` (cuDNN's fused flash attention for 16-bit inputs).
-  Elsewhere an explicit form that XLA:CPU runs faster (forward + backward of a ViT-S MAE decoder
-  block, qkv and output projections included: 0.75x the time, docs/benchmarks.md) than the XLA path
-  of `jax.nn.dot_product_attention`: q, k, v each copied once to head-major (B, H, T, hd), the
+  Elsewhere an explicit form that XLA:CPU runs faster than the XLA path of
+  `jax.nn.dot_product_attention` (~0.8x the time for forward + backward of a ViT-S MAE decoder
+  attention with its projections on one core; the whole issue-9 step is ~9% slower with the
+  latter, docs/benchmarks.md): q, k, v each copied once to head-major (B, H, T, hd), the
   1/√hd scale folded into that copy of q (T·hd values, not T·T), and the softmax normalisation
   applied to the (T, hd) output instead of the (T, T) probabilities. The logits, softmax and its
   sums are float32 for any compute dtype.
