@@ -139,19 +139,37 @@ def step_key(state: TrainState, salt: int = 0):
   return jax.random.fold_in(jax.random.fold_in(key, state.step), salt)
 
 
-def apply_if_finite(state: TrainState, grads, loss, tx, max_norm_inf: float = jnp.inf):
+def apply_if_finite(state: TrainState, grads, loss, tx, *, branch: bool | None = None):
   """One optimizer update, skipped (params and moments unchanged) when the loss or gradient is not
-  finite: a single bad batch must not poison a week-long run."""
+  finite: a single bad batch must not poison a week-long run.
+
+  `branch` picks how the skip is expressed. On CPU a `lax.cond` around the update is ~3x faster
+  than selecting every leaf with `where(ok, new, old)`: the selects read the old moments after the
+  donated buffers are overwritten, so XLA:CPU inserts a copy of every moment (the optimizer went
+  from ~105 to ~38 ms per step for 25 M parameters, benchmarks/step.py). On GPU a conditional reads
+  its predicate back to the host, a sync per step, so accelerators keep the selects (they cost a
+  few extra passes over memory there). None = by backend."""
   grad_norm = optax.global_norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
-  updates, new_opt = tx.update(safe_grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+  if branch is None:
+    branch = jax.default_backend() == "cpu"
+
+  def update(params, opt_state, grads):
+    updates, new_opt = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_opt
+
+  if branch:
+    params, opt_state = jax.lax.cond(
+        ok, lambda p, o: update(p, o, grads), lambda p, o: (p, o), state.params, state.opt_state)
+  else:
+    safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
+    new_params, new_opt = update(state.params, state.opt_state, safe_grads)
+    pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    params, opt_state = pick(new_params, state.params), pick(new_opt, state.opt_state)
   new_state = TrainState(
       step=state.step + 1,
-      params=pick(new_params, state.params),
-      opt_state=pick(new_opt, state.opt_state),
+      params=params,
+      opt_state=opt_state,
       rng=state.rng,
       bad_steps=jnp.where(ok, 0, state.bad_steps + 1),
       skipped=state.skipped + (~ok).astype(jnp.int32),
