@@ -6,6 +6,8 @@ kernel, a matrix over patches flattened as (row, col, channel), becomes the conv
   python -m mae_jax.export --workdir=DIR [--step=N] --format={timm,mae-finetune,mae-full} \
       --out=PATH [--in-chans=3] [--overwrite]
 
+DIR is a pretraining workdir (the encoder) or a fine-tuning / linear-probe workdir (the classifier:
+its encoder comes from the pretraining workdir the run names in `init_from`, its head from the run).
 `export_model` does the same on an in-memory model. File layout and recipe extras: docs/export.md.
 """
 
@@ -17,6 +19,8 @@ import math
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 from flax import nnx
@@ -96,17 +100,38 @@ def mae_state_dict(model, *, in_chans_out: int | None = None) -> dict[str, np.nd
   return sd
 
 
-def classifier_state_dict(clf, *, in_chans_out: int | None = None) -> dict[str, np.ndarray]:
-  """A fine-tuned classifier (`.encoder`, `.fc_norm`, `.head`) in timm keys for global_pool='avg'.
+def _batchnorm(prefix: str, bn, num_batches_tracked: int) -> dict[str, np.ndarray]:
+  if getattr(bn, "scale", None) is not None or getattr(bn, "bias", None) is not None:
+    raise ValueError("the linear-probe BatchNorm has affine parameters; MAE's probe head "
+                     "(BatchNorm1d(affine=False) + Linear) has none, so it cannot be written as one")
+  # torch's strict load wants the counter too; with momentum set it never enters the arithmetic.
+  return {f"{prefix}.running_mean": _np(bn.mean).copy(), f"{prefix}.running_var": _np(bn.var).copy(),
+          f"{prefix}.num_batches_tracked": np.asarray(num_batches_tracked, np.int64)}
 
-  timm with global_pool='avg' replaces the final `norm` by `fc_norm` after pooling, so `norm.*` is
-  left out (a strict load would reject it) and `fc_norm.*`, `head.*` are added.
+
+def classifier_state_dict(clf, *, in_chans_out: int | None = None,
+                          num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
+  """A classifier (`.encoder`, `.head`, pooled as `global_pool` says) in timm's keys.
+
+  global_pool='avg': timm drops the final `norm` and normalises the pooled patch tokens with
+  `fc_norm`, so `norm.*` is left out (a strict load would reject it) and `fc_norm.*` is added.
+  global_pool='token': `norm.*` stays and there is no `fc_norm`. A linear probe's head is MAE's
+  `main_linprobe.py` Sequential(BatchNorm1d(affine=False), Linear): keys `head.0.running_mean`,
+  `head.0.running_var`, `head.0.num_batches_tracked`, `head.1.weight`, `head.1.bias`.
   """
+  kind = _model_kind(clf)
+  if kind not in HEAD_KINDS:
+    raise ValueError(f"classifier_state_dict needs a classifier or a linear probe, not a {kind}")
   sd = encoder_state_dict(clf.encoder, in_chans_out=in_chans_out)
-  for k in ("norm.weight", "norm.bias"):
-    sd.pop(k)
-  sd.update(_norm("fc_norm", clf.fc_norm))
-  sd.update(_linear("head", clf.head))
+  if global_pool_of(clf) == "avg":
+    for k in ("norm.weight", "norm.bias"):
+      sd.pop(k)
+    sd.update(_norm("fc_norm", clf.fc_norm))
+  if kind == "linear_probe":
+    sd.update(_batchnorm("head.0", clf.bn, num_batches_tracked))
+    sd.update(_linear("head.1", clf.head))
+  else:
+    sd.update(_linear("head", clf.head))
   return sd
 
 
@@ -127,20 +152,56 @@ _TIMM_NAMES = {
 _TIMM_GENERIC = "vit_base_patch16_224"
 
 
+HEAD_KINDS = ("classifier", "linear_probe")
+
+
 def _model_kind(model) -> str:
   if isinstance(model, vit.Encoder):
     return "encoder"
   if hasattr(model, "head"):
-    if not (hasattr(model, "encoder") and hasattr(model, "fc_norm")):
-      raise ValueError("a classifier export needs `.encoder`, `.fc_norm` and `.head` (MAE's "
-                       "global-average-pool fine-tuning head); this model has a head but not those")
-    return "classifier"
+    if not hasattr(model, "encoder"):
+      raise ValueError("a classifier export needs `.encoder` and `.head`; this model has a head but "
+                       "no encoder")
+    global_pool_of(model)  # raises on a pooling timm cannot reproduce
+    return "linear_probe" if hasattr(model, "bn") else "classifier"
   if hasattr(model, "decoder_blocks"):
     return "mae"
   if hasattr(model, "encoder") and hasattr(model, "decoder_pred"):
     return "simmim"
   raise ValueError(f"cannot export a {type(model).__name__}: expected an MAE, a SimMIM model, a "
-                   "vit.Encoder or a classifier with .encoder/.fc_norm/.head")
+                   "vit.Encoder, a classifier (.encoder/.fc_norm/.head) or a linear probe "
+                   "(.encoder/.bn/.head)")
+
+
+def global_pool_of(model) -> str:
+  """How a head model pools: its `global_pool` if it says, else what its class always does
+  (`heads.LinearProbe`: the CLS token after the final norm; a classifier: MAE's average pool)."""
+  pool = getattr(model, "global_pool", None)
+  if pool is None:
+    pool = "token" if hasattr(model, "bn") else "avg"
+  if pool not in ("avg", "token"):
+    raise ValueError(f"global_pool={pool!r}: expected 'avg' or 'token'")
+  if pool == "avg" and getattr(model, "fc_norm", None) is None:
+    # timm's avg pooling without fc_norm applies the final norm before pooling; nothing here trains
+    # such a model, and exporting it as MAE's fc_norm variant would silently change the logits.
+    raise ValueError("a global_pool='avg' classifier or probe needs `.fc_norm` (MAE: mean of the "
+                     "patch tokens without the final norm -> fc_norm -> head)")
+  return pool
+
+
+def probe_head_spec(model) -> dict[str, Any]:
+  """How a PyTorch user rebuilds a linear probe's head (MAE `main_linprobe.py`) before loading."""
+  d, k = (int(n) for n in np.shape(model.head.kernel[...]))
+  eps = float(model.bn.epsilon)
+  return {
+      "kind": "linear_probe",
+      "modules": [{"type": "BatchNorm1d", "num_features": d, "affine": False, "eps": eps},
+                  {"type": "Linear", "in_features": d, "out_features": k}],
+      "code": f"model.head = torch.nn.Sequential(torch.nn.BatchNorm1d({d}, affine=False, "
+              f"eps={eps!r}), model.head)",
+      "note": "replace timm's Linear head with this before load_state_dict; call model.eval() so "
+              "the BatchNorm uses the exported running statistics",
+  }
 
 
 def _encoder_of(model):
@@ -153,7 +214,8 @@ def check_format(fmt: str, kind: str, *, in_chans: int, in_chans_out: int | None
     raise ValueError(f"format={fmt!r}: expected one of {FORMATS}")
   if fmt == "mae-full" and kind != "mae":
     what = {"simmim": "a SimMIM-path model (USFM: linear decoder, no transformer decoder)",
-            "classifier": "a fine-tuned classifier", "encoder": "a bare encoder"}[kind]
+            "classifier": "a fine-tuned classifier", "linear_probe": "a linear probe",
+            "encoder": "a bare encoder"}[kind]
     raise ValueError(f"format 'mae-full' needs the MAE path (transformer decoder); cannot produce it "
                      f"from {what}. Use format 'timm' or 'mae-finetune' for the encoder.")
   if in_chans_out is not None and in_chans_out != in_chans:
@@ -211,11 +273,34 @@ def official_mae_args(spec: vit.ViTSpec, fmt: str, *, in_chans: int,
   return out
 
 
+def official_eval_command(model, kind: str, weights: str) -> str:
+  """The facebookresearch/mae command that evaluates an exported classifier / probe as it is: its
+  `--resume` loads {'model': ...} strictly into the script's model (a probe's with the BN head)."""
+  spec = _encoder_of(model).spec
+  name = _OFFICIAL_NAMES.get((spec.width, spec.depth, spec.num_heads, spec.patch_size), "MODEL")
+  k = int(np.shape(model.head.kernel[...])[1])
+  pool = global_pool_of(model)
+  if kind == "linear_probe":  # main_linprobe.py pools the CLS token unless told --global_pool
+    flag = " --global_pool" if pool == "avg" else " --cls_token"
+    script = "main_linprobe.py"
+  else:  # main_finetune.py pools globally unless told --cls_token
+    flag = " --cls_token" if pool == "token" else " --global_pool"
+    script = "main_finetune.py"
+  # main_linprobe.py has no --input_size: it always crops 224 px.
+  size = f" --input_size {spec.image_size}" if kind == "classifier" else ""
+  return f"python {script} --eval --resume {weights} --model {name} --nb_classes {k}{size}{flag}"
+
+
 def timm_usage(cfg: dict, weights: str) -> str:
   kw = ", ".join(f"{k}={v!r}" for k, v in cfg["kwargs"].items())
-  return ("import timm, safetensors.torch\n"
-          f"model = timm.create_model({cfg['model_name']!r}, pretrained=False, {kw})\n"
-          f"model.load_state_dict(safetensors.torch.load_file({weights!r}), strict=True)")
+  lines = ["import timm, torch, safetensors.torch" if "head" in cfg else "import timm, safetensors.torch",
+           f"model = timm.create_model({cfg['model_name']!r}, pretrained=False, {kw})"]
+  if "head" in cfg:
+    lines.append(cfg["head"]["code"])
+  lines.append(f"model.load_state_dict(safetensors.torch.load_file({weights!r}), strict=True)")
+  if "head" in cfg:
+    lines.append("model.eval()")
+  return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------- output paths
@@ -348,7 +433,7 @@ def blur_token_arrays(model, levels: list[float] | None) -> dict[str, np.ndarray
   if levels:
     t = np.arange(1, len(levels) + 1, dtype=np.float32)
     out["blur_embedding_table"] = np.asarray(
-        mae_lib.timestep_embedding(t, model.spec.width), np.float32) + out["blur_token"]
+        mae_lib.timestep_embedding(t, _encoder_of(model).spec.width), np.float32) + out["blur_token"]
   return out
 
 
@@ -369,6 +454,11 @@ def recipe_extras(model, config, *, fmt: str, in_chans_out: int | None = None,
       "normalisation": _normalisation(config, data_stats),
       "transfer_corruption": transfer_corruption(config),
   }
+  if kind in HEAD_KINDS:
+    info["model"]["global_pool"] = global_pool_of(model)
+    info["model"]["num_classes"] = int(np.shape(model.head.kernel[...])[1])
+  if kind == "linear_probe":
+    info["model"]["head"] = probe_head_spec(model)
   if _get(config, "corrupt") is not None:
     info["corrupt_config"] = _plain(_get(config, "corrupt"))
   arrays: dict[str, np.ndarray] = {}
@@ -399,6 +489,10 @@ def recipe_extras(model, config, *, fmt: str, in_chans_out: int | None = None,
   if fmt == "mae-full" and blur_embed != "none":
     info["warning"] = ("the official MaskedAutoencoderViT has no blurriness token: it loads these "
                        "weights but reconstructs without BLU(t); add blur_token as described here")
+  if kind in HEAD_KINDS and blur_embed != "none":
+    info["warning"] = ("this classifier was trained with the D²MAE blurriness token, which timm and "
+                       "the official MAE lack: they load these weights but compute different logits "
+                       "unless BLU(t*) is inserted as described under blur_token")
   if kind == "simmim":
     arrays.update(_linear("decoder_pred", model.decoder_pred))
     info["simmim"] = {
@@ -423,14 +517,16 @@ def _torch():
   return torch
 
 
-def state_dict_for(model, fmt: str, *, in_chans_out: int | None = None) -> dict[str, np.ndarray]:
+def state_dict_for(model, fmt: str, *, in_chans_out: int | None = None,
+                   num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
   """The exported tensors of `model` in `fmt` (no files, no checks beyond the format's)."""
   kind = _model_kind(model)
   check_format(fmt, kind, in_chans=_encoder_of(model).spec.in_chans, in_chans_out=in_chans_out)
   if fmt == "mae-full":
     return mae_state_dict(model)
-  if kind == "classifier":
-    return classifier_state_dict(model, in_chans_out=in_chans_out)
+  if kind in HEAD_KINDS:
+    return classifier_state_dict(model, in_chans_out=in_chans_out,
+                                 num_batches_tracked=num_batches_tracked)
   return encoder_state_dict(_encoder_of(model), in_chans_out=in_chans_out)
 
 
@@ -448,7 +544,9 @@ def export_model(model, config, fmt: str, out: str, *, in_chans_out: int | None 
   extras = dict(extras or {})
   kind = _model_kind(model)
   spec = _encoder_of(model).spec
-  sd = state_dict_for(model, fmt, in_chans_out=in_chans_out)
+  # A probe's BatchNorm was updated once per training step: the step is the honest counter.
+  source_step = (extras.get("source") or {}).get("step") if isinstance(extras.get("source"), dict) else None
+  sd = state_dict_for(model, fmt, in_chans_out=in_chans_out, num_batches_tracked=int(source_step or 0))
   info, arrays = recipe_extras(model, config, fmt=fmt, in_chans_out=in_chans_out,
                                data_stats=extras.get("data_stats"))
   info.update(_plain(extras))
@@ -457,9 +555,12 @@ def export_model(model, config, fmt: str, out: str, *, in_chans_out: int | None 
 
   timm_cfg = None
   if fmt in ("timm", "mae-finetune"):
-    if kind == "classifier":
-      timm_cfg = timm_config(spec, in_chans=in_chans_out, num_classes=int(sd["head.weight"].shape[0]),
-                             global_pool="avg")
+    if kind in HEAD_KINDS:
+      pool = global_pool_of(model)
+      timm_cfg = timm_config(spec, in_chans=in_chans_out,
+                             num_classes=int(np.shape(model.head.kernel[...])[1]), global_pool=pool)
+      if kind == "linear_probe":
+        timm_cfg["head"] = probe_head_spec(model)
     else:
       timm_cfg = timm_config(spec, in_chans=in_chans_out)
     info["timm"] = timm_cfg
@@ -471,6 +572,8 @@ def export_model(model, config, fmt: str, out: str, *, in_chans_out: int | None 
                  blk.attn.num_heads if blk is not None else 0)
     info["official_mae"] = official_mae_args(spec, fmt, in_chans=in_chans_out or spec.in_chans,
                                              decoder=decoder)
+    if kind in HEAD_KINDS:
+      info["official_mae"]["evaluate"] = official_eval_command(model, kind, paths["weights"])
   info["weights"] = os.path.basename(paths["weights"])
   if "extras_arrays" in paths:
     info["extras_arrays"] = os.path.basename(paths["extras_arrays"])
@@ -499,7 +602,10 @@ def export_model(model, config, fmt: str, out: str, *, in_chans_out: int | None 
 
 
 def _read_data_stats(workdir: str) -> dict | None:
-  path = os.path.join(workdir, "data_stats.json")
+  return _read_json(os.path.join(workdir, "data_stats.json"))
+
+
+def _read_json(path: str) -> dict | None:
   if not os.path.exists(path):
     return None
   try:
@@ -509,15 +615,29 @@ def _read_data_stats(workdir: str) -> dict | None:
     raise ValueError(f"cannot read {path}: {e}") from None
 
 
+DOWNSTREAM_JOBS = ("finetune", "linear_probe")
+
+
 def export_workdir(workdir: str, fmt: str, out: str, *, step: int | None = None,
                    in_chans_out: int | None = None, overwrite: bool = False) -> dict[str, str]:
-  """The CLI's work: checks what it can before restoring, then `export_model` on the checkpoint."""
+  """The CLI's work: checks what it can before restoring, then `export_model` on the checkpoint.
+
+  A pretraining workdir exports its encoder (or the whole MAE); a 'finetune' / 'linear_probe'
+  workdir exports its classifier (`export_downstream_workdir`)."""
   from mae_jax.train import core
   if not os.path.isdir(workdir):
     raise ValueError(f"workdir {workdir!r} does not exist")
   config = core.load_config(workdir)
   if fmt not in FORMATS:
     raise ValueError(f"format={fmt!r}: expected one of {FORMATS}")
+  job = _get(config, "job") or "pretrain"
+  if job in DOWNSTREAM_JOBS:
+    return export_downstream_workdir(workdir, fmt, out, step=step, in_chans_out=in_chans_out,
+                                     overwrite=overwrite, config=config)
+  if job != "pretrain":
+    raise ValueError(f"workdir {workdir!r} holds a job={job!r} run (config.json): only pretraining, "
+                     f"{' and '.join(repr(j) for j in DOWNSTREAM_JOBS)} workdirs hold a model to "
+                     "export; export the pretraining workdir it started from (its config.init_from)")
   path = _get(config, "model.path")
   if fmt == "mae-full" and path != "mae":
     raise ValueError(f"format 'mae-full' needs the MAE path; {workdir!r} holds a model.path={path!r} "
@@ -535,13 +655,155 @@ def export_workdir(workdir: str, fmt: str, out: str, *, step: int | None = None,
                       extras=extras)
 
 
+def _downstream_checkpoint(workdir: str, job: str, step: int | None) -> tuple[str, int, str]:
+  """(checkpoint folder, step, 'best' | 'latest'). By default the best-validation checkpoint: the
+  model whose test metrics the run reports in results.json."""
+  from mae_jax import validate
+  best_root, latest_root = os.path.join(workdir, "best"), workdir
+  best, latest = validate.checkpoint_steps(best_root), validate.checkpoint_steps(latest_root)
+  best_dir = os.path.join(best_root, "checkpoints")
+  if step is None:
+    if best:
+      return best_dir, best[-1], "best"
+    hint = (f"; pass --step with one of the steps in {os.path.join(workdir, 'checkpoints')}: "
+            f"{latest}" if latest else "")
+    raise ValueError(f"no best checkpoint in {best_dir}: the {job} run in {workdir!r} has not "
+                     f"finished an epoch{hint}")
+  if step in best:
+    return best_dir, step, "best"
+  if step in latest:
+    return os.path.join(workdir, "checkpoints"), step, "latest"
+  raise ValueError(f"--step={step}: no such checkpoint in {workdir!r} (best/checkpoints holds "
+                   f"{best or 'none'}, checkpoints/ holds {latest or 'none'})")
+
+
+def _restore_downstream(ckpt_dir: str, step: int) -> tuple[dict, dict]:
+  """(params, stats) of a fine-tuning / probe checkpoint, as host numpy: the trained parameters
+  (all of a fine-tuned classifier; only `head` of a probe) and the BatchNorm statistics."""
+  import orbax.checkpoint as ocp
+  from mae_jax.train import core
+  with_stats = os.path.isdir(os.path.join(ckpt_dir, str(step), "stats"))
+  mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "stats", "data"))
+  items = {"state": ocp.args.StandardRestore()}
+  if with_stats:
+    items["stats"] = ocp.args.StandardRestore()
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  finally:
+    mngr.close()
+  state = restored["state"]
+  params = state["params"] if isinstance(state, dict) else state.params
+  to_host = lambda tree: core._int_keys(jax.tree.map(np.asarray, tree))  # noqa: E731
+  return to_host(params), (to_host(restored["stats"]) if with_stats else {})
+
+
+def export_downstream_workdir(workdir: str, fmt: str, out: str, *, step: int | None = None,
+                              in_chans_out: int | None = None, overwrite: bool = False,
+                              config=None) -> dict[str, str]:
+  """Exports the classifier of a 'finetune' or 'linear_probe' workdir (default: its best-validation
+  checkpoint). The encoder of a probe is frozen and not in its checkpoints: it is read from the
+  pretraining workdir `config.init_from` at the step the run used."""
+  from mae_jax.models import heads
+  from mae_jax.train import core
+  if config is None:
+    if not os.path.isdir(workdir):
+      raise ValueError(f"workdir {workdir!r} does not exist")
+    config = core.load_config(workdir)
+  job = _get(config, "job")
+  if job not in DOWNSTREAM_JOBS:
+    raise ValueError(f"workdir {workdir!r} holds a job={job!r} run, not one of {DOWNSTREAM_JOBS}")
+  if fmt not in FORMATS:
+    raise ValueError(f"format={fmt!r}: expected one of {FORMATS}")
+  init_from = _get(config, "init_from") or ""
+  if fmt == "mae-full":
+    raise ValueError(f"format 'mae-full' is a pretraining model with its decoder; {workdir!r} holds "
+                     f"a {job} run (a classifier, no decoder). Use format 'timm' or 'mae-finetune' "
+                     f"for the classifier, or export the pretraining workdir {init_from!r} as "
+                     "'mae-full'.")
+  init_from = os.path.abspath(os.path.expanduser(init_from)) if init_from else ""
+  if not init_from or not os.path.isdir(init_from):
+    raise ValueError(f"{workdir!r} is a {job} run of config.init_from={init_from!r}, which is not a "
+                     "directory: the pretrained encoder (and the recipe) of the run live there; "
+                     "restore that workdir, or edit init_from in the run's config.json")
+  try:
+    pcfg = core.load_config(init_from)
+  except ValueError as e:
+    raise ValueError(f"config.init_from of {workdir!r}: {e}") from None
+  kind = "linear_probe" if job == "linear_probe" else "classifier"
+  check_format(fmt, kind, in_chans=int(_get(pcfg, "model.in_chans")), in_chans_out=in_chans_out)
+  ckpt_dir, step, which = _downstream_checkpoint(workdir, job, step)
+  results = _read_json(os.path.join(workdir, "results.json")) or {}
+  # The pretraining step the run started from: pinned in the config, else recorded in results.json;
+  # "latest" is only right while the pretraining workdir has not moved on since.
+  pstep = _get(config, "init_step")
+  if pstep is None:
+    pstep = results.get("checkpoint_step")
+  from mae_jax import validate
+  available = validate.checkpoint_steps(init_from)
+  if not available or (pstep is not None and int(pstep) not in available):
+    raise ValueError(f"{workdir!r} was trained on the encoder of config.init_from={init_from!r} at "
+                     f"step {'(latest)' if pstep is None else pstep}, but that workdir holds "
+                     f"checkpoints {available or 'none'}: the frozen/initial encoder is gone")
+  _check_free(output_paths(fmt, out, with_arrays=False), overwrite)
+
+  try:
+    pcfg, pmodel, pstep = core.load_pretrained(init_from, None if pstep is None else int(pstep))
+  except (ValueError, FileNotFoundError) as e:
+    raise ValueError(f"config.init_from={init_from!r} (the encoder of {workdir!r}): {e}") from None
+  params, stats = _restore_downstream(ckpt_dir, step)
+  try:
+    num_classes = int(np.shape(params["head"]["kernel"])[-1])
+  except (KeyError, TypeError):
+    raise ValueError(f"{ckpt_dir}/{step} holds no head parameters: is {workdir!r} a "
+                     f"{job} workdir?") from None
+  model = heads.from_pretrained(pmodel, num_classes, kind=job,
+                                global_pool=_get(config, "model.global_pool") or "avg",
+                                seed=int(_get(config, "seed") or 0))
+  del pmodel
+  for kind_filter, tree, what in ((nnx.Param, params, "parameters"), (nnx.BatchStat, stats, "statistics")):
+    if not tree:
+      continue
+    state = nnx.state(model, kind_filter)
+    try:
+      nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, tree))
+    except (KeyError, ValueError) as e:
+      raise ValueError(f"the {what} in {ckpt_dir}/{step} do not fit a {job} model on the encoder "
+                       f"of {init_from!r}: {e}") from None
+    nnx.update(model, state)
+
+  extras: dict[str, Any] = {
+      "source": {"workdir": os.path.abspath(workdir), "step": int(step), "checkpoint": which,
+                 "job": job, "pretrain_workdir": init_from, "pretrain_step": int(pstep)},
+  }
+  # The reported scores belong to the best checkpoint only.
+  keys = ("classes", "transfer", "obs") + (("test", "validation_best") if which == "best" else ())
+  down = {k: results[k] for k in keys if k in results}
+  if down:
+    extras["downstream"] = down
+  used = _read_data_stats(workdir)  # what the run normalised with (its config may override)
+  if used is not None and "mean" in used and "std" in used:
+    extras["data_stats"] = used
+    extras["normalisation"] = {
+        "mean": used["mean"], "std": used["std"], "source": f"{job} run's data_stats.json",
+        "formula": "(x - mean) / std on [0, 1] intensities, after the corruption; a 1-channel "
+                   "model exported as 3-channel uses the same value on every channel"}
+  elif (init_stats := _read_data_stats(init_from)) is not None:
+    extras["data_stats"] = init_stats
+  return export_model(model, pcfg, fmt, out, in_chans_out=in_chans_out, overwrite=overwrite,
+                      extras=extras)
+
+
 def main(argv: list[str] | None = None) -> dict[str, str]:
   parser = argparse.ArgumentParser(
       prog="python -m mae_jax.export",
-      description="Export a mae_jax pretraining checkpoint to timm / facebookresearch-MAE PyTorch "
-                  "weights (see docs/export.md).")
-  parser.add_argument("--workdir", required=True, help="the training workdir (config.json, checkpoints/)")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+      description="Export a mae_jax pretraining checkpoint (encoder / MAE) or a fine-tuning / "
+                  "linear-probe run (classifier) to timm / facebookresearch-MAE PyTorch weights "
+                  "(see docs/export.md).")
+  parser.add_argument("--workdir", required=True,
+                      help="a pretraining, finetune or linear_probe workdir (config.json, checkpoints/)")
+  parser.add_argument("--step", type=int, default=None,
+                      help="checkpoint step (default: the latest; a finetune / linear_probe run: "
+                           "its best-validation checkpoint)")
   parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
   parser.add_argument("--out", required=True, help="weights file; extras are written beside it")
   parser.add_argument("--in-chans", type=int, default=None, dest="in_chans",
@@ -556,9 +818,11 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
   for role, p in paths.items():
     print(f"{role}: {p}")
   with open(paths["extras_json"]) as f:
-    warning = json.load(f).get("warning")
-  if warning:
-    print(f"warning: {warning}")
+    info = json.load(f)
+  if info.get("warning"):
+    print(f"warning: {info['warning']}")
+  if (info.get("official_mae") or {}).get("evaluate"):
+    print(f"facebookresearch/mae: {info['official_mae']['evaluate']}")
   if "timm_json" in paths:
     with open(paths["timm_json"]) as f:
       cfg = json.load(f)

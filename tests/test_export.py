@@ -19,10 +19,12 @@ from flax import nnx
 
 from mae_jax import export
 from mae_jax import models
+from mae_jax.models import heads
 from mae_jax.models import mae as mae_lib
 from mae_jax.models import vit
 from mae_jax.train import core
 from tests import torch_refs
+from tests.conftest import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEC = dict(decoder_width=32, decoder_depth=2, decoder_heads=4)
@@ -197,6 +199,120 @@ def test_classifier_logits_match_timm(tmp_path, in_chans_out):
     ref.load_state_dict(torch.load(pth, weights_only=True)["model"], strict=True)
 
 
+# ----------------------------------------------------------------------------------- linear probe
+
+
+def _torch_probe(paths, num_features, *, strict=True):
+  """timm's ViT with MAE main_linprobe.py's head, built here from torch modules, not from the
+  export's own description of it."""
+  with open(paths["timm_json"]) as f:
+    cfg = json.load(f)
+  model = timm.create_model(cfg["model_name"], pretrained=False, **cfg["kwargs"])
+  model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(num_features, affine=False, eps=1e-6),
+                                   model.head)
+  model.load_state_dict(safetensors.torch.load_file(paths["weights"]), strict=strict)
+  return model.eval(), cfg
+
+
+def _set_bn_stats(probe, seed):
+  """Running statistics far from the (0, 1) initialisation, so dropping them cannot go unnoticed."""
+  rng = np.random.default_rng(seed)
+  d = probe.bn.mean.shape[0]
+  probe.bn.mean[...] = jnp.asarray(rng.normal(0.0, 0.5, d), jnp.float32)
+  probe.bn.var[...] = jnp.asarray(rng.uniform(0.05, 3.0, d), jnp.float32)
+
+
+def _torch_logits(model, images, in_chans_out=None):
+  x = np.repeat(images, 3, axis=-1) if in_chans_out == 3 else images
+  with torch.no_grad():
+    return model(_nchw(x)).numpy()
+
+
+@pytest.mark.parametrize("in_chans_out", [None, 3])
+def test_linear_probe_logits_match_timm_with_bn_head(tmp_path, in_chans_out):
+  spec = vit.ViTSpec(image_size=40, patch_size=8, in_chans=1, width=48, depth=2, num_heads=4)
+  probe = heads.from_pretrained(_mae(spec, seed=6), 5, kind="linear_probe")
+  _perturb(probe, seed=6, scale=0.1)
+  _set_bn_stats(probe, seed=6)
+  paths = export.export_model(probe, None, "timm", str(tmp_path / "lp.safetensors"),
+                              in_chans_out=in_chans_out, extras={"source": {"step": 17}})
+  sd = safetensors.numpy.load_file(paths["weights"])
+  assert {"head.0.running_mean", "head.0.running_var", "head.0.num_batches_tracked", "head.1.weight",
+          "head.1.bias", "norm.weight"} <= set(sd) and not any(k.startswith("fc_norm") for k in sd)
+  assert int(sd["head.0.num_batches_tracked"]) == 17
+  ref, cfg = _torch_probe(paths, 48)
+  assert cfg["kwargs"]["global_pool"] == "token" and cfg["kwargs"]["num_classes"] == 5
+  assert cfg["head"]["modules"][0] == {"type": "BatchNorm1d", "num_features": 48, "affine": False,
+                                       "eps": 1e-6}
+
+  images = np.random.default_rng(6).uniform(size=(4, 40, 40, 1)).astype(np.float32)
+  ours = np.asarray(probe(jnp.asarray(images)))  # eval mode: the running statistics
+  theirs = _torch_logits(ref, images, in_chans_out)
+  np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+  # The statistics carry the result: torch's default (0, 1) statistics give other logits.
+  ref.head[0].reset_running_stats()
+  assert np.abs(_torch_logits(ref, images, in_chans_out) - ours).max() > 1e-2
+
+  # The .pth is what main_linprobe.py saves and its --eval --resume loads (strictly).
+  pth = export.export_model(probe, None, "mae-finetune", str(tmp_path / "lp_official.pth"),
+                            in_chans_out=in_chans_out)
+  ref.load_state_dict(torch.load(pth["weights"], weights_only=True)["model"], strict=True)
+  np.testing.assert_allclose(_torch_logits(ref, images, in_chans_out), ours, atol=1e-4, rtol=0)
+  with open(pth["extras_json"]) as f:
+    info = json.load(f)
+  assert info["official_mae"]["evaluate"].startswith("python main_linprobe.py --eval --resume")
+  assert info["official_mae"]["evaluate"].endswith("--cls_token")
+  assert info["model"]["head"]["kind"] == "linear_probe" and info["model"]["global_pool"] == "token"
+
+
+class StandInAvgProbe(nnx.Module):
+  """MAE main_linprobe.py --global_pool: mean of the patch tokens (no final norm) -> fc_norm ->
+  BatchNorm (no affine) -> Linear."""
+
+  global_pool = "avg"
+
+  def __init__(self, spec, num_classes, *, rngs):
+    self.encoder = vit.Encoder(spec, rngs=rngs)
+    self.fc_norm = nnx.LayerNorm(spec.width, epsilon=1e-6, rngs=rngs)
+    self.bn = nnx.BatchNorm(spec.width, use_bias=False, use_scale=False, epsilon=1e-6, rngs=rngs)
+    self.head = nnx.Linear(spec.width, num_classes, rngs=rngs)
+
+  def __call__(self, images):
+    x = self.encoder.embed(images)
+    x = jnp.concatenate([self.encoder.cls(x.shape[0]), x], axis=1)
+    for blk in self.encoder.blocks:
+      x = blk(x)
+    return self.head(self.bn(self.fc_norm(x[:, 1:].mean(axis=1)), use_running_average=True))
+
+
+def test_avg_pool_probe_matches_timm(tmp_path):
+  spec = vit.ViTSpec(image_size=32, patch_size=8, in_chans=1, width=48, depth=2, num_heads=4)
+  probe = _perturb(StandInAvgProbe(spec, 3, rngs=nnx.Rngs(7)), seed=7, scale=0.1)
+  _set_bn_stats(probe, seed=7)
+  paths = export.export_model(probe, None, "timm", str(tmp_path / "avg.safetensors"))
+  ref, cfg = _torch_probe(paths, 48)
+  assert cfg["kwargs"]["global_pool"] == "avg" and cfg["kwargs"]["fc_norm"] is True
+  assert "norm.weight" not in safetensors.numpy.load_file(paths["weights"])
+  images = np.random.default_rng(7).uniform(size=(3, 32, 32, 1)).astype(np.float32)
+  np.testing.assert_allclose(_torch_logits(ref, images), np.asarray(probe(jnp.asarray(images))),
+                             atol=1e-4, rtol=0)
+
+
+def test_head_models_export_errors(tmp_path):
+  spec = vit.ViTSpec(image_size=16, patch_size=8, in_chans=1, width=16, depth=1, num_heads=2)
+  probe = StandInAvgProbe(spec, 2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="mae-full.*linear probe"):
+    export.export_model(probe, None, "mae-full", str(tmp_path / "x.pth"))
+  probe.fc_norm = None  # timm cannot average without a norm the way MAE does
+  with pytest.raises(ValueError, match="fc_norm"):
+    export.export_model(probe, None, "timm", str(tmp_path / "x.safetensors"))
+  affine = heads.from_pretrained(_mae(spec), 2, kind="linear_probe")
+  affine.bn = nnx.BatchNorm(16, epsilon=1e-6, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="affine"):
+    export.export_model(affine, None, "timm", str(tmp_path / "x.safetensors"))
+  assert not os.listdir(tmp_path)
+
+
 # ----------------------------------------------------------------------------------------- extras
 
 
@@ -364,3 +480,125 @@ def test_cli_as_module(mae_run, tmp_path):
   assert res.returncode == 0, res.stderr
   assert out.exists() and (tmp_path / "m.extras.json").exists()
   assert "official_mae" in json.loads((tmp_path / "m.extras.json").read_text())
+
+
+# ------------------------------------------------------------------------- downstream workdirs
+
+
+@pytest.fixture(scope="module")
+def probe_run(mae_run, tmp_path_factory):
+  """A real smoke linear probe (`finetune.run`, as `python -m mae_jax.main` runs it) on the fake
+  pretraining workdir: two epochs, so the best checkpoint and the BatchNorm statistics are real."""
+  from mae_jax.train import finetune
+  pre, _ = mae_run
+  wd = tmp_path_factory.mktemp("probe_run")
+  c = load_config("linear_probe", f"smoke,init_from={pre}")
+  c.train.total_steps = 16  # 8 steps per epoch on the smoke data
+  c.eval.n_boot = 20
+  finetune.run(c, str(wd))
+  return wd
+
+
+def _test_images(workdir):
+  """The test split as the run's evaluation saw it: normalised, in record order."""
+  from mae_jax.data import pipeline, sources
+  config = core.load_config(str(workdir))
+  with open(os.path.join(workdir, "data_stats.json")) as f:
+    stats = json.load(f)
+  src = sources.open_source(config.data, "test", task="classify")
+  imgs = []
+  for b in pipeline.eval_iterator(src, batch_size=64, image_size=32, in_chans=1, with_mask=False):
+    imgs.append(np.asarray(b["image"])[np.asarray(b["valid"]).astype(bool)])
+  x01 = np.concatenate(imgs).astype(np.float32) / 255.0
+  return (x01 - stats["mean"]) / stats["std"]
+
+
+def test_cli_linear_probe_run_reproduces_its_test_predictions(probe_run, mae_run, tmp_path, capsys):
+  paths = export.main([f"--workdir={probe_run}", "--format=timm", f"--out={tmp_path / 'lp.safetensors'}"])
+  printed = capsys.readouterr().out
+  assert "torch.nn.BatchNorm1d(32, affine=False, eps=1e-06)" in printed
+  ref, cfg = _torch_probe(paths, 32)
+  assert cfg["kwargs"]["global_pool"] == "token" and cfg["kwargs"]["num_classes"] == 3
+  with open(probe_run / "results.json") as f:
+    results = json.load(f)
+  with open(paths["extras_json"]) as f:
+    info = json.load(f)
+  # The best-validation checkpoint (the one the run tested), on the step-6 pretrained encoder.
+  assert info["source"]["checkpoint"] == "best"
+  assert info["source"]["step"] == results["validation_best"]["step"]
+  assert info["source"]["pretrain_step"] == 6 and info["downstream"]["classes"] == results["classes"]
+  with open(probe_run / "data_stats.json") as f:
+    used = json.load(f)
+  assert (info["normalisation"]["mean"], info["normalisation"]["std"]) == (used["mean"], used["std"])
+  var = safetensors.numpy.load_file(paths["weights"])["head.0.running_var"]
+  assert np.abs(var - 1).max() > 0.05  # trained statistics, not the initial ones
+
+  # The run's own evaluation wrote the JAX probe's test probabilities; logits match them up to the
+  # per-image constant softmax removes.
+  images = _test_images(probe_run)
+  pred = np.load(probe_run / "predictions_test.npz")
+  # Records are stored in index order, so sorting by index puts the predictions in record order.
+  probs = pred["probs"][np.argsort(pred["index"], kind="stable")]
+  assert probs.shape == (len(images), 3)
+  theirs = torch.log_softmax(torch.from_numpy(_torch_logits(ref, images)), -1).numpy()
+  np.testing.assert_allclose(theirs, np.log(probs), atol=1e-4, rtol=0)
+
+  pth = export.main([f"--workdir={probe_run}", "--format=mae-finetune", f"--out={tmp_path / 'lp_rgb.pth'}",
+                     "--in-chans=3"])
+  rgb = timm.create_model(cfg["model_name"], pretrained=False, **{**cfg["kwargs"], "in_chans": 3})
+  rgb.head = torch.nn.Sequential(torch.nn.BatchNorm1d(32, affine=False, eps=1e-6), rgb.head)
+  rgb.load_state_dict(torch.load(pth["weights"], weights_only=True)["model"], strict=True)
+  theirs = torch.log_softmax(torch.from_numpy(_torch_logits(rgb.eval(), images, 3)), -1).numpy()
+  np.testing.assert_allclose(theirs, np.log(probs), atol=1e-4, rtol=0)
+
+
+def test_cli_linear_probe_errors_before_restoring(probe_run, tmp_path):
+  def fails(workdir, *args, match, fmt="timm"):
+    with pytest.raises(SystemExit, match=match):
+      export.main([f"--workdir={workdir}", f"--format={fmt}", f"--out={tmp_path / 'x.pth'}", *args])
+
+  fails(probe_run, fmt="mae-full", match="mae-full.*linear_probe run.*timm")
+  fails(probe_run, "--step=999", match=r"--step=999.*best/checkpoints holds \[\d+\]")
+  config = core.load_config(str(probe_run))
+  moved = tmp_path / "moved"
+  config.init_from = str(tmp_path / "gone")
+  core.save_config(config, str(moved))
+  fails(moved, match="config.init_from=.*gone")
+  config.init_from = str(probe_run.parent)  # a folder, but no pretraining workdir
+  core.save_config(config, str(moved))
+  fails(moved, match="config.init_from of .*moved.*no config.json")
+  config.init_from = core.load_config(str(probe_run)).init_from
+  core.save_config(config, str(moved))
+  fails(moved, match="no best checkpoint in .*moved")  # a probe that never finished an epoch
+  config.job = "segment"
+  core.save_config(config, str(moved))
+  fails(moved, match="job='segment'")
+  assert sorted(os.listdir(tmp_path)) == ["moved"]
+
+
+def _write_finetune_run(workdir, pre, global_pool, step=40):
+  """A fine-tuning workdir as `finetune.run` leaves it: config.json and the best parameters."""
+  config = load_config("finetune", f"smoke,init_from={pre},pool={global_pool}")
+  core.save_config(config, str(workdir))
+  _, pmodel, _ = core.load_pretrained(str(pre))
+  clf = heads.from_pretrained(pmodel, 3, kind="finetune", global_pool=global_pool)
+  _perturb(clf, seed=8, scale=0.1)
+  params = nnx.to_pure_dict(nnx.state(clf, nnx.Param))
+  mngr = core.checkpoint_manager(str(workdir), keep=1, async_save=False, subdir="best/checkpoints")
+  core.save_checkpoint(mngr, step, {"params": params}, {"step": step}, force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  return clf
+
+
+@pytest.mark.parametrize("global_pool", ["avg", "token"])
+def test_cli_finetune_run(mae_run, tmp_path, global_pool):
+  pre, _ = mae_run
+  clf = _write_finetune_run(tmp_path / "ft", pre, global_pool)
+  paths = export.main([f"--workdir={tmp_path / 'ft'}", "--format=timm",
+                       f"--out={tmp_path / 'ft.safetensors'}"])
+  ref, cfg = _load_timm(paths)
+  assert cfg["kwargs"]["global_pool"] == global_pool
+  images = np.random.default_rng(8).uniform(size=(3, 32, 32, 1)).astype(np.float32)
+  np.testing.assert_allclose(_torch_logits(ref, images), np.asarray(clf(jnp.asarray(images))),
+                             atol=1e-4, rtol=0)
