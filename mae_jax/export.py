@@ -757,7 +757,7 @@ def export_downstream_workdir(workdir: str, fmt: str, out: str, *, step: int | N
     raise ValueError(f"{ckpt_dir}/{step} holds no head parameters: is {workdir!r} a "
                      f"{job} workdir?") from None
   model = heads.from_pretrained(pmodel, num_classes, kind=job,
-                                global_pool=_get(config, "model.global_pool") or "avg",
+                                global_pool=_get(config, "model.global_pool"),
                                 seed=int(_get(config, "seed") or 0))
   del pmodel
   for kind_filter, tree, what in ((nnx.Param, params, "parameters"), (nnx.BatchStat, stats, "statistics")):

@@ -265,29 +265,12 @@ def test_linear_probe_logits_match_timm_with_bn_head(tmp_path, in_chans_out):
   assert info["model"]["head"]["kind"] == "linear_probe" and info["model"]["global_pool"] == "token"
 
 
-class StandInAvgProbe(nnx.Module):
-  """MAE main_linprobe.py --global_pool: mean of the patch tokens (no final norm) -> fc_norm ->
-  BatchNorm (no affine) -> Linear."""
-
-  global_pool = "avg"
-
-  def __init__(self, spec, num_classes, *, rngs):
-    self.encoder = vit.Encoder(spec, rngs=rngs)
-    self.fc_norm = nnx.LayerNorm(spec.width, epsilon=1e-6, rngs=rngs)
-    self.bn = nnx.BatchNorm(spec.width, use_bias=False, use_scale=False, epsilon=1e-6, rngs=rngs)
-    self.head = nnx.Linear(spec.width, num_classes, rngs=rngs)
-
-  def __call__(self, images):
-    x = self.encoder.embed(images)
-    x = jnp.concatenate([self.encoder.cls(x.shape[0]), x], axis=1)
-    for blk in self.encoder.blocks:
-      x = blk(x)
-    return self.head(self.bn(self.fc_norm(x[:, 1:].mean(axis=1)), use_running_average=True))
-
-
 def test_avg_pool_probe_matches_timm(tmp_path):
   spec = vit.ViTSpec(image_size=32, patch_size=8, in_chans=1, width=48, depth=2, num_heads=4)
-  probe = _perturb(StandInAvgProbe(spec, 3, rngs=nnx.Rngs(7)), seed=7, scale=0.1)
+  # MAE main_linprobe.py --global_pool: mean of the patch tokens (no final norm) -> fc_norm ->
+  # BatchNorm (no affine) -> Linear.
+  probe = heads.from_pretrained(_mae(spec, seed=7), 3, kind="linear_probe", global_pool="avg")
+  _perturb(probe, seed=7, scale=0.1)
   _set_bn_stats(probe, seed=7)
   paths = export.export_model(probe, None, "timm", str(tmp_path / "avg.safetensors"))
   ref, cfg = _torch_probe(paths, 48)
@@ -300,7 +283,7 @@ def test_avg_pool_probe_matches_timm(tmp_path):
 
 def test_head_models_export_errors(tmp_path):
   spec = vit.ViTSpec(image_size=16, patch_size=8, in_chans=1, width=16, depth=1, num_heads=2)
-  probe = StandInAvgProbe(spec, 2, rngs=nnx.Rngs(0))
+  probe = heads.from_pretrained(_mae(spec), 2, kind="linear_probe", global_pool="avg")
   with pytest.raises(ValueError, match="mae-full.*linear probe"):
     export.export_model(probe, None, "mae-full", str(tmp_path / "x.pth"))
   probe.fc_norm = None  # timm cannot average without a norm the way MAE does

@@ -114,26 +114,41 @@ class Classifier(BlurTokenSequence):
 
 
 class LinearProbe(BlurTokenSequence):
-  """Linear probing: frozen encoder, CLS after the final norm, BatchNorm (no affine) + Linear.
+  """Linear probing (MAE main_linprobe.py): frozen encoder -> pooled feature -> BatchNorm (no
+  affine) + Linear. Only `head` is trained; `bn` carries running statistics (nnx.BatchStat).
 
-  Only `head` is trained; `bn` carries running statistics (nnx.BatchStat)."""
+  global_pool='token' (main_linprobe's default, `--cls_token`): CLS after the final norm.
+  global_pool='avg' (`--global_pool`): mean of the patch tokens without the final norm, then
+  `fc_norm`, a LayerNorm that stays at its init (scale 1, bias 0) because the script freezes
+  everything but the head — it only standardises the pooled feature."""
 
-  def __init__(self, encoder: vit.Encoder, num_classes: int, *, blur_embed: str = "none",
-               blur_token=None, seed: int = 0):
+  def __init__(self, encoder: vit.Encoder, num_classes: int, *, global_pool: str = "token",
+               blur_embed: str = "none", blur_token=None, seed: int = 0):
+    if global_pool not in GLOBAL_POOLS:
+      raise ValueError(f"global_pool={global_pool!r}: expected one of {GLOBAL_POOLS}")
     if num_classes < 2:
       raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     rngs = nnx.Rngs(seed)
+    self.global_pool = global_pool
     self.num_classes = num_classes
     self.encoder = copy_encoder(encoder, drop_path=0.0, learnable_pos=False, seed=seed)
     self._init_blur(self.encoder, blur_embed, blur_token)
     width = encoder.spec.width
+    self.fc_norm = (nnx.LayerNorm(width, epsilon=vit.LN_EPS, dtype=jnp.float32,
+                                  param_dtype=jnp.float32, rngs=rngs) if global_pool == "avg" else None)
     self.bn = nnx.BatchNorm(width, use_bias=False, use_scale=False, epsilon=1e-6, momentum=0.9,
                             dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
     self.head = nnx.Linear(width, num_classes, kernel_init=nnx.initializers.normal(0.01),
                            bias_init=nnx.initializers.zeros_init(), param_dtype=jnp.float32, rngs=rngs)
 
   def features(self, images, *, blur_t=None):
-    feats = self.encoder.transform(self.tokens(images, blur_t))[:, 0]
+    x = self.tokens(images, blur_t)
+    if self.global_pool == "token":
+      feats = self.encoder.transform(x)[:, 0]
+    else:
+      for blk in self.encoder.blocks:
+        x = blk(x)
+      feats = self.fc_norm(x[:, self.num_prefix:].mean(axis=1).astype(jnp.float32))
     return jax.lax.stop_gradient(feats.astype(jnp.float32))
 
   def __call__(self, images, *, blur_t=None, train: bool = False, key=None):
@@ -142,16 +157,17 @@ class LinearProbe(BlurTokenSequence):
     return self.head(x).astype(jnp.float32)
 
 
-def from_pretrained(model, num_classes: int, *, kind: str = "finetune", global_pool: str = "avg",
+def from_pretrained(model, num_classes: int, *, kind: str = "finetune", global_pool: str | None = None,
                     drop_path: float = 0.0, seed: int = 0):
   """A `Classifier` ('finetune') or `LinearProbe` ('linear_probe') on a pretrained MAE / SimMIM
-  model's encoder, keeping its D²MAE blurriness token if it has one."""
+  model's encoder, keeping its D²MAE blurriness token if it has one. global_pool None: MAE's
+  defaults, 'avg' for fine-tuning and 'token' for linear probing."""
   blur_embed = getattr(model, "blur_embed", "none")
   blur_token = model.blur_token[...] if blur_embed != "none" else None
   if kind == "finetune":
-    return Classifier(model.encoder, num_classes, global_pool=global_pool, drop_path=drop_path,
+    return Classifier(model.encoder, num_classes, global_pool=global_pool or "avg", drop_path=drop_path,
                       blur_embed=blur_embed, blur_token=blur_token, seed=seed)
   if kind == "linear_probe":
-    return LinearProbe(model.encoder, num_classes, blur_embed=blur_embed, blur_token=blur_token,
-                       seed=seed)
+    return LinearProbe(model.encoder, num_classes, global_pool=global_pool or "token", blur_embed=blur_embed,
+                       blur_token=blur_token, seed=seed)
   raise ValueError(f"kind={kind!r}: expected 'finetune' or 'linear_probe'")
