@@ -1,12 +1,18 @@
 """Folder → dataset conversion: layouts, splits, conversions of odd files, skip reasons, errors."""
 
 import json
+import logging
+import os
+import pathlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from mae_jax.data import pipeline
+from mae_jax.data import folder, pipeline, sources
 from mae_jax.data.folder import build_folder_dataset, folder_source
 
 
@@ -242,3 +248,160 @@ def test_missing_or_empty_folder_errors(tmp_path):
     build_folder_dataset(junk, tmp_path / "o4", task="detect")
   with pytest.raises(ValueError, match="metadata"):
     folder_source(tmp_path / "o4", "train")
+
+
+# ------------------------------------------------------------------ freshness of a converted folder
+
+
+def _folder_cfg(root, data_dir):
+  return SimpleNamespace(name="folder", folder=str(root), data_dir=str(data_dir), seed=0)
+
+
+def _all_records(dcfg):
+  """path → record over the three splits, as the training code opens them."""
+  out = {}
+  for split in folder.SPLITS:
+    src = sources.open_source(dcfg, split)
+    out.update(zip(src.paths, (src[i] for i in range(len(src)))))
+  return out
+
+
+@pytest.fixture
+def counted_builds(monkeypatch):
+  """The output directory of every call of the folder conversion, in call order."""
+  calls = []
+  real = folder.build_folder_dataset
+
+  def build(root, out_dir, **kw):
+    calls.append(pathlib.Path(out_dir))
+    return real(root, out_dir, **kw)
+
+  monkeypatch.setattr(folder, "build_folder_dataset", build)
+  return calls
+
+
+def test_open_source_rebuilds_when_the_folder_changes(tmp_path, counted_builds, caplog):
+  root = tmp_path / "raw"
+  for i in range(3):
+    _save(root / "liver" / f"l{i}.png", _noise(i))
+    _save(root / "kidney" / f"k{i}.png", _noise(10 + i))
+  dcfg = _folder_cfg(root, tmp_path / "data")
+  first = _all_records(dcfg)
+  assert len(first) == 6 and len(counted_builds) == 1
+  np.testing.assert_array_equal(first["liver/l1.png"]["image"][..., 0], _noise(1))
+
+  # Untouched (a hidden file and a text file never become records): the conversion is reused.
+  (root / "liver" / ".DS_Store").write_bytes(b"\0")
+  (root / "notes.txt").write_text("scanner settings")
+  assert _all_records(dcfg).keys() == first.keys()
+  assert len(counted_builds) == 1
+
+  # One image more: a new conversion, in its own directory, with the new count.
+  _save(root / "kidney" / "k3.png", _noise(13))
+  caplog.set_level(logging.INFO, logger="mae_jax")
+  second = _all_records(dcfg)
+  assert len(counted_builds) == 2 and counted_builds[1] != counted_builds[0]
+  assert len(second) == 7
+  np.testing.assert_array_equal(second["kidney/k3.png"]["image"][..., 0], _noise(13))
+  assert "changed since its conversion" in caplog.text
+  assert "1 added, 0 removed, 0 modified" in caplog.text and "added kidney/k3.png" in caplog.text
+  assert (counted_builds[0] / "metadata.json").is_file()  # the old one is left for its readers
+
+  # Same name, other content (another size): converted again, the new pixels are served.
+  caplog.clear()
+  _save(root / "liver" / "l0.png", _noise(50, 48, 40))
+  third = _all_records(dcfg)
+  assert len(counted_builds) == 3 and len(third) == 7
+  np.testing.assert_array_equal(third["liver/l0.png"]["image"][..., 0], _noise(50, 48, 40))
+  assert "0 added, 0 removed, 1 modified (e.g. modified liver/l0.png)" in caplog.text
+
+  # Removing an image is a change too.
+  caplog.clear()
+  (root / "kidney" / "k0.png").unlink()
+  assert len(_all_records(dcfg)) == 6 and len(counted_builds) == 4
+  assert "0 added, 1 removed, 0 modified" in caplog.text
+
+
+def test_same_size_replacement_is_caught_by_mtime(tmp_path, counted_builds):
+  # BMP files of one shape all have the same size: only the mtime tells the new file apart.
+  root = tmp_path / "raw"
+  for i in range(4):
+    _save(root / "breast" / f"b{i}.bmp", _noise(i))
+  dcfg = _folder_cfg(root, tmp_path / "data")
+  before = _all_records(dcfg)
+  path = root / "breast" / "b2.bmp"
+  size, mtime = path.stat().st_size, path.stat().st_mtime_ns
+  _save(path, _noise(77))
+  os.utime(path, ns=(mtime + 2_000_000_000, mtime + 2_000_000_000))  # coarse-clock file systems
+  assert path.stat().st_size == size
+  after = _all_records(dcfg)
+  assert len(counted_builds) == 2
+  np.testing.assert_array_equal(before["breast/b2.bmp"]["image"][..., 0], _noise(2))
+  np.testing.assert_array_equal(after["breast/b2.bmp"]["image"][..., 0], _noise(77))
+
+
+def test_interrupted_build_is_not_served(tmp_path, counted_builds, monkeypatch):
+  root = tmp_path / "raw"
+  for i in range(5):
+    _save(root / "thyroid" / f"t{i}.png", _noise(i))
+  dcfg = _folder_cfg(root, tmp_path / "data")
+  real = folder.serialize_record
+  written = []
+
+  def dies_half_way(rec):
+    if len(written) == 2:
+      raise KeyboardInterrupt("killed")  # not an Exception: nothing may catch and carry on
+    written.append(rec["index"])
+    return real(rec)
+
+  monkeypatch.setattr(folder, "serialize_record", dies_half_way)
+  with pytest.raises(KeyboardInterrupt):
+    sources.open_source(dcfg, "train")
+  out = counted_builds[0]
+  assert not out.exists()  # only the hidden partial folder was written to
+  assert (out.parent / f".{out.name}.partial" / "train.array_record").exists()
+
+  monkeypatch.setattr(folder, "serialize_record", real)
+  recs = _all_records(dcfg)
+  assert counted_builds == [out, out]  # built again, not read half-written
+  assert sorted(recs) == [f"thyroid/t{i}.png" for i in range(5)]
+  for i in range(5):
+    np.testing.assert_array_equal(recs[f"thyroid/t{i}.png"]["image"][..., 0], _noise(i))
+  assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # the leftover is gone
+
+
+def test_build_folder_dataset_rebuilds_in_place_when_stale(tmp_path):
+  root = tmp_path / "raw"
+  for i in range(5):
+    _save(root / "a" / f"{i}.png", _noise(i))
+  out = build_folder_dataset(root, tmp_path / "ds")
+  meta = json.loads((out / "metadata.json").read_text())
+  assert meta["source_entries"] == 5 + 1  # five images and the folder a/
+  listing = json.loads((out / "source_files.json").read_text())
+  st = (root / "a" / "3.png").stat()
+  assert listing["a/3.png"] == [st.st_size, st.st_mtime_ns] and listing["a/"] == []
+  _save(root / "b" / "0.png", _noise(9))
+  build_folder_dataset(root, out)
+  meta2 = json.loads((out / "metadata.json").read_text())
+  assert sum(meta2["counts"].values()) == 6 and meta2["source_digest"] != meta["source_digest"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "raw"]  # no partial/stale left
+
+
+def test_concurrent_opens_build_once(tmp_path, monkeypatch):
+  """Two openers (threads here; processes or hosts hold the same file lock) convert once."""
+  root = tmp_path / "raw"
+  for i in range(4):
+    _save(root / "a" / f"{i}.png", _noise(i))
+  dcfg = _folder_cfg(root, tmp_path / "data")
+  calls = []
+  real = folder.build_folder_dataset
+
+  def slow_build(*args, **kw):
+    calls.append(1)
+    time.sleep(0.5)  # long enough for the other opener to arrive while this one builds
+    return real(*args, **kw)
+
+  monkeypatch.setattr(folder, "build_folder_dataset", slow_build)
+  with ThreadPoolExecutor(2) as pool:
+    lengths = list(pool.map(lambda _: len(sources.open_source(dcfg, "train")), range(2)))
+  assert calls == [1] and lengths == [2, 2]  # 4 images at 3:1:1 → 2/1/1

@@ -4,8 +4,10 @@
 into ``out_dir``::
 
     train.array_record, validation.array_record, test.array_record   one record per image
-    metadata.json        names, counts per split, train mean/std, mask value mapping, build options
+    metadata.json        names, counts per split, train mean/std, mask value mapping, build options,
+                         ``source_digest`` of the source fingerprint
     files.json           per split, in record order: [source path relative to root, organ, label]
+    source_files.json    the source fingerprint the build was made from (see below)
     build_report.json    every skipped file with its reason, every converted file with what was done
 
 and ``folder_source(out_dir, split)`` reads a split back with random access (``len``, ``[i]``).
@@ -59,15 +61,34 @@ named .png), truncated or otherwise undecodable files, images with a side below 
 without an image (segment), masks whose size differs from their image.
 
 A missing or empty root, or no usable image left, raises ``ValueError`` naming the path.
+
+Freshness and atomicity
+  * ``source_fingerprint(root)``: relative path → [size, mtime_ns] of every file the conversion
+    may read (image extensions, not hidden) and → [] for every non-hidden folder (an empty
+    ``val/`` or ``masks/`` folder changes the split or the pairing). One ``stat`` per file, no
+    bytes read. Hidden files and other extensions are left out: they never change a record, and
+    a Finder-written ``.DS_Store`` must not trigger a rebuild (the report's list of skipped
+    files may then be out of date).
+  * A dataset in ``out_dir`` is reused only when its options and its ``source_digest`` match the
+    folder as it is now; otherwise it is rebuilt (``overwrite`` forces that).
+  * A build writes into ``.<out_dir name>.partial`` next to ``out_dir`` and renames it into place
+    when complete, so a build killed half-way never leaves an ``out_dir`` that looks complete.
+    Two builds of the same ``out_dir`` at once are the caller's to prevent
+    (``sources.open_source`` holds a file lock); a rebuild replaces ``out_dir`` under any
+    process still reading it, which is why ``open_source`` gives every source state its own
+    ``out_dir`` instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import os
 import pathlib
 import re
+import shutil
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -76,7 +97,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["build_folder_dataset", "folder_source", "FolderSource", "IMAGE_EXTENSIONS", "SPLITS"]
+__all__ = [
+    "build_folder_dataset", "folder_source", "FolderSource", "IMAGE_EXTENSIONS", "SPLITS",
+    "source_fingerprint", "fingerprint_digest", "describe_change",
+]
+
+log = logging.getLogger("mae_jax")
 
 FORMAT = "mae_jax.folder/v1"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
@@ -253,6 +279,51 @@ def _screen(files, root, skipped) -> list[pathlib.Path]:
     else:
       keep.append(p)
   return keep
+
+
+def source_fingerprint(root) -> dict[str, list[int]]:
+  """Relative path → [size, mtime_ns] of every file the conversion may read, [] per folder.
+
+  The rules for what is left out (hidden entries, non-image extensions) are those of
+  ``_screen``, so only a change that can alter a record changes the fingerprint. Folders
+  behind symbolic links are not entered, as in the conversion's own walk."""
+  root = pathlib.Path(root)
+  out: dict[str, list[int]] = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    d = pathlib.Path(dirpath)
+    rel_dir = _rel(d, root)
+    if rel_dir != ".":
+      out[rel_dir + "/"] = []
+    for f in sorted(filenames):
+      p = d / f
+      if f.startswith(".") or not _is_image_name(p):
+        continue
+      try:
+        st = p.stat()
+        out[_rel(p, root)] = [st.st_size, st.st_mtime_ns]
+      except OSError:  # a dangling link: the conversion skips it, but it is still a change
+        out[_rel(p, root)] = [-1, -1]
+  return out
+
+
+def fingerprint_digest(fingerprint: dict[str, list[int]]) -> str:
+  return hashlib.sha1(json.dumps(fingerprint, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def describe_change(old_dir, fingerprint: dict[str, list[int]]) -> str:
+  """'N added, M removed, K modified' between the build in ``old_dir`` and ``fingerprint``."""
+  try:
+    old = json.loads((pathlib.Path(old_dir) / "source_files.json").read_text())
+  except (OSError, ValueError):
+    return "the earlier build stored no file list to compare with"
+  added = [k for k in fingerprint if k not in old]
+  removed = [k for k in old if k not in fingerprint]
+  modified = [k for k in fingerprint if k in old and old[k] != fingerprint[k]]
+  text = f"{len(added)} added, {len(removed)} removed, {len(modified)} modified"
+  examples = [f"{what} {k}" for what, ks in (("added", added), ("removed", removed), ("modified", modified))
+              for k in ks[:2]]
+  return text + (f" (e.g. {', '.join(examples[:4])})" if examples else "")
 
 
 def _discover_labelled(sub: pathlib.Path, root, split, task, skipped) -> list[_Item]:
@@ -461,8 +532,9 @@ def build_folder_dataset(
 ) -> pathlib.Path:
   """Convert the image tree at ``root`` into a dataset in ``out_dir``; returns ``out_dir``.
 
-  An existing dataset in ``out_dir`` built with the same options is reused unless
-  ``overwrite``. See the module docstring for layouts, conversions and skip rules.
+  An existing dataset in ``out_dir`` built with the same options from the folder as it is now
+  (same ``source_fingerprint``) is reused unless ``overwrite``. See the module docstring for
+  layouts, conversions, skip rules and how a build stays atomic.
   """
   from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -476,14 +548,19 @@ def build_folder_dataset(
       "split_seed": int(split_seed), "split_ratio": [float(x) for x in split_ratio],
       "min_size": int(min_size), "binarize_masks": bool(binarize_masks),
   }
+  fingerprint = source_fingerprint(root)
+  digest = fingerprint_digest(fingerprint)
   meta_path = out / "metadata.json"
   if meta_path.exists() and not overwrite:
     try:
       old = json.loads(meta_path.read_text())
-      if old.get("format") == FORMAT and all(old.get(k) == options[k] for k in _BUILD_KEYS):
-        return out
     except (OSError, ValueError):
-      pass
+      old = {}
+    if old.get("format") == FORMAT and all(old.get(k) == options[k] for k in _BUILD_KEYS):
+      if old.get("source_digest") == digest:
+        return out
+      log.warning("dataset folder %s changed since %s was built from it (%s): building it again",
+                  root, out, describe_change(out, fingerprint))
   if out == root or root in out.parents:
     raise ValueError(f"out_dir {out} must not be inside the dataset folder {root}")
 
@@ -544,12 +621,15 @@ def build_folder_dataset(
   converted = [{"path": it.rel, "conversion": "; ".join(it.notes)} for it in usable if it.notes]
   skipped.sort(key=lambda d: d["path"])
   report = {"root": str(root), "task": task, "skipped": skipped, "converted": converted, "warnings": warnings}
-  report_path = out / "build_report.json"
+  work = out.parent / f".{out.name}.partial"  # renamed to `out` once complete
 
   def fail(msg: str):
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(report_path, report)
-    raise ValueError(f"{msg} (see {report_path})")
+    # Next to a complete (stale) dataset the report goes into the partial folder, so that the
+    # dataset and its report never disagree.
+    where = work if meta_path.exists() else out
+    where.mkdir(parents=True, exist_ok=True)
+    _write_json(where / "build_report.json", report)
+    raise ValueError(f"{msg} (see {where / 'build_report.json'})")
 
   if not usable:
     fail(f"dataset folder {root}: no usable image left ({len(skipped)} files skipped)")
@@ -613,16 +693,16 @@ def build_folder_dataset(
       rec["mask"] = m[..., None]
     return rec
 
-  # Pass 2: write.
-  out.mkdir(parents=True, exist_ok=True)
-  if meta_path.exists():
-    meta_path.unlink()  # an interrupted rebuild must not look complete
+  # Pass 2: write, into `work` (a leftover of a killed build is discarded first).
+  if work.exists():
+    shutil.rmtree(work)
+  work.mkdir(parents=True)
   sums = np.zeros(3, np.float64)  # sum, sum of squares, count over train pixels in [0, 1]
   files: dict[str, list] = {}
   offset = 0
   for split in SPLITS:
     split_items = per_split[split]
-    path = out / f"{split}.array_record"
+    path = work / f"{split}.array_record"
     writer = ArrayRecordWriter(str(path), "group_size:1")
     try:
       with ThreadPoolExecutor(workers) as pool:
@@ -655,15 +735,33 @@ def build_folder_dataset(
       "std": std,
       "num_skipped": len(skipped),
       "num_converted": len(converted),
+      "source_digest": digest,
+      "source_entries": len(fingerprint),
   }
   if task == "segment":
     meta["mask_values"] = mask_values
     meta["num_mask_classes"] = len(mask_values)
   report["counts"] = counts
-  _write_json(out / "files.json", files)
-  _write_json(report_path, report)
-  _write_json(meta_path, meta)  # last: its presence marks a complete dataset
+  _write_json(work / "files.json", files)
+  _write_json(work / "source_files.json", fingerprint)
+  _write_json(work / "build_report.json", report)
+  _write_json(work / "metadata.json", meta)
+  _replace_dir(work, out)
   return out
+
+
+def _replace_dir(new: pathlib.Path, out: pathlib.Path) -> None:
+  """Move the finished build ``new`` to ``out``: a rename, so ``out`` is never half written."""
+  if out.exists():
+    # A directory cannot be renamed over a non-empty one: move the old one aside first.
+    stale = out.parent / f".{out.name}.stale"
+    if stale.exists():
+      shutil.rmtree(stale)
+    out.rename(stale)
+    new.rename(out)
+    shutil.rmtree(stale)
+  else:
+    new.rename(out)
 
 
 # --------------------------------------------------------------------------------------------

@@ -180,24 +180,12 @@ class UsPhantom(tfds.core.GeneratorBasedBuilder):
     yield from results
 
 
-def builder(
-  data_dir: str,
-  *,
-  num_train=2000,
-  num_validation=200,
-  num_test=200,
-  image_size=256,
-  seed=0,
-  num_workers=None,
-) -> UsPhantom:
-  """The builder for this config (not built yet if it was never built)."""
-  cfg = make_config(
-    num_train=num_train,
-    num_validation=num_validation,
-    num_test=num_test,
-    image_size=image_size,
-    seed=seed,
-  )
+def builder(data_dir: str, *, num_workers: int | None = None, **config) -> UsPhantom:
+  """The builder for this config (not built yet if it was never built).
+
+  ``config``: the keyword arguments of ``make_config`` (sizes, image size, seed), which holds
+  their defaults and checks them."""
+  cfg = make_config(**config)
   # TFDS refuses a new config object that shares its name with a predefined one.
   cfg = UsPhantom.builder_configs.get(cfg.name, cfg)
   return UsPhantom(
@@ -208,26 +196,11 @@ def builder(
   )
 
 
-def build(
-  data_dir: str,
-  *,
-  num_train=2000,
-  num_validation=200,
-  num_test=200,
-  image_size=256,
-  seed=0,
-  num_workers=None,
-) -> UsPhantom:
-  """Build the dataset under ``data_dir`` if it is not there yet; return the builder."""
-  b = builder(
-    data_dir,
-    num_train=num_train,
-    num_validation=num_validation,
-    num_test=num_test,
-    image_size=image_size,
-    seed=seed,
-    num_workers=num_workers,
-  )
+def build(data_dir: str, *, num_workers: int | None = None, **config) -> UsPhantom:
+  """Build the dataset under ``data_dir`` if it is not there yet; return the builder.
+
+  ``config``: as for ``builder``."""
+  b = builder(data_dir, num_workers=num_workers, **config)
   b.download_and_prepare(
     file_format="array_record",
     download_config=tfds.download.DownloadConfig(try_download_gcs=False),
@@ -243,18 +216,20 @@ class PhantomSource:
   record's organ and class without decoding images (the organ-balanced sampler needs them).
   Picklable: the ArrayRecord reader is reopened lazily in each process."""
 
-  def __init__(self, data_dir: str, split: str, **kwargs):
+  def __init__(self, data_dir: str, split: str, *, num_workers: int | None = None, **config):
     if split not in SPLITS:
       raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    self.data_dir, self.split, self.kwargs = os.fspath(data_dir), split, kwargs
-    config_kwargs = {k: v for k, v in kwargs.items() if k != "num_workers"}
-    self.start, stop = make_config(**config_kwargs).split_ranges()[split]
+    self.data_dir, self.split = os.fspath(data_dir), split
+    self.kwargs = dict(config, num_workers=num_workers)
+    cfg = make_config(**config)
+    self._seed = cfg.seed
+    self.start, stop = cfg.split_ranges()[split]
     self._len = stop - self.start
     if self._len == 0:
       raise ValueError(f"split {split!r} is empty: num_{split} is 0")
-    b = builder(self.data_dir, **kwargs)
+    b = builder(self.data_dir, **self.kwargs)
     if not b.is_prepared():
-      build(self.data_dir, **kwargs)
+      build(self.data_dir, **self.kwargs)
     self._source = None
 
   def _open(self):
@@ -267,9 +242,8 @@ class PhantomSource:
 
   @functools.cached_property
   def _metas(self) -> np.ndarray:
-    seed = self.kwargs.get("seed", 0)
     return np.array(
-      [phantom.example_meta(seed, self.start + i) for i in range(self._len)], np.int64
+      [phantom.example_meta(self._seed, self.start + i) for i in range(self._len)], np.int64
     ).reshape(-1, 2)
 
   @property
@@ -311,23 +285,9 @@ class PhantomSource:
 
 
 def data_source(
-  data_dir: str,
-  split: str,
-  *,
-  num_train=2000,
-  num_validation=200,
-  num_test=200,
-  image_size=256,
-  seed=0,
-  num_workers=None,
+  data_dir: str, split: str, *, num_workers: int | None = None, **config
 ) -> PhantomSource:
-  """Random-access source over ``split`` of the dataset (built first if missing)."""
-  kwargs = dict(
-    num_train=num_train,
-    num_validation=num_validation,
-    num_test=num_test,
-    image_size=image_size,
-    seed=seed,
-    num_workers=num_workers,
-  )
-  return PhantomSource(data_dir, split, **kwargs)
+  """Random-access source over ``split`` of the dataset (built first if missing).
+
+  ``config``: as for ``builder``."""
+  return PhantomSource(data_dir, split, num_workers=num_workers, **config)
