@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import multiprocessing
 import os
 from typing import Any, Iterator
 
-import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+from PIL import Image
 
 from mae_jax.data import phantom
 
@@ -81,10 +82,11 @@ def make_config(
 
 
 def _png(array: np.ndarray) -> bytes:
-  ok, buf = cv2.imencode(".png", array)
-  if not ok:
-    raise RuntimeError("OpenCV failed to PNG-encode an image")
-  return buf.tobytes()
+  # Pillow (a runtime dependency; OpenCV is only a test reference). Level 1 = zlib's fastest:
+  # the build is dominated by the simulation, and PNG is lossless at every level.
+  buf = io.BytesIO()
+  Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=1)
+  return buf.getvalue()
 
 
 def _encoded_example(job: tuple[int, int, int]) -> tuple[int, dict[str, Any]]:
