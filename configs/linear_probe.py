@@ -1,5 +1,6 @@
 """Linear probing (MAE main_linprobe.py; SPEC §5): frozen encoder, the CLS token after the final
-norm, BatchNorm without affine (eps 1e-6) + Linear, LARS (trust 0.001, momentum 0.9), base lr 0.1 ×
+norm (`pool=avg`: the mean patch token through a frozen fc_norm, main_linprobe.py --global_pool),
+BatchNorm without affine (eps 1e-6) + Linear, LARS (trust 0.001, momentum 0.9), base lr 0.1 ×
 batch/256, no weight decay, 90 epochs with 10 warm-up. The same arguments as configs/finetune.py.
 
   python -m mae_jax.main --config=configs/linear_probe.py:init_from=PRE --workdir=LP
@@ -21,7 +22,6 @@ def _finetune_module():
 
 
 def get_config(arg=None):
-  args = config_base.parse_arg(arg, init_from="", fraction=1.0, seed=0, probe=True, mixup=False,
-                               pool="token", obs="", step=0, fixed_sigma=0.0, epochs=0)
+  args = config_base.parse_arg(arg, **config_base.DOWNSTREAM_ARGS, probe=True, mixup=False, pool="")
   args.probe = True
   return _finetune_module().downstream(args)

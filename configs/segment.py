@@ -25,28 +25,14 @@ fixed_sigma=σ (D²MAE; default: the pretraining config's `obs`), epochs=N, smok
       --config.data.name=folder --config.data.folder=/data/BUSI
 """
 
-import ml_collections
-from ml_collections import config_dict
-
 from mae_jax import config_base
 
 
 def get_config(arg=None):
-  args = config_base.parse_arg(arg, init_from="", fraction=1.0, seed=0, obs="", step=0,
-                               fixed_sigma=0.0, epochs=0)
-  c = ml_collections.ConfigDict()
-  c.job = "segment"
-  c.init_from = args.init_from  # a pretraining workdir
-  c.init_step = config_dict.placeholder(int)  # None: its latest checkpoint
-  c.seed = args.seed
-  c.label_fraction = args.fraction  # stratified subset of the training images
-
-  c.data = config_base.base(config_base.parse_arg("smoke" if args.smoke else "")).data
+  args = config_base.parse_arg(arg, **config_base.DOWNSTREAM_ARGS)
+  c = config_base.downstream(args, "segment")
   c.data.crop_scale_min = 0.5  # RandomResizedCrop(scale=(0.5, 1)) on image and mask; 1.0 = none
-  c.data.sampler = "shuffle"
 
-  c.model = ml_collections.ConfigDict()
-  c.model.num_classes = 0  # 0: from the masks (built-in: background + lesion)
   c.model.image_size = 0  # 0: the pretraining size; else the position table is resized (bicubic)
   c.model.blocks = ""  # 1-based encoder blocks, e.g. "3,5,7,11"; "" = USFM's, scaled to the depth
   c.model.channels = 512  # UperNet width (mmseg: 512)
@@ -55,19 +41,10 @@ def get_config(arg=None):
   c.model.drop_path = 0.1
   c.model.dropout = 0.1  # channel dropout before the classifier
 
-  c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16  # global
-  c.train.eval_batch_size = 0  # 0: batch_size
   c.train.epochs = 200
-  c.train.total_steps = 0  # 0: from epochs
   c.train.warmup_epochs = 2
   c.train.lr = 1e-4  # peak lr, absolute (not scaled by the batch, as mmseg)
-  c.train.min_lr = 1e-6
-  c.train.weight_decay = 0.05
-  c.train.layer_decay = config_dict.placeholder(float)  # None: 0.65 for ViT-B, 0.75 otherwise
-  c.train.b1 = 0.9
-  c.train.b2 = 0.999
-  c.train.grad_clip = 0.0
   c.train.ce_weight = 1.0
   c.train.dice_weight = 1.0
   c.train.dice_smooth = 1.0
@@ -76,56 +53,30 @@ def get_config(arg=None):
   # probability to zero before lesions are learnt (smoke run: no lesion pixel predicted after 640
   # steps with per-image Dice; from step ~130 with batch Dice). False: per image.
   c.train.dice_batch = True
-  c.train.max_bad_steps = 10
-  c.train.log_every = 50
-  c.train.keep_checkpoints = 1
   c.train.checkpoint_every = 1  # epochs between checkpoints of the latest and the best state
 
-  # D²MAE optimal blurriness search; unset fields come from the pretraining config's `obs`.
-  c.obs = ml_collections.ConfigDict()
-  c.obs.mode = config_dict.placeholder(str)  # none | fixed | search
-  c.obs.step = config_dict.placeholder(int)
-  c.obs.fixed_sigma = config_dict.placeholder(float)
-  c.obs.batch_size = 64
-  if args.obs:
-    c.obs.mode = args.obs
-  if args.step:
-    c.obs.step = args.step
-  if args.fixed_sigma:
-    c.obs.fixed_sigma = args.fixed_sigma
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.n_boot = 1000  # bootstrap resamples of the test images for the 95% CI
-  c.eval.alpha = 0.05
   c.eval.overlay_images = 8  # test images in overlays_test.png (0 = no figure)
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.fsdp = 1
-
-  if args.epochs:
-    c.train.epochs = args.epochs
   if args.smoke:
     smoke(c)
+  if args.epochs:  # after smoke: `smoke,epochs=5` means 5 epochs of the smoke run
+    c.train.epochs = args.epochs
   return c
 
 
 def smoke(c) -> None:
   """About a minute on 2 CPU cores from a smoke pretraining workdir (32 px, micro ViT)."""
+  config_base.downstream_smoke(c)
   # Stored at 128 px: resizing to the model's 32 px averages the speckle, so the ~20-pixel lesions
-  # stay visible; no crop, which at 32 px easily cuts a lesion away.
+  # stay visible.
   c.data.native_size = 128
-  c.data.crop_scale_min = 1.0
   c.model.channels = 32
   c.model.norm_groups = 8
   c.model.drop_path = 0.0
   c.model.dropout = 0.0
   c.train.batch_size = 16
-  c.train.eval_batch_size = 64
   c.train.epochs = 40  # 640 steps: the head needs a few hundred before it outputs lesion pixels
-  c.train.warmup_epochs = 1
   c.train.lr = 1e-2
   c.train.checkpoint_every = 10
   c.train.log_every = 80
-  c.obs.batch_size = 64
-  c.eval.n_boot = 200
   c.eval.overlay_images = 8

@@ -147,3 +147,75 @@ def smoke(c: ml_collections.ConfigDict) -> None:
   c.train.log_every = 10
   c.train.image_every = 30
   c.train.checkpoint_every = 30
+
+
+# ------------------------------------------------------------------------------------ downstream
+
+# ARGS every downstream config takes: the pretraining workdir, label efficiency, the seed, D²MAE's
+# optimal blurriness search (unset: the pretraining config's `obs`) and the number of epochs.
+DOWNSTREAM_ARGS = dict(init_from="", fraction=1.0, seed=0, obs="", step=0, fixed_sigma=0.0, epochs=0)
+
+
+def downstream(args: ml_collections.ConfigDict, job: str) -> ml_collections.ConfigDict:
+  """The fields fine-tuning, linear probing and segmentation share (`train/downstream.py` reads
+  them), with the values they share. The encoder, the recipe and the normalisation are not here:
+  they come from the pretraining workdir `init_from`. Each config file adds its model and loss, and
+  sets `train.batch_size`, `train.epochs`, `train.warmup_epochs`, its peak lr and
+  `data.crop_scale_min` to its published values."""
+  c = ml_collections.ConfigDict()
+  c.job = job
+  c.init_from = args.init_from  # a pretraining workdir
+  c.init_step = config_dict.placeholder(int)  # None: its latest checkpoint
+  c.seed = args.seed
+  c.label_fraction = args.fraction  # stratified subset of the training split (evaluate.stratified_subset)
+
+  # The same data fields as pretraining (see base).
+  c.data = base(parse_arg("smoke" if args.smoke else "")).data
+  c.data.sampler = "shuffle"
+
+  c.model = ml_collections.ConfigDict()
+  c.model.num_classes = 0  # 0: from the data (class names / labels, or the mask values)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.eval_batch_size = 0  # 0: batch_size
+  c.train.total_steps = 0  # 0: from epochs
+  c.train.min_lr = 1e-6
+  c.train.weight_decay = 0.05
+  c.train.layer_decay = config_dict.placeholder(float)  # None: 0.65 for ViT-B, 0.75 otherwise
+  c.train.b1 = 0.9
+  c.train.b2 = 0.999
+  c.train.grad_clip = 0.0
+  c.train.max_bad_steps = 10
+  c.train.log_every = 50
+  c.train.keep_checkpoints = 1
+
+  # D²MAE optimal blurriness search; unset fields come from the pretraining config's `obs`.
+  c.obs = ml_collections.ConfigDict()
+  c.obs.mode = config_dict.placeholder(str)  # none | fixed | search
+  c.obs.step = config_dict.placeholder(int)  # search step s
+  c.obs.fixed_sigma = config_dict.placeholder(float)
+  c.obs.batch_size = 64  # images per OBS batch (× number of searched levels through the model)
+  if args.obs:
+    c.obs.mode = args.obs
+  if args.step:
+    c.obs.step = args.step
+  if args.fixed_sigma:
+    c.obs.fixed_sigma = args.fixed_sigma
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.n_boot = 1000  # bootstrap resamples of the test images for the 95% CI
+  c.eval.alpha = 0.05
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.fsdp = 1
+  return c
+
+
+def downstream_smoke(c: ml_collections.ConfigDict) -> None:
+  """What every downstream smoke config shares (on the smoke dataset fields, from `base`)."""
+  # No crop: at 32 px a crop easily cuts away the few pixels that decide a label or hold a lesion.
+  c.data.crop_scale_min = 1.0
+  c.train.eval_batch_size = 64
+  c.train.warmup_epochs = 1
+  c.obs.batch_size = 64
+  c.eval.n_boot = 200

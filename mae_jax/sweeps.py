@@ -154,13 +154,23 @@ def plan(exp: dict, root: str, *, seeds, scale: str) -> list[dict]:
 # -------------------------------------------------------------------------------------- run
 
 
+class Preempted(Exception):
+  """A job of the sweep stopped on SIGTERM with its checkpoint saved: the sweep stops too (the next
+  runs would start from an unfinished pretraining) and the same command resumes it."""
+
+
+def _stop_if_preempted(result, what: str, workdir: str) -> None:
+  if isinstance(result, dict) and result.get("preempted"):
+    raise Preempted(f"{what} in {workdir} was preempted at step {result.get('step')}")
+
+
 def _pretrain(name, args, workdir, seed, overrides):
   if os.path.exists(os.path.join(workdir, "train_done.json")):
     return
   from mae_jax.train import pretrain
   config = load_config(name, args, {**overrides, "seed": seed})
   log.info("sweep: pretraining configs/%s.py:%s seed %d -> %s", name, args, seed, workdir)
-  pretrain.train(config, workdir)
+  _stop_if_preempted(pretrain.train(config, workdir), "pretraining", workdir)
 
 
 def _transfer(name, args, workdir, pre, seed, overrides) -> dict:
@@ -172,7 +182,7 @@ def _transfer(name, args, workdir, pre, seed, overrides) -> dict:
       raise ValueError(f"configs/{name}.py is a {config.job!r} job: sweeps run classification "
                        f"transfer ({finetune.JOBS})")
     log.info("sweep: %s configs/%s.py:%s seed %d -> %s", config.job, name, args, seed, workdir)
-    finetune.run(config, workdir)
+    _stop_if_preempted(finetune.run(config, workdir), config.job, workdir)
   with open(path) as f:
     return json.load(f)
 
@@ -264,9 +274,12 @@ def main(argv=None) -> int:
       print(_label_text(job["label"]), "seed", job["seed"], "|", "configs/%s.py:%s" % job["pretrain"][:2],
             "->", "configs/%s.py:%s" % job["transfer"][:2])
     return 0
-  run_sweep(exp, args.root, seeds=seeds, scale=args.scale,
-            pretrain_overrides=parse_overrides(args.pretrain_override),
-            transfer_overrides=parse_overrides(args.transfer_override), name=args.experiment)
+  try:
+    run_sweep(exp, args.root, seeds=seeds, scale=args.scale,
+              pretrain_overrides=parse_overrides(args.pretrain_override),
+              transfer_overrides=parse_overrides(args.transfer_override), name=args.experiment)
+  except Preempted as e:  # a clean stop, like the jobs': the scheduler requeues, the rerun resumes
+    log.warning("sweep stopped: %s; run the same command again to resume", e)
   return 0
 
 

@@ -1,6 +1,6 @@
 """Downstream transfer (SPEC §5): the heads, mixup/cutmix, recipe-aware transfer, and end to end —
 smoke pretraining, then fine-tuning beats chance on the built-in dataset with a bootstrap CI, and
-the linear probe runs. One pretraining workdir is shared by the module."""
+the linear probe runs. One pretraining workdir is shared by the session (tests/downstream_runs.py)."""
 
 import json
 import os
@@ -15,7 +15,8 @@ from mae_jax import recipes
 from mae_jax.models import heads
 from mae_jax.models import mae as mae_lib
 from mae_jax.models import vit
-from mae_jax.train import finetune, obs, pretrain
+from mae_jax.train import finetune, obs, transfer
+from tests import downstream_runs
 from tests.conftest import load_config
 
 SPEC = vit.ViTSpec(image_size=16, patch_size=8, in_chans=1, width=16, depth=2, num_heads=2)
@@ -123,24 +124,24 @@ def test_mixup_cutmix_targets_match_pixels():
 def test_transfer_plan_follows_the_pretraining_recipe():
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1))
   deblur = load_config("deblur_mae", "smoke")
-  plan = finetune.TransferPlan(deblur, None, None)
+  plan = transfer.TransferPlan(deblur, None, None)
   np.testing.assert_array_equal(plan.apply(x, None), recipes.transfer_blur(deblur, x))
   assert not np.allclose(plan.apply(x, None), x)
-  assert finetune.TransferPlan(load_config("mae", "smoke"), None, None).apply(x, None) is x
+  assert transfer.TransferPlan(load_config("mae", "smoke"), None, None).apply(x, None) is x
 
   d2 = load_config("d2mae", "smoke")
   srcs = {"train": [0] * 3, "validation": [0] * 2, "test": [0] * 2}
   kw = dict(model=None, workdir="", init_from="", ckpt_step=0, config=None, mean=0.0, std=1.0)
-  fixed = finetune.d2mae_tables(d2, {"mode": "fixed", "step": 2, "fixed_sigma": 0.5}, srcs, **kw)
+  fixed = transfer.d2mae_tables(d2, {"mode": "fixed", "step": 2, "fixed_sigma": 0.5}, srcs, **kw)
   assert fixed["train"]["t"].tolist() == [5, 5, 5] and np.allclose(fixed["test"]["sigma"], 0.5)
-  plan = finetune.TransferPlan(d2, {"mode": "fixed", "step": 2, "fixed_sigma": 0.5}, fixed)
+  plan = transfer.TransferPlan(d2, {"mode": "fixed", "step": 2, "fixed_sigma": 0.5}, fixed)
   rows = plan.lookup("train", np.array([2, -1]))
   assert rows["blur_t"].tolist() == [5, 5]
   np.testing.assert_allclose(plan.apply(x, jnp.full((2,), 0.5)),
                              recipes.transfer_blur(d2, x, jnp.full((2,), 0.5)), atol=1e-7)
-  none = finetune.d2mae_tables(d2, {"mode": "none", "step": 2, "fixed_sigma": 0.5}, srcs, **kw)
+  none = transfer.d2mae_tables(d2, {"mode": "none", "step": 2, "fixed_sigma": 0.5}, srcs, **kw)
   assert none["validation"]["t"].tolist() == [0, 0]
-  assert not finetune.TransferPlan(d2, {"mode": "none"}, none).per_image_blur
+  assert not transfer.TransferPlan(d2, {"mode": "none"}, none).per_image_blur
 
 
 def test_obs_settings_default_to_the_pretraining_config():
@@ -171,11 +172,7 @@ def test_init_from_errors_name_the_field(tmp_path):
 @pytest.fixture(scope="module")
 def mae_pretrain(tmp_path_factory):
   """configs/mae.py:smoke, as `python -m mae_jax.main --config=configs/mae.py:smoke` runs it."""
-  wd = str(tmp_path_factory.mktemp("mae_smoke_pretrain"))
-  c = load_config("mae", "smoke")
-  c.train.image_every = 0  # no preview images: they compile a second function
-  pretrain.train(c, wd)
-  return wd
+  return downstream_runs.mae_smoke_pretrain(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -64,3 +64,20 @@ def test_overrides_and_errors():
     sweeps.load_config("finetune", "smoke", {"train.nope": 1})
   assert sweeps.scaled_args("obs=none", "tiny") == "smoke,obs=none"
   assert sweeps.scaled_args("obs=none", "paper") == "obs=none"
+
+
+def test_a_preempted_job_stops_the_sweep(tmp_path, monkeypatch):
+  """A pretraining that returns preempted (checkpoint saved, SIGTERM) must not be followed by its
+  transfer runs: they would start from an unfinished encoder. The CLI exits 0 so the scheduler's
+  requeue reruns the same command, which resumes."""
+  from mae_jax.train import finetune, pretrain
+  calls = []
+  monkeypatch.setattr(pretrain, "train", lambda config, wd: calls.append(("pre", wd)) or
+                      {"preempted": True, "step": 7})
+  monkeypatch.setattr(finetune, "run", lambda config, wd: calls.append(("ft", wd)) or {})
+  exp = sweeps.get_experiment("d2mae_table3")
+  with pytest.raises(sweeps.Preempted, match="pretraining .* preempted at step 7"):
+    sweeps.run_sweep(exp, str(tmp_path), seeds=[0], scale="tiny", name="t3")
+  assert [c[0] for c in calls] == ["pre"]
+  assert sweeps.main(["--experiment=d2mae_table3", f"--root={tmp_path}", "--seeds=1"]) == 0
+  assert [c[0] for c in calls] == ["pre", "pre"] and not (tmp_path / "d2mae_table3.json").exists()

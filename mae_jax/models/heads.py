@@ -8,7 +8,8 @@ MAE initialises the head with timm's `trunc_normal_(std=2e-5)`, whose cut-off is
 value — for std 2e-5 that is an untruncated normal, which is what we draw. `global_pool='token'`
 uses the CLS token after the final norm instead (no `fc_norm`).
 
-`LinearProbe` is MAE's `main_linprobe.py` model: frozen encoder, the CLS token after the final norm,
+`LinearProbe` is MAE's `main_linprobe.py` model: frozen encoder, the CLS token after the final norm
+(or, with `global_pool='avg'`, its `--global_pool` variant: the mean patch token through a frozen fc_norm),
 BatchNorm without affine parameters (eps 1e-6, torch momentum 0.1 = running-average momentum 0.9)
 and a Linear head (trunc_normal std 0.01 in MAE; normal(0.01) here, same reasoning as above).
 
@@ -45,7 +46,34 @@ def copy_encoder(src: vit.Encoder, *, drop_path: float = 0.0, learnable_pos: boo
 
 
 class BlurTokenSequence(nnx.Module):
-  """[CLS, (BLU(t)), patch tokens] as in `mae.MAE.forward_encoder` with mask ratio 0."""
+  """[CLS, (BLU(t)), patch tokens] as in `mae.MAE.forward_encoder` with mask ratio 0, and the
+  pooling the classification heads share."""
+
+  def _init_head_model(self, encoder, num_classes: int, *, global_pool: str, drop_path: float,
+                       learnable_pos: bool, blur_embed: str, blur_token, seed: int, fc_norm_dtype,
+                       rngs: nnx.Rngs):
+    if global_pool not in GLOBAL_POOLS:
+      raise ValueError(f"global_pool={global_pool!r}: expected one of {GLOBAL_POOLS}")
+    if num_classes < 2:
+      raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    self.global_pool = global_pool
+    self.num_classes = num_classes
+    self.encoder = copy_encoder(encoder, drop_path=drop_path, learnable_pos=learnable_pos, seed=seed)
+    self._init_blur(self.encoder, blur_embed, blur_token)
+    self.fc_norm = (nnx.LayerNorm(encoder.spec.width, epsilon=vit.LN_EPS, dtype=fc_norm_dtype,
+                                  param_dtype=jnp.float32, rngs=rngs)
+                    if global_pool == "avg" else None)
+
+  def pooled(self, images, *, blur_t=None, key=None):
+    """CLS after the final norm ('token'), or fc_norm of the mean patch token without it ('avg')."""
+    x = self.tokens(images, blur_t)
+    if self.global_pool == "token":
+      return self.encoder.transform(x, key=key)[:, 0]
+    blocks = self.encoder.blocks
+    keys = jax.random.split(key, len(blocks)) if key is not None else [None] * len(blocks)
+    for blk, k in zip(blocks, keys):
+      x = blk(x, k)
+    return self.fc_norm(x[:, self.num_prefix:].mean(axis=1))
 
   def _init_blur(self, encoder, blur_embed: str, blur_token):
     if blur_embed not in mae_lib.BLUR_EMBEDS:
@@ -82,31 +110,16 @@ class Classifier(BlurTokenSequence):
 
   def __init__(self, encoder: vit.Encoder, num_classes: int, *, global_pool: str = "avg",
                drop_path: float = 0.0, blur_embed: str = "none", blur_token=None, seed: int = 0):
-    if global_pool not in GLOBAL_POOLS:
-      raise ValueError(f"global_pool={global_pool!r}: expected one of {GLOBAL_POOLS}")
-    if num_classes < 2:
-      raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    rngs = nnx.Rngs(seed)
-    self.global_pool = global_pool
-    self.num_classes = num_classes
-    self.encoder = copy_encoder(encoder, drop_path=drop_path, learnable_pos=True, seed=seed)
-    self._init_blur(self.encoder, blur_embed, blur_token)
-    width, dtype = encoder.spec.width, encoder.dtype
-    self.fc_norm = (nnx.LayerNorm(width, epsilon=vit.LN_EPS, dtype=dtype, param_dtype=jnp.float32,
-                                  rngs=rngs) if global_pool == "avg" else None)
-    self.head = nnx.Linear(width, num_classes, kernel_init=nnx.initializers.normal(2e-5),
-                           bias_init=nnx.initializers.zeros_init(), dtype=dtype,
+    rngs = nnx.Rngs(seed)  # one stream, drawn in the same order as always: fc_norm, then head
+    self._init_head_model(encoder, num_classes, global_pool=global_pool, drop_path=drop_path,
+                          learnable_pos=True, blur_embed=blur_embed, blur_token=blur_token, seed=seed,
+                          fc_norm_dtype=encoder.dtype, rngs=rngs)
+    self.head = nnx.Linear(encoder.spec.width, num_classes, kernel_init=nnx.initializers.normal(2e-5),
+                           bias_init=nnx.initializers.zeros_init(), dtype=encoder.dtype,
                            param_dtype=jnp.float32, rngs=rngs)
 
   def features(self, images, *, blur_t=None, key=None):
-    x = self.tokens(images, blur_t)
-    if self.global_pool == "token":
-      return self.encoder.transform(x, key=key)[:, 0]
-    blocks = self.encoder.blocks
-    keys = jax.random.split(key, len(blocks)) if key is not None else [None] * len(blocks)
-    for blk, k in zip(blocks, keys):
-      x = blk(x, k)
-    return self.fc_norm(x[:, self.num_prefix:].mean(axis=1))
+    return self.pooled(images, blur_t=blur_t, key=key)
 
   def __call__(self, images, *, blur_t=None, key=None):
     """images: normalised NHWC. key: drop-path key (None = inference). Returns float32 logits."""
@@ -124,32 +137,18 @@ class LinearProbe(BlurTokenSequence):
 
   def __init__(self, encoder: vit.Encoder, num_classes: int, *, global_pool: str = "token",
                blur_embed: str = "none", blur_token=None, seed: int = 0):
-    if global_pool not in GLOBAL_POOLS:
-      raise ValueError(f"global_pool={global_pool!r}: expected one of {GLOBAL_POOLS}")
-    if num_classes < 2:
-      raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     rngs = nnx.Rngs(seed)
-    self.global_pool = global_pool
-    self.num_classes = num_classes
-    self.encoder = copy_encoder(encoder, drop_path=0.0, learnable_pos=False, seed=seed)
-    self._init_blur(self.encoder, blur_embed, blur_token)
+    self._init_head_model(encoder, num_classes, global_pool=global_pool, drop_path=0.0,
+                          learnable_pos=False, blur_embed=blur_embed, blur_token=blur_token, seed=seed,
+                          fc_norm_dtype=jnp.float32, rngs=rngs)
     width = encoder.spec.width
-    self.fc_norm = (nnx.LayerNorm(width, epsilon=vit.LN_EPS, dtype=jnp.float32,
-                                  param_dtype=jnp.float32, rngs=rngs) if global_pool == "avg" else None)
     self.bn = nnx.BatchNorm(width, use_bias=False, use_scale=False, epsilon=1e-6, momentum=0.9,
                             dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
     self.head = nnx.Linear(width, num_classes, kernel_init=nnx.initializers.normal(0.01),
                            bias_init=nnx.initializers.zeros_init(), param_dtype=jnp.float32, rngs=rngs)
 
   def features(self, images, *, blur_t=None):
-    x = self.tokens(images, blur_t)
-    if self.global_pool == "token":
-      feats = self.encoder.transform(x)[:, 0]
-    else:
-      for blk in self.encoder.blocks:
-        x = blk(x)
-      feats = self.fc_norm(x[:, self.num_prefix:].mean(axis=1).astype(jnp.float32))
-    return jax.lax.stop_gradient(feats.astype(jnp.float32))
+    return jax.lax.stop_gradient(self.pooled(images, blur_t=blur_t).astype(jnp.float32))
 
   def __call__(self, images, *, blur_t=None, train: bool = False, key=None):
     del key  # no stochastic layers

@@ -5,13 +5,9 @@
   1. Loads `config.init_from` (a pretraining workdir: its `config.json` is the whole truth about the
      encoder, the recipe, the blur and the normalisation).
   2. Transfer corruption, on device, on [0, 1] intensities before normalisation, identical for the
-     train, validation and test splits:
-       * Deblurring MAE: the pretraining blur (`recipes.transfer_blur`).
-       * D²MAE: `obs.mode` = 'search' runs the optimal blurriness search first (once per image and
-         split, cached in `workdir/obs/`), then every image is blurred with its own σ* and the
-         encoder keeps the token BLU(t*); 'fixed' uses σ = `obs.fixed_sigma` and t = the level
-         nearest to it; 'none' does not blur and feeds t = 0 (σ_0 = 0 on the default grid).
-       * MAE / denoising MAE / USFM: nothing.
+     train, validation and test splits (`transfer.TransferPlan`): Deblurring MAE's pretraining blur;
+     D²MAE's optimal blurriness search (σ* and token BLU(t*) per image, cached in `workdir/obs/`),
+     or its fixed / none settings; nothing for MAE / denoising MAE / USFM.
   3. Model: `heads.Classifier` (global average pool + fc_norm + head, drop path) or
      `heads.LinearProbe` (frozen encoder, CLS, BatchNorm without affine + Linear).
   4. Optimiser: AdamW (0.9, 0.999), wd 0.05 with MAE's mask, layer-wise lr decay
@@ -26,55 +22,37 @@
 Label efficiency: `config.label_fraction` < 1 trains on a class-stratified subset of the training
 split (`evaluate.stratified_subset`, seed = `config.seed`), the same subset for every method.
 
-Resumable: the latest state is checkpointed every epoch in `workdir/checkpoints` with the best
-validation score so far; a rerun in the same workdir continues where it stopped.
+Resumable (`downstream.Checkpoints`): the latest state is checkpointed every epoch in
+`workdir/checkpoints` with the best validation score so far and the history; a rerun in the same
+workdir continues where it stopped. SIGTERM saves the same at the next step boundary and exits 0
+(`preemption.Preemption`); the rerun then ends with the uninterrupted run's results.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import math
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mae_jax import evaluate, recipes
-from mae_jax.corrupt import blur as blur_lib
-from mae_jax.data import pipeline, sources
+from mae_jax import evaluate
+from mae_jax.data import sources
 from mae_jax.models import heads
-from mae_jax.train import core, lr_decay, obs, writers
+from mae_jax.train import core, downstream, lr_decay, obs, preemption, transfer, writers
 
 log = logging.getLogger("mae_jax")
 
 JOBS = ("finetune", "linear_probe")
 METRICS = ("accuracy", "macro_f1", "auroc", "precision", "recall", "mcc")
+# Record fields the classification steps never read.
+UNUSED = ("organ", "mask")
 
 
 # ------------------------------------------------------------------------------------- data
-
-
-class Positional:
-  """A view of `rows` of a split whose records carry `index` = their position in the full split,
-  so per-image tables (σ*, t*) index directly by it. Picklable, random access."""
-
-  def __init__(self, source, rows=None):
-    self.source = source
-    self.rows = np.arange(len(source)) if rows is None else np.asarray(rows, np.int64)
-
-  def __len__(self):
-    return len(self.rows)
-
-  def __getitem__(self, i):
-    pos = int(self.rows[int(i)])
-    rec = dict(self.source[pos])
-    rec["index"] = pos
-    return rec
 
 
 def split_labels(source) -> np.ndarray:
@@ -99,74 +77,6 @@ def class_names(config, source, labels: np.ndarray) -> list[str]:
       raise ValueError(f"config.model.num_classes={k} but the training labels go up to {int(labels.max())}")
     names = (names + [f"class{j}" for j in range(len(names), k)])[:k]
   return names
-
-
-# ---------------------------------------------------------------------------- transfer blur
-
-
-class TransferPlan:
-  """What the step does to [0, 1] pixels before normalisation, and which token t it feeds."""
-
-  def __init__(self, pretrain_config, settings: dict | None, tables: dict | None):
-    self.pcfg = pretrain_config
-    self.recipe = pretrain_config.recipe
-    self.settings = settings or {}
-    self.tables = tables or {}  # split -> {'t': (n,), 'sigma': (n,)}
-    self.use_t = pretrain_config.model.get("blur_embed", "none") != "none"
-    mode = self.settings.get("mode", "none")
-    self.per_image_blur = self.recipe == "d2mae" and mode in ("search", "fixed")
-    if self.per_image_blur:
-      levels = obs.levels_of(pretrain_config)
-      self.ksize = obs.kernel_size(levels, self.settings.get("fixed_sigma", 0.0) if mode == "fixed" else 0.0)
-
-  def describe(self) -> str:
-    if self.recipe == "deblur":
-      return f"pretraining blur {self.pcfg.corrupt.blur} {recipes.blur_params(self.pcfg.corrupt)} on every split"
-    if self.recipe == "d2mae":
-      s = self.settings
-      return (f"D²MAE obs.mode={s['mode']}" + (f" step={s['step']}" if s["mode"] == "search" else "")
-              + (f" σ={s['fixed_sigma']}" if s["mode"] == "fixed" else "")
-              + (" with token BLU(t)" if self.use_t else " (no blurriness embedding)"))
-    return "none"
-
-  def lookup(self, split: str, index: np.ndarray) -> dict:
-    """Per-row `blur_t` and `sigma` for batch rows with positions `index` (-1 = padding)."""
-    idx = np.maximum(np.asarray(index, np.int64), 0)
-    tab = self.tables.get(split)
-    if tab is None:
-      return {"blur_t": np.zeros(idx.shape, np.int32), "sigma": np.zeros(idx.shape, np.float32)}
-    return {"blur_t": tab["t"][idx].astype(np.int32), "sigma": tab["sigma"][idx].astype(np.float32)}
-
-  def apply(self, x01, sigma):
-    if self.recipe == "deblur":
-      return recipes.transfer_blur(self.pcfg, x01)
-    if self.per_image_blur:
-      return blur_lib.gaussian_blur(x01, sigma, kernel_size=self.ksize)
-    return x01
-
-
-def d2mae_tables(pcfg, settings, split_sources, *, model, workdir, init_from, ckpt_step, config,
-                 mean, std) -> dict:
-  levels = obs.levels_of(pcfg)
-  mode = settings["mode"]
-  if mode == "search":
-    meta = obs.cache_meta(pcfg, init_from=init_from, ckpt_step=ckpt_step, step=settings["step"],
-                          data_cfg=config.data, image_size=pcfg.model.image_size, mean=mean, std=std)
-    res = obs.ensure(model, pcfg, split_sources, workdir=workdir, meta=meta, step=settings["step"],
-                     image_size=pcfg.model.image_size, in_chans=pcfg.model.in_chans, mean=mean, std=std,
-                     batch_size=int(config.obs.get("batch_size") or 64))
-    return {s: {"t": r["t"], "sigma": r["sigma"]} for s, r in res.items()}
-  if mode == "fixed":
-    sigma = settings["fixed_sigma"]
-    t = int(np.argmin(np.abs(levels - sigma))) + 1
-    if not math.isclose(float(levels[t - 1]), sigma, abs_tol=1e-6):
-      log.warning("obs.fixed_sigma=%g is not a pretraining level; blurring with σ=%g and token t=%d "
-                  "(σ_t=%g)", sigma, sigma, t, levels[t - 1])
-    return {s: {"t": np.full(len(src), t, np.int32), "sigma": np.full(len(src), sigma, np.float32)}
-            for s, src in split_sources.items()}
-  # 'none': no blur; σ_0 = 0 under σ_t = start + (t − 1)·step on the default grid, so t = 0.
-  return {s: {"t": np.zeros(len(src), np.int32), "sigma": np.zeros(len(src), np.float32)}
-          for s, src in split_sources.items()}
 
 
 # ---------------------------------------------------------------------------------- mixup
@@ -216,7 +126,8 @@ def _normalize(x01, mean, std):
   return (x01 - mean) / std
 
 
-def make_steps(config, graphdef, tx, schedule, plan: TransferPlan, num_classes: int, mean, std, probe):
+def make_steps(config, graphdef, tx, schedule, plan: transfer.TransferPlan, num_classes: int, mean, std,
+               probe):
   t = config.train
   smoothing = float(t.label_smoothing)
 
@@ -264,82 +175,36 @@ def make_steps(config, graphdef, tx, schedule, plan: TransferPlan, num_classes: 
   return train_step, eval_step
 
 
-def predict(eval_fn, params, stats, frozen, source, split, plan, *, config, image_size, in_chans, mesh):
-  """Probabilities for every record of `source` (in order): dict probs, label, index."""
-  bs = int(config.train.eval_batch_size or config.train.batch_size)
-  it = pipeline.eval_iterator(source, batch_size=bs, image_size=image_size, in_chans=in_chans,
-                              process_index=jax.process_index(), process_count=jax.process_count(),
-                              with_mask=False)
-  outs = []
-  for local in it:
-    local = dict(local)
-    local.update(plan.lookup(split, local["index"]))
-    local.pop("mask", None)
-    local.pop("organ", None)
-    out = eval_fn(params, stats, frozen, core.global_batch(local, mesh))
-    outs.append(out)
-  outs = core.host_gather(outs)
-  cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-  valid = cat.pop("valid").astype(bool)
-  res = {k: v[valid] for k, v in cat.items()}
-  order = np.argsort(res["index"], kind="stable")
-  return {k: v[order] for k, v in res.items()}
-
-
 # ---------------------------------------------------------------------------------- checks
 
 
 def validate_config(config, num_devices: int) -> None:
-  def fail(field, value, why):
-    raise ValueError(f"config.{field}={value!r}: {why}")
-
   if config.job not in JOBS:
-    fail("job", config.job, f"expected one of {JOBS}")
-  if not config.get("init_from"):
-    fail("init_from", config.get("init_from"), "set it to a pretraining workdir")
-  if not 0.0 < config.label_fraction <= 1.0:
-    fail("label_fraction", config.label_fraction, "must lie in (0, 1]")
+    downstream.fail("job", config.job, f"expected one of {JOBS}")
+  downstream.validate_common(config, num_devices, lr_field="base_lr")
   if config.model.global_pool not in heads.GLOBAL_POOLS:
-    fail("model.global_pool", config.model.global_pool, f"expected one of {heads.GLOBAL_POOLS}")
-  if not 0.0 <= config.model.drop_path < 1.0:
-    fail("model.drop_path", config.model.drop_path, "must lie in [0, 1)")
+    downstream.fail("model.global_pool", config.model.global_pool, f"expected one of {heads.GLOBAL_POOLS}")
   t = config.train
-  for name in ("batch_size", "eval_batch_size"):
-    v = t[name] or t.batch_size
-    if v <= 0 or v % num_devices:
-      fail(f"train.{name}", t[name], f"must be a positive multiple of the device count ({num_devices})")
-  if t.total_steps < 0 or (t.total_steps == 0 and t.epochs <= 0):
-    fail("train.epochs", t.epochs, "set train.epochs > 0 or train.total_steps > 0")
-  if t.base_lr <= 0:
-    fail("train.base_lr", t.base_lr, "must be > 0")
-  if t.layer_decay is not None and not 0.0 < t.layer_decay <= 1.0:
-    fail("train.layer_decay", t.layer_decay, "must lie in (0, 1]")
   if not 0.0 <= t.label_smoothing < 1.0:
-    fail("train.label_smoothing", t.label_smoothing, "must lie in [0, 1)")
+    downstream.fail("train.label_smoothing", t.label_smoothing, "must lie in [0, 1)")
   if t.mixup < 0 or t.cutmix < 0:
-    fail("train.mixup", (t.mixup, t.cutmix), "mixup / cutmix α must be >= 0")
-  if config.data.name not in ("us_phantom", "folder"):
-    fail("data.name", config.data.name, "expected 'us_phantom' or 'folder'")
+    downstream.fail("train.mixup", (t.mixup, t.cutmix), "mixup / cutmix α must be >= 0")
 
 
 # ---------------------------------------------------------------------------------- run
 
 
 def run(config, workdir: str) -> dict:
-  """Fine-tunes (or linear-probes) `config.init_from` in `workdir`; returns the test results."""
-  validate_config(config, jax.device_count())
-  workdir = os.path.abspath(workdir)
-  is_main = jax.process_index() == 0
-  if is_main:
-    core.save_config(config, workdir)
-  probe = config.job == "linear_probe"
-  mesh = core.make_mesh(config.mesh.fsdp)
+  """Fine-tunes (or linear-probes) `config.init_from` in `workdir`; returns the test results, or
+  {'preempted': True, 'step': ...} when SIGTERM stopped it (a rerun continues)."""
+  return preemption.guarded(_run, config, workdir)
 
-  pcfg, pmodel, ckpt_step, mean, std = obs.pretrained_for_transfer(config)
-  init_from = os.path.abspath(os.path.expanduser(config.init_from))
-  if is_main:
-    with open(os.path.join(workdir, "data_stats.json"), "w") as f:
-      json.dump({"mean": mean, "std": std, "from": init_from}, f)
+
+def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
+  validate_config(config, jax.device_count())
+  workdir, is_main, mesh, pre = downstream.set_up(config, workdir)
+  probe = config.job == "linear_probe"
+  pcfg = pre.config
   image_size, in_chans = pcfg.model.image_size, pcfg.model.in_chans
 
   full = {s: sources.open_source(config.data, s, task="classify") for s in obs.SPLITS}
@@ -349,168 +214,113 @@ def run(config, workdir: str) -> dict:
   rows = None
   if config.label_fraction < 1.0:
     rows = evaluate.stratified_subset(labels, config.label_fraction, config.seed)
-  train_src = Positional(full["train"], rows)
+  train_src = downstream.Positional(full["train"], rows)
   n_train = len(train_src)
   log.info("classes %s; train %d%s, validation %d, test %d", names, n_train,
            f" ({config.label_fraction:.0%} of {len(labels)}, stratified, seed {config.seed})"
            if rows is not None else "", len(full["validation"]), len(full["test"]))
+  plan = transfer.plan_for(config, pre, full, workdir)
 
-  settings, tables = None, None
-  if pcfg.recipe == "d2mae":
-    settings = obs.resolve_settings(config, pcfg)
-    tables = d2mae_tables(pcfg, settings, full, model=pmodel, workdir=workdir, init_from=init_from,
-                          ckpt_step=ckpt_step, config=config, mean=mean, std=std)
-  plan = TransferPlan(pcfg, settings, tables)
-  log.info("transfer corruption: %s", plan.describe())
-
-  model = heads.from_pretrained(pmodel, num_classes, kind=config.job, global_pool=config.model.global_pool,
-                                drop_path=config.model.drop_path, seed=config.seed)
-  del pmodel
+  model = heads.from_pretrained(pre.model, num_classes, kind=config.job,
+                                global_pool=config.model.global_pool, drop_path=config.model.drop_path,
+                                seed=config.seed)
+  pre.model = None  # the head model holds copies of its weights: free the pretraining model's
   trainable = nnx.All(nnx.Param, nnx.PathContains("head")) if probe else nnx.Param
   graphdef, params, stats, frozen = nnx.split(model, trainable, nnx.BatchStat, ...)
   params, stats, frozen = (nnx.to_pure_dict(s) for s in (params, stats, frozen))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
   t = config.train
-  steps_per_epoch = max(1, n_train // t.batch_size)
-  total = t.total_steps or int(math.ceil(t.epochs * steps_per_epoch))
-  warmup = min(int(round(t.warmup_epochs * steps_per_epoch)), total)
+  steps = downstream.Steps.of(t, n_train)
   peak_lr = t.base_lr * t.batch_size / 256
-  schedule = core.warmup_cosine(peak_lr, warmup, total, t.min_lr)
+  schedule = core.warmup_cosine(peak_lr, steps.warmup, steps.total, t.min_lr)
   if probe:
     tx = lr_decay.lars(schedule, params, momentum=0.9, trust_coefficient=0.001, weight_decay=t.weight_decay)
     decay = None
   else:
-    decay = lr_decay.layer_decay_for(config, pcfg)
-    tx = lr_decay.layerwise_adamw(schedule, params, depth=model.encoder.spec.depth, layer_decay=decay,
-                                  b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
+    tx, decay = downstream.layerwise_adamw(config, pcfg, schedule, params, model.encoder.spec.depth)
 
   state = core.init_state(params, tx, config.seed)
   shardings = core.state_shardings(mesh, state)
-  rep = lambda tree: jax.tree.map(lambda _: core.replicated(mesh), tree)  # noqa: E731
-  stats_sh, frozen_sh = rep(stats), rep(frozen)
+  stats_sh, frozen_sh = downstream.replicated(mesh, stats), downstream.replicated(mesh, frozen)
   frozen = jax.device_put(frozen, frozen_sh)
 
-  mngr = core.checkpoint_manager(workdir, keep=int(t.keep_checkpoints), async_save=False)
-  best_mngr = core.checkpoint_manager(workdir, keep=1, async_save=False, subdir="best/checkpoints")
-  restored = core.restore_checkpoint(mngr, core.abstract_like(state, shardings),
-                                     abstract_stats=core.abstract_like(stats, stats_sh))
-  best = {"macro_f1": -1.0, "epoch": 0, "step": 0, "metrics": None}
-  best_params = best_stats = None
-  history = []
-  if restored is not None:
-    start, state, stats, data = restored.step, restored.state, restored.stats, restored.data
-    best.update({k: data[k] for k in ("macro_f1", "epoch", "step", "metrics") if k in data})
-    history = list(data.get("history") or [])
-    b = core.restore_checkpoint(best_mngr,
-                                core.abstract_like({"params": params}, {"params": shardings.params}),
-                                abstract_stats=core.abstract_like(stats, stats_sh))
-    if b is not None:
-      best_params, best_stats = jax.device_get(b.state["params"]), jax.device_get(b.stats)
-    log.info("resumed at step %d (best validation macro-F1 so far %.4f, epoch %d)", start,
-             best["macro_f1"], best["epoch"])
-  else:
-    start = 0
-    state = jax.device_put(state, shardings)
-    stats = jax.device_put(stats, stats_sh)
-  start = int(start)
+  ckpts = downstream.Checkpoints(workdir, int(t.keep_checkpoints))
+  val = downstream.Validation("macro_f1", "macro-F1")
+  start, state, stats = ckpts.restore(val, state, shardings, stats, stats_sh)
 
-  train_step, eval_step = make_steps(config, graphdef, tx, schedule, plan, num_classes, mean, std, probe)
+  train_step, eval_step = make_steps(config, graphdef, tx, schedule, plan, num_classes, pre.mean, pre.std,
+                                     probe)
   bsh = core.batch_sharding(mesh)
   step_fn = jax.jit(train_step, in_shardings=(shardings, stats_sh, frozen_sh, bsh),
                     out_shardings=(shardings, stats_sh, core.replicated(mesh)), donate_argnums=(0, 1))
   eval_fn = jax.jit(eval_step, in_shardings=(shardings.params, stats_sh, frozen_sh, bsh),
                     out_shardings=core.replicated(mesh))
 
-  it = pipeline.train_iterator(
-      train_src, global_batch=t.batch_size, image_size=image_size, seed=config.data.seed + config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      scale=(config.data.crop_scale_min, 1.0), hflip=config.data.hflip, in_chans=in_chans,
-      start_batch=start, with_mask=False)
+  it = downstream.train_iterator(config, train_src, image_size=image_size, in_chans=in_chans,
+                                 start=start, with_mask=False)
   writer = writers.TensorBoardWriter(workdir) if is_main else writers.NullWriter()
   log.info("%s from %s (recipe=%s %s, checkpoint step %d): %.2fM trainable params, %d classes, "
-           "steps=%d (%d/epoch, warm-up %d), batch=%d, peak lr=%.3g%s, %dpx", config.job, init_from,
-           pcfg.recipe, pcfg.model.variant, ckpt_step, n_params / 1e6, num_classes, total,
-           steps_per_epoch, warmup, t.batch_size, peak_lr,
+           "steps=%d (%d/epoch, warm-up %d), batch=%d, peak lr=%.3g%s, %dpx", config.job, pre.init_from,
+           pcfg.recipe, pcfg.model.variant, pre.step, n_params / 1e6, num_classes, steps.total,
+           steps.per_epoch, steps.warmup, t.batch_size, peak_lr,
            f", layer decay {decay}" if decay is not None else ", LARS", image_size)
 
-  val_src = Positional(full["validation"])
-  test_src = Positional(full["test"])
-  pred = functools.partial(predict, eval_fn, plan=plan, config=config, image_size=image_size,
-                           in_chans=in_chans, mesh=mesh)
-  tp = core.Throughput(total, t.batch_size, start)
-  t0 = time.perf_counter()
+  val_src = downstream.Positional(full["validation"])
+  test_src = downstream.Positional(full["test"])
+  pred = functools.partial(downstream.predict, eval_fn, plan=plan, config=config, image_size=image_size,
+                           in_chans=in_chans, mesh=mesh, with_mask=False, unused=UNUSED)
+  steplog = downstream.StepLog(config, steps, start, writer, _describe, "train.base_lr")
   step = start
   try:
-    while step < total:
-      local = dict(next(it))
-      local.update(plan.lookup("train", local["index"]))
-      for k in ("organ", "mask"):
-        local.pop(k, None)
-      state, stats, metrics = step_fn(state, stats, frozen, core.global_batch(local, mesh))
+    while step < steps.total:
+      if step == start and preempt.before_first_step(step):
+        break
+      batch = downstream.next_train_batch(it, plan, UNUSED, mesh)
+      state, stats, metrics = step_fn(state, stats, frozen, batch)
       step += 1
-      if step == start + 1:
-        log.info("first step compiled and ran in %.1fs", time.perf_counter() - t0)
-        tp.mark(step)
-      if step % t.log_every == 0 or step == total:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        m.update(tp.mark(step))
-        writer.write_scalars(step, m)
-        log.info("step %d/%d loss %.4f acc %.3f lr %.3g%s%s", step, total, m["loss"], m["train_acc"],
-                 m["lr"], f" {m['images_per_sec']:.1f} img/s ETA {writers.format_eta(m['eta_seconds'])}"
-                 if "images_per_sec" in m else "",
-                 f" skipped {int(m['skipped_total'])}" if m["skipped_total"] else "")
-        if int(m["bad_streak"]) >= t.max_bad_steps:
-          raise RuntimeError(f"{int(m['bad_streak'])} consecutive non-finite steps at step {step} "
-                             f"(train.max_bad_steps={t.max_bad_steps}): lower train.base_lr")
-      if step % steps_per_epoch == 0 or step == total:
-        epoch = int(math.ceil(step / steps_per_epoch))
-        p = pred(state.params, stats, frozen, val_src, "validation")
+      steplog.after(step, metrics)
+      if steps.epoch_ends(step):
+        epoch = steps.epoch(step)
+        p = pred((state.params, stats, frozen), val_src, "validation")
         vm = evaluate.classification_metrics(p["label"], p["probs"], num_classes)
         writer.write_scalars(step, {f"val_{k}": v for k, v in vm.items()})
-        improved = vm["macro_f1"] > best["macro_f1"]
-        history.append({"epoch": epoch, "step": step, **vm})
+        improved = val.record(epoch, step, vm, state.params, stats)
         log.info("epoch %d (step %d): validation macro-F1 %.4f acc %.4f AUROC %.4f%s", epoch, step,
                  vm["macro_f1"], vm["accuracy"], vm["auroc"], " (best)" if improved else "")
-        if improved:
-          best = {"macro_f1": vm["macro_f1"], "epoch": epoch, "step": step, "metrics": vm}
-          best_params, best_stats = jax.device_get(state.params), jax.device_get(stats)
-          core.save_checkpoint(best_mngr, step, {"params": state.params}, best, stats=stats, force=True)
-        core.save_checkpoint(mngr, step, state, {"next_batch": step, **best, "history": history}, stats=stats,
-                             force=True)
+        ckpts.save(step, state, stats, val)
+      # At SIGTERM: nothing more to save when this step's epoch checkpoint was just written.
+      if preempt.stop_after(step, functools.partial(ckpts.save, step, state, stats, val)):
+        break
   finally:
-    mngr.wait_until_finished()
-    best_mngr.wait_until_finished()
-    mngr.close()
-    best_mngr.close()
+    ckpts.close()
     writer.flush()
+  if preempt.requested:
+    writer.close()
+    return {"preempted": True, "step": step}
 
-  if best_params is None:  # resumed after the last step: the best checkpoint is all there is
+  if val.params is None:  # resumed after the last step: the best checkpoint is all there is
     raise RuntimeError(f"no best checkpoint in {workdir}/best: delete the workdir and run again")
-  bp = jax.device_put(best_params, shardings.params)
-  bs = jax.device_put(best_stats, stats_sh)
-  p = pred(bp, bs, frozen, test_src, "test")
+  bp = jax.device_put(val.params, shardings.params)
+  bs = jax.device_put(val.stats, stats_sh)
+  p = pred((bp, bs, frozen), test_src, "test")
   test = evaluate.classification_metrics(p["label"], p["probs"], num_classes)
   ci = evaluate.bootstrap_ci(lambda y, s: evaluate.classification_metrics(y, s, num_classes),
                              p["label"], p["probs"], n_boot=int(config.eval.n_boot),
                              alpha=float(config.eval.alpha), seed=config.seed)
   writer.write_scalars(step, {f"test_{k}": v for k, v in test.items()})
   writer.close()
-  method = f"{pcfg.recipe}" + (f" (obs={settings['mode']})" if settings else "")
-  row = {"method": method, "job": config.job, "label_fraction": f"{config.label_fraction:g}",
-         "seed": str(config.seed), **{m: ci[m] for m in METRICS}}
+  best, history = val.best, val.history
   results = {
-      "rows": [row],
-      "test": {m: {"value": ci[m][0], "lo": ci[m][1], "hi": ci[m][2]} for m in METRICS},
+      "rows": [downstream.result_row(config, config.job, pre, plan, ci, METRICS)],
+      "test": downstream.ci_table(ci, METRICS),
       "test_n": int(len(p["label"])),
       "validation_best": best,
       "validation_history": history,
       "classes": names,
       "chance_macro_f1": chance_macro_f1(p["label"], num_classes),
-      "init_from": init_from, "pretrain_recipe": pcfg.recipe, "checkpoint_step": int(ckpt_step),
-      "transfer": plan.describe(), "obs": settings, "layer_decay": decay,
-      "ci": f"percentile bootstrap over test images, {int(config.eval.n_boot)} resamples, "
-            f"{1 - float(config.eval.alpha):.0%}",
+      **downstream.provenance(pre, plan, decay),
+      "ci": downstream.ci_note(config),
   }
   if is_main:
     evaluate.write_results(workdir, "results", results, metrics=list(METRICS))
@@ -520,6 +330,10 @@ def run(config, workdir: str) -> dict:
            ", ".join(f"{m} {ci[m][0]:.4f} [{ci[m][1]:.4f}, {ci[m][2]:.4f}]" for m in METRICS))
   return {"test": test, "test_ci": ci, "best": best, "history": history, "step": step,
           "num_classes": num_classes, "chance_macro_f1": results["chance_macro_f1"]}
+
+
+def _describe(m: dict) -> str:
+  return f"loss {m['loss']:.4f} acc {m['train_acc']:.3f} lr {m['lr']:.3g}"
 
 
 def chance_macro_f1(labels, num_classes: int) -> float:

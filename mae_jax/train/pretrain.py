@@ -5,8 +5,9 @@ Reliability, all tested (tests/test_resume.py, test_preemption.py, test_nonfinit
 * exact resume: the checkpoint holds the TrainState (params, optimizer state, step, RNG key, non-finite
   counters) and the iterator's next batch; masks and corruptions are drawn from (seed, step), so a
   run killed anywhere and restarted repeats the uninterrupted run's losses bit for bit;
-* SIGTERM: a checkpoint at the next step boundary, then exit 0; a save killed half-way is never
-  restored; an exception still completes the checkpoint being written;
+* SIGTERM: a checkpoint at the next step boundary, then exit 0 (`train/preemption.py`); one during
+  the set-up stops the run before its first step, without a checkpoint; a save killed half-way is
+  never restored; an exception still completes the checkpoint being written;
 * non-finite loss or gradient: the update is skipped, counted, and `train.max_bad_steps` in a row stop
   the run naming the last good checkpoint (none is written inside a bad streak);
 * `metrics.jsonl` in the workdir: every logged step as one JSON line (process 0).
@@ -18,7 +19,6 @@ import functools
 import json
 import logging
 import os
-import signal
 import time
 
 import jax
@@ -28,7 +28,7 @@ from flax import nnx
 
 from mae_jax import distributed, models, recipes, validate, visualize
 from mae_jax.data import pipeline, sources
-from mae_jax.train import core, writers
+from mae_jax.train import core, preemption, writers
 
 log = logging.getLogger("mae_jax")
 
@@ -101,40 +101,6 @@ def make_train_step(config, graphdef, tx, schedule, mean: float, std: float):
 # ------------------------------------------------------------------------------------------ loop
 
 
-class _Preemption:
-  """SIGTERM (SLURM, TPU maintenance, Kubernetes) asks for a save at the next step boundary."""
-
-  def __init__(self):
-    self.requested = False
-    self._old = None
-
-  def __enter__(self):
-    if jax.process_count() > 1:
-      # JAX's preemption service owns SIGTERM there (a Python handler would replace it): all
-      # processes must stop at the same step, or the collective save deadlocks. See poll().
-      return self
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. inside a notebook worker): no handler
-      self._old = None
-    return self
-
-  def _handle(self, signum, frame):
-    log.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting")
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
-
-  def poll(self, step: int) -> bool:
-    """Called once per step on every process; multi-process runs agree on the step to stop at."""
-    if not self.requested and distributed.preemption_sync_point(step):
-      log.warning("preemption notice on some process: all stop after step %d", step)
-      self.requested = True
-    return self.requested
-
-
 def data_stats(config, workdir: str, source) -> tuple[float, float]:
   """Dataset mean/std (config values win), saved in the workdir so transfer jobs reuse them."""
   path = os.path.join(workdir, "data_stats.json")
@@ -161,7 +127,14 @@ def total_steps(config, num_train: int) -> tuple[int, int]:
 
 
 def train(config, workdir: str) -> dict:
-  """Pretrains `config` in `workdir`, resuming from its latest checkpoint. Returns the last metrics."""
+  """Pretrains `config` in `workdir`, resuming from its latest checkpoint. Returns the last metrics
+  (`preempted`: stopped by SIGTERM before the last step)."""
+  # The handler stays installed while the last checkpoint is written, so a second signal cannot kill
+  # the process half-way through the save.
+  return preemption.guarded(_train, config, workdir)
+
+
+def _train(config, workdir: str, preempt: preemption.Preemption) -> dict:
   validate.validate_pretrain(config, num_devices=jax.device_count(), process_count=jax.process_count())
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
@@ -225,60 +198,59 @@ def train(config, workdir: str) -> dict:
   history, last, pending = [], {}, None
   t_start = time.perf_counter()
   step = start
-  # The SIGTERM handler stays installed while the last checkpoint is written: a second signal then
-  # cannot kill the process half-way through the save.
-  with _Preemption() as preempt:
-    try:
-      while step < steps:
-        batch = core.global_batch(next(it), mesh)
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          state, metrics = step_fn(state, rest, {"image": batch["image"]})
-        step += 1
-        # Read the previous step's metrics after dispatching this one: the host never stalls the device.
-        if pending is not None:
-          _check_finite(config, *pending, mngr)
-        pending = (step, metrics)
-        if step == start + 1:
-          log.info("first step compiled and ran in %.1fs", time.perf_counter() - t_start)
-          tp.mark(step)
-        if step % config.train.log_every == 0 or step == steps:
-          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          m.update(tp.mark(step))
-          history.append((step, m["loss"]))
-          last = m
-          writer.write_scalars(step, m)
-          if metrics_log is not None:
-            metrics_log.write(step, m)
-          log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f %s%s", step, steps, m["loss"], m["lr"],
-                   m["grad_norm"],
-                   f"{m['images_per_sec']:.1f} img/s ETA {writers.format_eta(m['eta_seconds'])}"
-                   if "images_per_sec" in m else "",
-                   f" skipped {int(m['skipped_total'])}" if m["skipped_total"] else "")
-        if preview is not None and (step % config.train.image_every == 0 or step == steps):
-          t_image = time.perf_counter()
-          writer.write_images(step, {"reconstruction": _preview_image(config, graphdef, state, rest,
-                                                                      preview, mean, std)})
-          tp.exclude(time.perf_counter() - t_image)
-        preempt.poll(step)
-        final = step == steps or preempt.requested
-        if final or step % config.train.checkpoint_every == 0:
-          _save(mngr, step, state, final=final, preempted=preempt.requested)
-        if preempt.requested:
-          log.warning("preempted: checkpoint at step %d saved; exiting cleanly", step)
-          break
+  try:
+    while step < steps:
+      if step == start and preempt.before_first_step(step):
+        break
+      batch = core.global_batch(next(it), mesh)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = step_fn(state, rest, {"image": batch["image"]})
+      step += 1
+      # Read the previous step's metrics after dispatching this one: the host never stalls the device.
       if pending is not None:
         _check_finite(config, *pending, mngr)
-    finally:
-      # An exception must not lose the checkpoint being written in the background.
-      mngr.wait_until_finished()
-      mngr.close()
-      writer.flush()
-      if metrics_log is not None:
-        metrics_log.close()
+      pending = (step, metrics)
+      if step == start + 1:
+        log.info("first step compiled and ran in %.1fs", time.perf_counter() - t_start)
+        tp.mark(step)
+      if step % config.train.log_every == 0 or step == steps:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        m.update(tp.mark(step))
+        history.append((step, m["loss"]))
+        last = m
+        writer.write_scalars(step, m)
+        if metrics_log is not None:
+          metrics_log.write(step, m)
+        log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f %s%s", step, steps, m["loss"], m["lr"],
+                 m["grad_norm"],
+                 f"{m['images_per_sec']:.1f} img/s ETA {writers.format_eta(m['eta_seconds'])}"
+                 if "images_per_sec" in m else "",
+                 f" skipped {int(m['skipped_total'])}" if m["skipped_total"] else "")
+      if preview is not None and (step % config.train.image_every == 0 or step == steps):
+        t_image = time.perf_counter()
+        writer.write_images(step, {"reconstruction": _preview_image(config, graphdef, state, rest,
+                                                                    preview, mean, std)})
+        tp.exclude(time.perf_counter() - t_image)
+      preempt.poll(step)
+      final = step == steps or preempt.requested
+      if final or step % config.train.checkpoint_every == 0:
+        _save(mngr, step, state, final=final, preempted=preempt.requested)
+      if preempt.requested:
+        preemption.log_saved(step)
+        break
+    if pending is not None:
+      _check_finite(config, *pending, mngr)
+  finally:
+    # An exception must not lose the checkpoint being written in the background.
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.flush()
+    if metrics_log is not None:
+      metrics_log.close()
   writer.close()
   with open(os.path.join(workdir, "train_done.json") if step >= steps else os.devnull, "w") as f:
     json.dump({"step": step, "loss": last.get("loss")}, f)
-  return {"step": step, "history": history, **last}
+  return {"step": step, "history": history, "preempted": preempt.requested, **last}
 
 
 def _save(mngr, step: int, state: core.TrainState, *, final: bool, preempted: bool) -> None:

@@ -3,7 +3,7 @@
 `run(config, workdir)` for `config.job == 'segment'`:
 
   1. Loads `config.init_from` (any recipe, MAE or SimMIM path): encoder, recipe, normalisation.
-  2. Transfer corruption exactly as classification fine-tuning (`finetune.TransferPlan`): Deblurring
+  2. Transfer corruption exactly as classification fine-tuning (`transfer.TransferPlan`): Deblurring
      MAE's pretraining blur on every split; D²MAE's per-image σ* (OBS, cached in `workdir/obs/`)
      and token BLU(t*), or the fixed / none settings; nothing for MAE / denoising MAE / USFM.
   3. Model: `upernet.Segmenter` (blocks 3/5/7/11 → 1/4…1/32 necks → PPM + FPN → per-pixel logits,
@@ -15,35 +15,43 @@
      decay on the encoder with the *pretrained* depth (`lr_decay.layerwise_adamw`; the necks and the
      head are at the full rate, as mmseg's `LayerDecayOptimizerConstructor`); lr = `train.lr`
      (absolute, not scaled by the batch, as mmseg), linear warm-up then half-cosine to `min_lr`.
-  6. After every epoch: mean per-image Dice on the validation split; the best parameters are kept
-     in memory, and in `workdir/best/checkpoints` every `train.checkpoint_every` epochs (with the
-     latest state in `workdir/checkpoints`) and at the end.
+  6. After every epoch: mean per-image Dice on the validation split (at the images' stored size,
+     see below); the best parameters are kept in memory, and in `workdir/best/checkpoints` every
+     `train.checkpoint_every` epochs (with the latest state in `workdir/checkpoints`) and at the end.
   7. The best model on the test split: per-image Dice, IoU, HD95 (pixels), pixel accuracy and
      sensitivity (`evaluate.segmentation_metrics`, its empty-mask conventions), their means with
      percentile-bootstrap 95% CIs over test images, written as `results.json` / `results.md`;
      the per-image table `metrics_test.csv`; predicted masks `predictions_test.npz`; contour
      overlays `overlays_test.png`.
 
-Metrics are computed at the model's resolution (`model.image_size`, by default the pretraining size;
-the masks are resized nearest-neighbour), so HD95 is in pixels of that grid.
+Validation and test metrics are computed at each image's stored resolution, as mmsegmentation and
+USFM's downstream code score: the model predicts logits at `model.image_size`, they are resized
+bilinearly (torch `F.interpolate(mode='bilinear', align_corners=False)`, `resize_logits`) to the
+stored mask's height × width, argmax-ed, and scored against the stored, never resized, mask; HD95 is
+in pixels of that image. A nearest-neighbour copy of the mask on the model grid would change small
+lesions and put HD95 on the wrong grid. Images of one split may differ in size (folder datasets): the
+resize runs per image on the host (`native_predictions`, `downstream.predict`'s `host_fn`). Training
+still resizes image and mask (mask nearest-neighbour) to the model size.
 
 Label efficiency: `config.label_fraction` < 1 trains on a stratified subset of the training split
 (`evaluate.stratified_subset`, seed = `config.seed`): strata are the class labels when the source
 has them (the built-in dataset: normal / benign / malignant, so lesion-free images are a stratum of
 their own; folder datasets: the first-level folder), else 'has foreground' vs 'empty mask'.
 
-Resumable like fine-tuning: a rerun in the same workdir continues from the latest checkpoint (every
-`train.checkpoint_every` epochs; the epochs since then are trained again, on the same batches).
+Resumable like fine-tuning (`downstream.Checkpoints`): a rerun in the same workdir continues from the
+latest checkpoint (every `train.checkpoint_every` epochs; the epochs since then are trained again, on
+the same batches). SIGTERM checkpoints the state, the best parameters and the validation history at
+the next step boundary and exits 0 (`preemption.Preemption`); the rerun then ends with the
+uninterrupted run's results.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
-import json
 import logging
 import math
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -51,13 +59,15 @@ import numpy as np
 from flax import nnx
 
 from mae_jax import evaluate
-from mae_jax.data import pipeline, sources
+from mae_jax.data import sources
 from mae_jax.models import upernet
-from mae_jax.train import core, finetune, lr_decay, obs, writers
+from mae_jax.train import core, downstream, obs, preemption, transfer, writers
 
 log = logging.getLogger("mae_jax")
 
 METRICS = ("dice", "iou", "hd95", "pixel_accuracy", "sensitivity")
+# Record fields the segmentation steps never read (`label` is the image's class).
+UNUSED = ("organ", "label")
 
 
 # ------------------------------------------------------------------------------------- data
@@ -152,41 +162,107 @@ def make_steps(config, graphdef, tx, schedule, plan, num_classes: int, mean, std
     return new_state, metrics
 
   def eval_step(params, rest, batch):
-    logits = forward(params, rest, batch)
-    return {"pred": jnp.argmax(logits, -1).astype(jnp.uint8), "mask": batch["mask"][..., 0],
-            "image": batch["image"], "valid": batch["valid"], "index": batch["index"]}
+    # Logits, not labels: they are resized to each image's own size before the argmax.
+    return {"logits": forward(params, rest, batch), "valid": batch["valid"], "index": batch["index"]}
 
   return train_step, eval_step
 
 
-def predict(eval_fn, params, rest, source, split, plan, *, config, image_size, in_chans, mesh):
-  """Predicted and true label maps (n, S, S) uint8, images (n, S, S, C) uint8 and positions, for
-  every record of `source` in order. (`finetune.predict` drops the masks, hence this twin.)"""
-  bs = int(config.train.eval_batch_size or config.train.batch_size)
-  it = pipeline.eval_iterator(source, batch_size=bs, image_size=image_size, in_chans=in_chans,
-                              process_index=jax.process_index(), process_count=jax.process_count(),
-                              with_mask=True)
-  outs = []
-  for local in it:
-    local = dict(local)
-    local.update(plan.lookup(split, local["index"]))
-    local.pop("organ", None)
-    local.pop("label", None)
-    outs.append(eval_fn(params, rest, core.global_batch(local, mesh)))
-  outs = core.host_gather(outs)
-  cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-  valid = cat.pop("valid").astype(bool)
-  res = {k: v[valid] for k, v in cat.items()}
-  order = np.argsort(res["index"], kind="stable")
-  return {k: v[order] for k, v in res.items()}
+# ------------------------------------------------------------------------- native resolution
+
+
+def _taps(n_in: int, n_out: int):
+  """For each output row: the two source rows and the second one's weight, by torch's
+  `area_pixel_compute_source_index` (align_corners=False): half-pixel centres, positions before the
+  first centre clamped to it, and no antialiasing when shrinking (jax.image.resize's default
+  antialias=True would average over the footprint instead). Positions are rounded as torch's float32
+  kernel rounds them (a float32 scale, then one fused multiply-add): exact float64 positions move the
+  weights by up to ~2e-5 at 224 px, and the outputs by ~1e-4."""
+  f = np.float32
+  scale = np.float64(f(n_in / n_out))
+  src = np.maximum((scale * (np.arange(n_out) + 0.5) - 0.5).astype(f), f(0.0))
+  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  return i0, i1, np.clip(src - i0.astype(f), f(0.0), f(1.0))
+
+
+def _resize_plane(y, rows, cols) -> np.ndarray:
+  (i0, i1, a), (j0, j1, b) = rows, cols
+  y = y[i0] * (1.0 - a)[:, None] + y[i1] * a[:, None]
+  return y[:, j0] * (1.0 - b) + y[:, j1] * b
+
+
+def resize_logits(logits, size: tuple[int, int]) -> np.ndarray:
+  """(h, w, K) → (H, W, K) float32, bilinear: torch `F.interpolate(mode='bilinear',
+  align_corners=False)` = `jax.image.resize(..., 'linear', antialias=False)`, on the host. Two taps
+  per axis, so it costs O(H·W·K) whatever the scale."""
+  x = np.asarray(logits, np.float32)
+  if x.shape[:2] == tuple(size):
+    return x
+  taps = _taps(x.shape[0], int(size[0])), _taps(x.shape[1], int(size[1]))
+  return np.stack([_resize_plane(x[..., k], *taps) for k in range(x.shape[-1])], axis=-1)
+
+
+def native_labels(logits, size: tuple[int, int]) -> np.ndarray:
+  """(H, W) uint8 argmax of the logits resized to `size` (resizing labels instead would move
+  boundaries by up to half a model pixel and could not draw finer shapes than the model grid).
+  One class plane at a time with a running maximum (first maximum wins, as np.argmax): np.argmax
+  over a last axis of 2 costs ~10× the resize itself."""
+  x = np.asarray(logits, np.float32)
+  same = x.shape[:2] == tuple(size)
+  taps = None if same else (_taps(x.shape[0], int(size[0])), _taps(x.shape[1], int(size[1])))
+  best = labels = None
+  for k in range(x.shape[-1]):
+    y = x[..., k] if same else _resize_plane(x[..., k], *taps)
+    if best is None:
+      best, labels = np.array(y, np.float32), np.zeros(y.shape, np.uint8)
+    else:
+      np.copyto(labels, np.uint8(k), where=y > best)
+      np.maximum(best, y, out=best)
+  return labels
+
+
+def stored(source, position: int, field: str) -> np.ndarray:
+  """A record's image or mask as stored: (H, W) for a single channel, else (H, W, C)."""
+  a = np.asarray(source[int(position)][field])
+  return a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a
+
+
+def native_predictions(rows: dict, source) -> dict:
+  """`downstream.predict`'s host step for a batch: each image's logits resized to its stored mask's
+  height × width and argmax-ed, with that mask. Object arrays of (H, W) uint8 maps, since the images
+  of a split may differ in size. `source` is the full split (`index` = position in it)."""
+  n = len(rows["index"])
+  pred, mask = np.empty(n, object), np.empty(n, object)
+  for j, pos in enumerate(rows["index"]):
+    mask[j] = stored(source, pos, "mask").astype(np.uint8)
+    pred[j] = native_labels(rows["logits"][j], mask[j].shape[:2])
+  return {"pred": pred, "mask": mask, "index": rows["index"]}
 
 
 # ---------------------------------------------------------------------------------- metrics
 
 
+def _maps(masks, name: str) -> list[np.ndarray]:
+  """(H, W) label maps of any sizes: an (N, H, W) array, or a sequence / object array of maps."""
+  maps = [np.asarray(m) for m in masks]
+  for m in maps:
+    if m.ndim != 2:
+      raise ValueError(f"{name}: expected (H, W) label maps, got one of shape {m.shape}")
+  return maps
+
+
+def _pairs(pred, true) -> tuple[list, list]:
+  pred, true = _maps(pred, "pred"), _maps(true, "true")
+  if len(pred) != len(true):
+    raise ValueError(f"{len(pred)} predicted and {len(true)} true label maps")
+  return pred, true
+
+
 def per_image_dice(pred, true, num_classes: int) -> np.ndarray:
   """(N,) Dice per image, averaged over the foreground classes (`evaluate.dice` conventions):
-  the validation score, without the cost of HD95."""
+  the validation score, without the cost of HD95. Each pair at its own size."""
+  pred, true = _pairs(pred, true)
   out = np.empty(len(pred))
   for i in range(len(pred)):
     out[i] = np.mean([evaluate.dice(pred[i] == c, true[i] == c) for c in range(1, num_classes)])
@@ -194,11 +270,14 @@ def per_image_dice(pred, true, num_classes: int) -> np.ndarray:
 
 
 def per_image_metrics(pred, true, num_classes: int) -> dict[str, np.ndarray]:
-  """{metric: (N,)} for METRICS, plus `{m}_per_class` (N, K-1), from `evaluate.segmentation_metrics`."""
-  m = evaluate.segmentation_metrics(pred, true, num_classes)
-  out = {k: np.asarray(m[k], np.float64) for k in METRICS}
+  """{metric: (N,)} for METRICS, plus `{m}_per_class` (N, K-1), from `evaluate.segmentation_metrics`
+  on each pair at its own size (so HD95 is in that image's pixels and its empty-mask value is that
+  image's diagonal)."""
+  pred, true = _pairs(pred, true)
+  per = [evaluate.segmentation_metrics(p[None], t[None], num_classes) for p, t in zip(pred, true)]
+  out = {k: np.array([m[k][0] for m in per], np.float64) for k in METRICS}
   for k in ("dice", "iou", "hd95", "sensitivity"):
-    out[f"{k}_per_class"] = np.asarray(m[f"{k}_per_class"], np.float64)
+    out[f"{k}_per_class"] = np.array([m[f"{k}_per_class"][0] for m in per], np.float64)
   return out
 
 
@@ -216,24 +295,42 @@ def aggregate(per_image: dict, *, n_boot: int, alpha: float, seed: int) -> dict[
 def baseline_dice(true, num_classes: int) -> dict[str, float]:
   """Mean per-image Dice of label-blind predictors on these masks: all background, and all class c
   for each foreground class c."""
-  true = np.asarray(true)
-  out = {"all_background": float(np.mean(per_image_dice(np.zeros_like(true), true, num_classes)))}
+  true = _maps(true, "true")
+  out = {"all_background": float(np.mean(per_image_dice([np.zeros_like(t) for t in true], true,
+                                                        num_classes)))}
   for c in range(1, num_classes):
-    out[f"all_class_{c}"] = float(np.mean(per_image_dice(np.full_like(true, c), true, num_classes)))
+    out[f"all_class_{c}"] = float(np.mean(per_image_dice([np.full_like(t, c) for t in true], true,
+                                                         num_classes)))
   return out
 
 
-def write_per_image(path: str, index, per_image: dict) -> None:
+def write_per_image(path: str, index, per_image: dict, sizes) -> None:
+  """One row per image: its position, the height × width it was scored at, the metrics."""
   with open(path, "w") as f:
-    f.write("position," + ",".join(METRICS) + "\n")
+    f.write("position,height,width," + ",".join(METRICS) + "\n")
     for j, i in enumerate(np.asarray(index)):
-      f.write(f"{int(i)}," + ",".join(f"{per_image[k][j]:.6g}" for k in METRICS) + "\n")
+      h, w = sizes[j]
+      f.write(f"{int(i)},{int(h)},{int(w)}," + ",".join(f"{per_image[k][j]:.6g}" for k in METRICS) + "\n")
+
+
+def save_predictions(path: str, pred, mask, index, names: list[str]) -> None:
+  """`predictions_test.npz` without pickled objects: `pred` / `mask` (N, H, W) uint8 when every test
+  image has the same size, else one `pred_<position>` / `mask_<position>` pair per image; always
+  `index` (positions), `shape` (N, 2) and `classes`."""
+  shapes = np.array([m.shape[:2] for m in mask], np.int64).reshape(-1, 2)
+  arrays = {"index": np.asarray(index), "shape": shapes, "classes": np.array(names)}
+  if len({tuple(s) for s in shapes}) <= 1:
+    arrays.update(pred=np.stack(list(pred)).astype(np.uint8), mask=np.stack(list(mask)).astype(np.uint8))
+  else:
+    for i, p, m in zip(np.asarray(index), pred, mask):
+      arrays[f"pred_{int(i)}"], arrays[f"mask_{int(i)}"] = p, m
+  np.savez_compressed(path, **arrays)
 
 
 def pick_overlays(true, n: int) -> np.ndarray:
   """Up to n test images, evenly spaced: three quarters with foreground in the truth, the rest
   without (so a figure shows both the hits and the false alarms)."""
-  fg = np.flatnonzero(np.asarray(true).reshape(len(true), -1).max(1) > 0)
+  fg = np.flatnonzero([np.any(np.asarray(t) > 0) for t in true])
   bg = np.setdiff1d(np.arange(len(true)), fg)
   n_fg = min(len(fg), max(n - min(len(bg), n // 4), 0))
   n_bg = min(len(bg), n - n_fg)
@@ -258,7 +355,8 @@ def overlay_figure(path: str, images, true, pred, dice_values, names: list[str],
     ax.axis("off")
   for j in range(n):
     ax = axes.ravel()[j]
-    ax.imshow(images[j][..., 0] if images[j].shape[-1] == 1 else images[j], cmap="gray", vmin=0,
+    img = np.asarray(images[j])
+    ax.imshow(img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img, cmap="gray", vmin=0,
               vmax=255, interpolation="nearest")
     for c in range(1, len(names)):
       ls = styles[(c - 1) % len(styles)]
@@ -291,61 +389,37 @@ def parse_ints(value, field: str) -> tuple[int, ...]:
 
 
 def validate_config(config, num_devices: int) -> None:
-  def fail(field, value, why):
-    raise ValueError(f"config.{field}={value!r}: {why}")
-
   if config.get("job") != "segment":
-    fail("job", config.get("job"), "expected 'segment'")
-  if not config.get("init_from"):
-    fail("init_from", config.get("init_from"), "set it to a pretraining workdir")
-  if not 0.0 < config.label_fraction <= 1.0:
-    fail("label_fraction", config.label_fraction, "must lie in (0, 1]")
+    downstream.fail("job", config.get("job"), "expected 'segment'")
+  downstream.validate_common(config, num_devices, lr_field="lr")
   m = config.model
   if m.channels <= 0:
-    fail("model.channels", m.channels, "must be > 0")
+    downstream.fail("model.channels", m.channels, "must be > 0")
   if m.norm_groups <= 0:
-    fail("model.norm_groups", m.norm_groups, "must be > 0")
-  if not 0.0 <= m.drop_path < 1.0:
-    fail("model.drop_path", m.drop_path, "must lie in [0, 1)")
+    downstream.fail("model.norm_groups", m.norm_groups, "must be > 0")
   if not 0.0 <= m.dropout < 1.0:
-    fail("model.dropout", m.dropout, "must lie in [0, 1)")
+    downstream.fail("model.dropout", m.dropout, "must lie in [0, 1)")
   scales = parse_ints(m.pool_scales, "model.pool_scales")
   if not scales or min(scales) < 1:
-    fail("model.pool_scales", m.pool_scales, "expected positive integers, e.g. '1,2,3,6'")
+    downstream.fail("model.pool_scales", m.pool_scales, "expected positive integers, e.g. '1,2,3,6'")
   t = config.train
-  for name in ("batch_size", "eval_batch_size"):
-    v = t[name] or t.batch_size
-    if v <= 0 or v % num_devices:
-      fail(f"train.{name}", t[name], f"must be a positive multiple of the device count ({num_devices})")
-  if t.total_steps < 0 or (t.total_steps == 0 and t.epochs <= 0):
-    fail("train.epochs", t.epochs, "set train.epochs > 0 or train.total_steps > 0")
-  if t.lr <= 0:
-    fail("train.lr", t.lr, "must be > 0")
-  if t.layer_decay is not None and not 0.0 < t.layer_decay <= 1.0:
-    fail("train.layer_decay", t.layer_decay, "must lie in (0, 1]")
   if t.ce_weight < 0 or t.dice_weight < 0 or t.ce_weight + t.dice_weight <= 0:
-    fail("train.ce_weight", (t.ce_weight, t.dice_weight), "loss weights must be >= 0, not both 0")
-  if config.data.name not in ("us_phantom", "folder"):
-    fail("data.name", config.data.name, "expected 'us_phantom' or 'folder'")
+    downstream.fail("train.ce_weight", (t.ce_weight, t.dice_weight), "loss weights must be >= 0, not both 0")
 
 
 # -------------------------------------------------------------------------------------- run
 
 
 def run(config, workdir: str) -> dict:
-  """Fine-tunes UperNet on `config.init_from` in `workdir`; returns the test results."""
-  validate_config(config, jax.device_count())
-  workdir = os.path.abspath(workdir)
-  is_main = jax.process_index() == 0
-  if is_main:
-    core.save_config(config, workdir)
-  mesh = core.make_mesh(config.mesh.fsdp)
+  """Fine-tunes UperNet on `config.init_from` in `workdir`; returns the test results, or
+  {'preempted': True, 'step': ...} when SIGTERM stopped it (a rerun continues)."""
+  return preemption.guarded(_run, config, workdir)
 
-  pcfg, pmodel, ckpt_step, mean, std = obs.pretrained_for_transfer(config)
-  init_from = os.path.abspath(os.path.expanduser(config.init_from))
-  if is_main:
-    with open(os.path.join(workdir, "data_stats.json"), "w") as f:
-      json.dump({"mean": mean, "std": std, "from": init_from}, f)
+
+def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
+  validate_config(config, jax.device_count())
+  workdir, is_main, mesh, pre = downstream.set_up(config, workdir)
+  pcfg = pre.config
   image_size = int(config.model.get("image_size") or pcfg.model.image_size)
   in_chans = pcfg.model.in_chans
   if image_size != pcfg.model.image_size:
@@ -364,158 +438,106 @@ def run(config, workdir: str) -> dict:
   if config.label_fraction < 1.0:
     labels, stratum = strata(full["train"])
     rows = evaluate.stratified_subset(labels, config.label_fraction, config.seed)
-  train_src = finetune.Positional(full["train"], rows)
+  train_src = downstream.Positional(full["train"], rows)
   n_train = len(train_src)
   log.info("segmentation classes %s; train %d%s, validation %d, test %d", names, n_train,
            f" ({config.label_fraction:.0%} of {len(full['train'])}, stratified by {stratum}, seed "
            f"{config.seed})" if rows is not None else "", len(full["validation"]), len(full["test"]))
-
-  settings, tables = None, None
-  if pcfg.recipe == "d2mae":
-    settings = obs.resolve_settings(config, pcfg)
-    tables = finetune.d2mae_tables(pcfg, settings, full, model=pmodel, workdir=workdir,
-                                   init_from=init_from, ckpt_step=ckpt_step, config=config, mean=mean,
-                                   std=std)
-  plan = finetune.TransferPlan(pcfg, settings, tables)
-  log.info("transfer corruption: %s", plan.describe())
+  plan = transfer.plan_for(config, pre, full, workdir)
 
   m = config.model
   model = upernet.from_pretrained(
-      pmodel, num_classes, channels=int(m.channels), blocks=parse_ints(m.blocks, "model.blocks") or None,
+      pre.model, num_classes, channels=int(m.channels), blocks=parse_ints(m.blocks, "model.blocks") or None,
       pool_scales=parse_ints(m.pool_scales, "model.pool_scales"), norm_groups=int(m.norm_groups),
       drop_path=float(m.drop_path), dropout=float(m.dropout), image_size=image_size, seed=config.seed)
-  del pmodel
+  pre.model = None  # the segmenter holds copies of its weights: free the pretraining model's
   graphdef, params, rest = core.split_model(model)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   n_head = sum(int(np.prod(x.shape)) for k in ("necks", "head") for x in jax.tree.leaves(params[k]))
 
   t = config.train
-  steps_per_epoch = max(1, n_train // t.batch_size)
-  total = t.total_steps or int(math.ceil(t.epochs * steps_per_epoch))
-  warmup = min(int(round(t.warmup_epochs * steps_per_epoch)), total)
-  schedule = core.warmup_cosine(float(t.lr), warmup, total, t.min_lr)
-  decay = lr_decay.layer_decay_for(config, pcfg)
+  steps = downstream.Steps.of(t, n_train)
+  schedule = core.warmup_cosine(float(t.lr), steps.warmup, steps.total, t.min_lr)
   # The pretrained depth, not the truncated one: block i keeps MAE's / mmseg's multiplier.
-  tx = lr_decay.layerwise_adamw(schedule, params, depth=model.full_depth, layer_decay=decay,
-                                b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
+  tx, decay = downstream.layerwise_adamw(config, pcfg, schedule, params, model.full_depth)
 
   state = core.init_state(params, tx, config.seed)
   shardings = core.state_shardings(mesh, state)
-  rest_sh = jax.tree.map(lambda _: core.replicated(mesh), rest)
+  rest_sh = downstream.replicated(mesh, rest)
   rest = jax.device_put(rest, rest_sh)
 
-  mngr = core.checkpoint_manager(workdir, keep=int(t.keep_checkpoints), async_save=False)
-  best_mngr = core.checkpoint_manager(workdir, keep=1, async_save=False, subdir="best/checkpoints")
-  restored = core.restore_checkpoint(mngr, core.abstract_like(state, shardings))
-  best = {"dice": -1.0, "epoch": 0, "step": 0, "metrics": None}
-  best_params = None
-  if restored is not None:
-    start, state, data = restored.step, restored.state, restored.data
-    best.update({k: data[k] for k in best if k in data})
-    b = core.restore_checkpoint(best_mngr,
-                                core.abstract_like({"params": params}, {"params": shardings.params}))
-    if b is not None:
-      best_params = jax.device_get(b.state["params"])
-    log.info("resumed at step %d (best validation Dice so far %.4f, epoch %d)", start, best["dice"],
-             best["epoch"])
-  else:
-    start = 0
-    state = jax.device_put(state, shardings)
-  start = int(start)
+  # No non-trained state to checkpoint: `rest` (the position tables) is rebuilt from init_from.
+  ckpts = downstream.Checkpoints(workdir, int(t.keep_checkpoints))
+  val = downstream.Validation("dice", "Dice")
+  start, state, _ = ckpts.restore(val, state, shardings, {}, {})
 
-  train_step, eval_step = make_steps(config, graphdef, tx, schedule, plan, num_classes, mean, std)
+  train_step, eval_step = make_steps(config, graphdef, tx, schedule, plan, num_classes, pre.mean, pre.std)
   bsh = core.batch_sharding(mesh)
   step_fn = jax.jit(train_step, in_shardings=(shardings, rest_sh, bsh),
                     out_shardings=(shardings, core.replicated(mesh)), donate_argnums=(0,))
   eval_fn = jax.jit(eval_step, in_shardings=(shardings.params, rest_sh, bsh),
                     out_shardings=core.replicated(mesh))
 
-  it = pipeline.train_iterator(
-      train_src, global_batch=t.batch_size, image_size=image_size, seed=config.data.seed + config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      scale=(config.data.crop_scale_min, 1.0), hflip=config.data.hflip, in_chans=in_chans,
-      start_batch=start, with_mask=True)
+  it = downstream.train_iterator(config, train_src, image_size=image_size, in_chans=in_chans,
+                                 start=start, with_mask=True)
   writer = writers.TensorBoardWriter(workdir) if is_main else writers.NullWriter()
   log.info("segment from %s (recipe=%s %s, checkpoint step %d): UperNet on blocks %s, %d channels; "
            "%.2fM params (%.2fM necks + head), %d classes, steps=%d (%d/epoch, warm-up %d), batch=%d, "
-           "lr=%.3g, layer decay %g, %dpx", init_from, pcfg.recipe, pcfg.model.variant, ckpt_step,
-           model.blocks, m.channels, n_params / 1e6, n_head / 1e6, num_classes, total,
-           steps_per_epoch, warmup, t.batch_size, t.lr, decay, image_size)
+           "lr=%.3g, layer decay %g, %dpx", pre.init_from, pcfg.recipe, pcfg.model.variant, pre.step,
+           model.blocks, m.channels, n_params / 1e6, n_head / 1e6, num_classes, steps.total,
+           steps.per_epoch, steps.warmup, t.batch_size, t.lr, decay, image_size)
 
-  val_src = finetune.Positional(full["validation"])
-  test_src = finetune.Positional(full["test"])
-  pred = functools.partial(predict, eval_fn, plan=plan, config=config, image_size=image_size,
-                           in_chans=in_chans, mesh=mesh)
-  tp = core.Throughput(total, t.batch_size, start)
-  t0 = time.perf_counter()
+  val_src = downstream.Positional(full["validation"])
+  test_src = downstream.Positional(full["test"])
+
+  def pred(args, src, split):
+    # The pipeline's resized masks are not needed: the host step reads each stored mask.
+    return downstream.predict(eval_fn, args, src, split, plan, config=config, image_size=image_size,
+                              in_chans=in_chans, mesh=mesh, with_mask=False, unused=UNUSED,
+                              host_fn=functools.partial(native_predictions, source=src.source))
+  steplog = downstream.StepLog(config, steps, start, writer, _describe, "train.lr")
   step = start
-  history = []
-  best_unsaved = False
   try:
-    while step < total:
-      local = dict(next(it))
-      local.update(plan.lookup("train", local["index"]))
-      for k in ("organ", "label"):
-        local.pop(k, None)
-      state, metrics = step_fn(state, rest, core.global_batch(local, mesh))
+    while step < steps.total:
+      if step == start and preempt.before_first_step(step):
+        break
+      state, metrics = step_fn(state, rest, downstream.next_train_batch(it, plan, UNUSED, mesh))
       step += 1
-      if step == start + 1:
-        log.info("first step compiled and ran in %.1fs", time.perf_counter() - t0)
-        tp.mark(step)
-      if step % t.log_every == 0 or step == total:
-        mm = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        mm.update(tp.mark(step))
-        writer.write_scalars(step, mm)
-        log.info("step %d/%d loss %.4f (ce %.4f, dice %.4f) pixel acc %.3f lr %.3g%s%s", step, total,
-                 mm["loss"], mm["ce"], mm["dice_loss"], mm["pixel_acc"], mm["lr"],
-                 f" {mm['images_per_sec']:.1f} img/s ETA {writers.format_eta(mm['eta_seconds'])}"
-                 if "images_per_sec" in mm else "",
-                 f" skipped {int(mm['skipped_total'])}" if mm["skipped_total"] else "")
-        if int(mm["bad_streak"]) >= t.max_bad_steps:
-          raise RuntimeError(f"{int(mm['bad_streak'])} consecutive non-finite steps at step {step} "
-                             f"(train.max_bad_steps={t.max_bad_steps}): lower train.lr")
-      if step % steps_per_epoch == 0 or step == total:
-        epoch = int(math.ceil(step / steps_per_epoch))
-        p = pred(state.params, rest, val_src, "validation")
+      steplog.after(step, metrics)
+      if steps.epoch_ends(step):
+        epoch = steps.epoch(step)
+        p = pred((state.params, rest), val_src, "validation")
         vd = float(np.mean(per_image_dice(p["pred"], p["mask"], num_classes)))
         writer.write_scalars(step, {"val_dice": vd})
-        improved = vd > best["dice"]
-        history.append({"epoch": epoch, "step": step, "dice": vd})
+        improved = val.record(epoch, step, {"dice": vd}, state.params, {})
         log.info("epoch %d (step %d): validation Dice %.4f%s", epoch, step, vd,
                  " (best)" if improved else "")
-        if improved:
-          best = {"dice": vd, "epoch": epoch, "step": step, "metrics": {"dice": vd}}
-          best_params = jax.device_get(state.params)
-          best_unsaved = True
-        if epoch % max(1, int(t.checkpoint_every)) == 0 or step == total:
-          # The best parameters go to disk before the state that records their score, so a resumed
-          # run always finds the best checkpoint its state refers to.
-          if best_unsaved:
-            core.save_checkpoint(best_mngr, best["step"], {"params": best_params}, best, force=True)
-            best_unsaved = False
-          core.save_checkpoint(mngr, step, state, {"next_batch": step, **best}, force=True)
+        if epoch % max(1, int(t.checkpoint_every)) == 0 or step == steps.total:
+          ckpts.save(step, state, {}, val)
+      # At SIGTERM: nothing more to save when this step's epoch checkpoint was just written.
+      if preempt.stop_after(step, functools.partial(ckpts.save, step, state, {}, val)):
+        break
   finally:
-    mngr.wait_until_finished()
-    best_mngr.wait_until_finished()
-    mngr.close()
-    best_mngr.close()
+    ckpts.close()
     writer.flush()
+  if preempt.requested:
+    writer.close()
+    return {"preempted": True, "step": step}
 
-  if best_params is None:
+  if val.params is None:
     raise RuntimeError(f"no best checkpoint in {workdir}/best: delete the workdir and run again")
-  p = pred(jax.device_put(best_params, shardings.params), rest, test_src, "test")
+  p = pred((jax.device_put(val.params, shardings.params), rest), test_src, "test")
   per = per_image_metrics(p["pred"], p["mask"], num_classes)
   ci = aggregate(per, n_boot=int(config.eval.n_boot), alpha=float(config.eval.alpha), seed=config.seed)
   baselines = baseline_dice(p["mask"], num_classes)
   writer.write_scalars(step, {f"test_{k}": v[0] for k, v in ci.items()})
   writer.close()
-  has_fg = p["mask"].reshape(len(p["mask"]), -1).max(1) > 0
-  method = f"{pcfg.recipe}" + (f" (obs={settings['mode']})" if settings else "")
-  row = {"method": method, "job": "segment", "label_fraction": f"{config.label_fraction:g}",
-         "seed": str(config.seed), **{k: ci[k] for k in METRICS}}
+  best, history = val.best, val.history
+  has_fg = np.array([np.any(m > 0) for m in p["mask"]])
+  sizes = [m.shape[:2] for m in p["mask"]]
   results = {
-      "rows": [row],
-      "test": {k: {"value": ci[k][0], "lo": ci[k][1], "hi": ci[k][2]} for k in METRICS},
+      "rows": [downstream.result_row(config, "segment", pre, plan, ci, METRICS)],
+      "test": downstream.ci_table(ci, METRICS),
       "test_per_class": {k: dict(zip(names[1:], evaluate.nanmean(per[f"{k}_per_class"], axis=0)))
                          for k in ("dice", "iou", "hd95", "sensitivity")},
       "test_n": int(len(p["mask"])),
@@ -526,25 +548,27 @@ def run(config, workdir: str) -> dict:
       "validation_history": history,
       "classes": names,
       "feature_blocks": list(model.blocks),
-      "init_from": init_from, "pretrain_recipe": pcfg.recipe, "checkpoint_step": int(ckpt_step),
-      "transfer": plan.describe(), "obs": settings, "layer_decay": decay,
+      **downstream.provenance(pre, plan, decay),
       "label_strata": stratum, "image_size": image_size,
-      "conventions": "per image, mean over foreground classes; both masks empty: Dice = IoU = 1, "
-                     "HD95 = 0; one empty: Dice = IoU = 0, HD95 = image diagonal; sensitivity NaN "
-                     "(skipped) on images without foreground; HD95 in pixels at image_size",
-      "ci": f"percentile bootstrap over test images, {int(config.eval.n_boot)} resamples, "
-            f"{1 - float(config.eval.alpha):.0%}",
+      "test_image_sizes": dict(collections.Counter(f"{h}x{w}" for h, w in sizes).most_common()),
+      "conventions": "per image at its stored size (logits predicted at image_size, resized "
+                     "bilinearly, align_corners=False, then argmax; the stored mask unresized), mean "
+                     "over foreground classes; both masks empty: Dice = IoU = 1, HD95 = 0; one empty: "
+                     "Dice = IoU = 0, HD95 = the image's diagonal; sensitivity NaN (skipped) on images "
+                     "without foreground; HD95 in pixels of the stored image",
+      "ci": downstream.ci_note(config),
   }
   if is_main:
     evaluate.write_results(workdir, "results", results, metrics=list(METRICS))
-    write_per_image(os.path.join(workdir, "metrics_test.csv"), p["index"], per)
-    np.savez_compressed(os.path.join(workdir, "predictions_test.npz"), pred=p["pred"], mask=p["mask"],
-                        index=p["index"], classes=np.array(names))
+    write_per_image(os.path.join(workdir, "metrics_test.csv"), p["index"], per, sizes)
+    save_predictions(os.path.join(workdir, "predictions_test.npz"), p["pred"], p["mask"], p["index"],
+                     names)
     n_fig = int(config.eval.overlay_images)
     if n_fig > 0:
       sel = pick_overlays(p["mask"], n_fig)
+      images = [stored(test_src.source, i, "image") for i in p["index"][sel]]
       try:
-        overlay_figure(os.path.join(workdir, "overlays_test.png"), p["image"][sel], p["mask"][sel],
+        overlay_figure(os.path.join(workdir, "overlays_test.png"), images, p["mask"][sel],
                        p["pred"][sel], per["dice"][sel], names, p["index"][sel])
       except ImportError:
         log.warning("matplotlib is not installed: no overlay figure")
@@ -554,3 +578,8 @@ def run(config, workdir: str) -> dict:
   return {"test": {k: ci[k][0] for k in METRICS}, "test_ci": ci, "per_image": per,
           "baselines_dice": baselines, "best": best, "history": history, "step": step,
           "num_classes": num_classes, "classes": names}
+
+
+def _describe(m: dict) -> str:
+  return (f"loss {m['loss']:.4f} (ce {m['ce']:.4f}, dice {m['dice_loss']:.4f}) pixel acc "
+          f"{m['pixel_acc']:.3f} lr {m['lr']:.3g}")

@@ -1,0 +1,344 @@
+"""The set-up and bookkeeping that fine-tuning / linear probing (`finetune.py`) and segmentation
+(`segment.py`) share: the workdir and the pretrained encoder, step counts, the optimiser with
+layer-wise lr decay, the training iterator, step logging, prediction over a split, the checkpoints
+of the latest state and of the best parameters with the validation bookkeeping a resumed run needs,
+the shared config checks and the provenance written next to the results.
+
+What differs between the jobs (model, loss, metrics, what is written) stays in the job's module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from mae_jax.data import pipeline
+from mae_jax.train import core, lr_decay, obs, writers
+
+log = logging.getLogger("mae_jax")
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+class Positional:
+  """A view of `rows` of a split whose records carry `index` = their position in the full split,
+  so per-image tables (σ*, t*) index directly by it. Picklable, random access."""
+
+  def __init__(self, source, rows=None):
+    self.source = source
+    self.rows = np.arange(len(source)) if rows is None else np.asarray(rows, np.int64)
+
+  def __len__(self):
+    return len(self.rows)
+
+  def __getitem__(self, i):
+    pos = int(self.rows[int(i)])
+    rec = dict(self.source[pos])
+    rec["index"] = pos
+    return rec
+
+
+def train_iterator(config, source, *, image_size: int, in_chans: int, start: int, with_mask: bool):
+  """The job's training batches from batch number `start` on (a pure function of the seeds)."""
+  return pipeline.train_iterator(
+      source, global_batch=config.train.batch_size, image_size=image_size,
+      seed=config.data.seed + config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), scale=(config.data.crop_scale_min, 1.0),
+      hflip=config.data.hflip, in_chans=in_chans, start_batch=start, with_mask=with_mask)
+
+
+def next_train_batch(it, plan, unused, mesh) -> dict:
+  """The next global training batch with the plan's per-image σ / t, without the fields in `unused`."""
+  local = dict(next(it))
+  local.update(plan.lookup("train", local["index"]))
+  for k in unused:
+    local.pop(k, None)
+  return core.global_batch(local, mesh)
+
+
+def predict(eval_fn, args, source, split: str, plan, *, config, image_size: int, in_chans: int, mesh,
+            with_mask: bool, unused, host_fn=None) -> dict:
+  """`eval_fn(*args, batch)` over every record of `source`: the outputs concatenated, padding rows
+  dropped, in the order of the records' `index`.
+
+  With `host_fn`, each batch's real rows, as host numpy, go through `host_fn(rows) -> dict` (which
+  keeps `index`) and only its outputs are kept, so a split's raw outputs (segmentation logits)
+  never accumulate; its arrays may be object arrays (one entry per image) when sizes differ."""
+  bs = int(config.train.eval_batch_size or config.train.batch_size)
+  it = pipeline.eval_iterator(source, batch_size=bs, image_size=image_size, in_chans=in_chans,
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              with_mask=with_mask)
+  outs, pending = [], None
+  for local in it:
+    local = dict(local)
+    local.update(plan.lookup(split, local["index"]))
+    for k in unused:
+      local.pop(k, None)
+    out = eval_fn(*args, core.global_batch(local, mesh))
+    if host_fn is None:
+      outs.append(out)
+      continue
+    # The previous batch's host work runs while the device computes this one.
+    if pending is not None:
+      outs.append(_host_rows(pending, host_fn))
+    pending = out
+  if host_fn is None:
+    outs = core.host_gather(outs)
+  elif pending is not None:
+    outs.append(_host_rows(pending, host_fn))
+  cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+  valid = cat.pop("valid").astype(bool)
+  res = {k: v[valid] for k, v in cat.items()}
+  order = np.argsort(res["index"], kind="stable")
+  return {k: v[order] for k, v in res.items()}
+
+
+def _host_rows(out, host_fn) -> dict:
+  out = core.host_gather(out)
+  valid = out.pop("valid").astype(bool)
+  rows = host_fn({k: v[valid] for k, v in out.items()})
+  rows["valid"] = np.ones(int(valid.sum()), bool)
+  return rows
+
+
+# ------------------------------------------------------------------------------------ set-up
+
+
+@dataclasses.dataclass
+class Pretrained:
+  """What a downstream job takes from `config.init_from`: its config (the whole truth about the
+  encoder and the recipe), the pretraining model, the checkpoint step and the normalisation."""
+  config: Any
+  model: Any
+  step: int
+  mean: float
+  std: float
+  init_from: str  # absolute
+
+
+def set_up(config, workdir: str):
+  """(absolute workdir, whether this is process 0, the mesh, the `Pretrained` of `config.init_from`).
+  Process 0 writes `config.json` and the normalisation (`data_stats.json`) into the workdir."""
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    core.save_config(config, workdir)
+  mesh = core.make_mesh(config.mesh.fsdp)
+  pcfg, model, step, mean, std = obs.pretrained_for_transfer(config)
+  init_from = os.path.abspath(os.path.expanduser(config.init_from))
+  if is_main:
+    with open(os.path.join(workdir, "data_stats.json"), "w") as f:
+      json.dump({"mean": mean, "std": std, "from": init_from}, f)
+  return workdir, is_main, mesh, Pretrained(pcfg, model, step, mean, std, init_from)
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """Step counts of a downstream run; an epoch is every full batch of the training split."""
+  per_epoch: int
+  total: int
+  warmup: int
+
+  @classmethod
+  def of(cls, train_config, n_train: int) -> Steps:
+    per_epoch = max(1, n_train // train_config.batch_size)
+    total = train_config.total_steps or int(math.ceil(train_config.epochs * per_epoch))
+    warmup = min(int(round(train_config.warmup_epochs * per_epoch)), total)
+    return cls(per_epoch, total, warmup)
+
+  def epoch_ends(self, step: int) -> bool:
+    """Whether the validation split is evaluated after `step` (the last step ends an epoch too)."""
+    return step % self.per_epoch == 0 or step == self.total
+
+  def epoch(self, step: int) -> int:
+    return int(math.ceil(step / self.per_epoch))
+
+
+def layerwise_adamw(config, pretrain_config, schedule, params, depth: int):
+  """(AdamW with layer-wise lr decay over `depth` encoder blocks, the decay): `train.layer_decay`,
+  or when unset the published value for the pretrained variant."""
+  t = config.train
+  decay = lr_decay.layer_decay_for(config, pretrain_config)
+  tx = lr_decay.layerwise_adamw(schedule, params, depth=depth, layer_decay=decay, b1=t.b1, b2=t.b2,
+                                weight_decay=t.weight_decay, grad_clip=t.grad_clip)
+  return tx, decay
+
+
+def replicated(mesh, tree):
+  """Shardings that keep every leaf of `tree` whole on every device."""
+  return jax.tree.map(lambda _: core.replicated(mesh), tree)
+
+
+# ------------------------------------------------------------------------------- bookkeeping
+
+
+class Validation:
+  """The best validation score so far with its parameters (host copies: the next step donates the
+  device buffers) and the per-epoch history: what the test split is evaluated with, what the results
+  report, and what a checkpoint must carry for a resumed run to end as an uninterrupted one."""
+
+  def __init__(self, score: str, name: str):
+    self.score, self.name = score, name  # the metric that decides, and how the log calls it
+    self.best = {score: -1.0, "epoch": 0, "step": 0, "metrics": None}
+    self.history: list[dict] = []
+    self.params = self.stats = None
+    self.unsaved = False  # best parameters newer than the best checkpoint
+
+  def record(self, epoch: int, step: int, metrics: dict, params, stats) -> bool:
+    """Adds an epoch's validation metrics; True when they beat the best so far."""
+    improved = metrics[self.score] > self.best[self.score]
+    self.history.append({"epoch": epoch, "step": step, **metrics})
+    if improved:
+      self.best = {self.score: metrics[self.score], "epoch": epoch, "step": step, "metrics": metrics}
+      self.params, self.stats = jax.device_get(params), jax.device_get(stats)
+      self.unsaved = True
+    return improved
+
+
+class Checkpoints:
+  """`workdir/checkpoints`: the latest train state (and non-trained `stats`), the data position and
+  the validation bookkeeping; `workdir/best/checkpoints`: the best parameters and their `stats`."""
+
+  def __init__(self, workdir: str, keep: int):
+    self.latest = core.checkpoint_manager(workdir, keep=keep, async_save=False)
+    self.best = core.checkpoint_manager(workdir, keep=1, async_save=False, subdir="best/checkpoints")
+    self._saved_step = None
+
+  def restore(self, val: Validation, state, shardings, stats, stats_shardings):
+    """(step, state, stats) from the latest checkpoint, with `val` as it was then; without one, the
+    initial state and stats placed on the mesh, at step 0."""
+    abstract_stats = core.abstract_like(stats, stats_shardings)
+    r = core.restore_checkpoint(self.latest, core.abstract_like(state, shardings),
+                                abstract_stats=abstract_stats)
+    if r is None:
+      return 0, jax.device_put(state, shardings), jax.device_put(stats, stats_shardings)
+    val.best.update({k: r.data[k] for k in val.best if k in r.data})
+    val.history = list(r.data.get("history") or [])
+    b = core.restore_checkpoint(
+        self.best, core.abstract_like({"params": state.params}, {"params": shardings.params}),
+        abstract_stats=abstract_stats)
+    if b is not None:
+      val.params, val.stats = jax.device_get(b.state["params"]), jax.device_get(b.stats)
+    log.info("resumed at step %d (best validation %s so far %.4f, epoch %d)", r.step, val.name,
+             val.best[val.score], val.best["epoch"])
+    self._saved_step = int(r.step)
+    return int(r.step), r.state, r.stats
+
+  def save(self, step: int, state, stats, val: Validation) -> None:
+    """The best parameters first when they are newer than their checkpoint, then the latest state:
+    a resumed run always finds the best checkpoint its state refers to. Once per step (an epoch's
+    checkpoint and a preemption's at the same step are one)."""
+    if step == self._saved_step:
+      return
+    if val.unsaved:
+      core.save_checkpoint(self.best, val.best["step"], {"params": val.params}, val.best,
+                           stats=val.stats, force=True)
+      val.unsaved = False
+    core.save_checkpoint(self.latest, step, state, {"next_batch": step, **val.best, "history": val.history},
+                         stats=stats, force=True)
+    self._saved_step = step
+
+  def close(self) -> None:
+    for mngr in (self.latest, self.best):
+      mngr.wait_until_finished()
+    for mngr in (self.latest, self.best):
+      mngr.close()
+
+
+def progress(m: dict) -> str:
+  """Throughput, ETA and skipped non-finite steps, as the end of a step's log line."""
+  rate = (f" {m['images_per_sec']:.1f} img/s ETA {writers.format_eta(m['eta_seconds'])}"
+          if "images_per_sec" in m else "")
+  return rate + (f" skipped {int(m['skipped_total'])}" if m["skipped_total"] else "")
+
+
+class StepLog:
+  """After every step: the first step's compile time; every `train.log_every` steps (and the last)
+  the metrics to TensorBoard and the log (`describe(metrics)` is the job's part of the line); and
+  `train.max_bad_steps` non-finite steps in a row stop the run, pointing at `lr_field`."""
+
+  def __init__(self, config, steps: Steps, start: int, writer, describe, lr_field: str):
+    self.t, self.steps, self.start, self.writer = config.train, steps, start, writer
+    self.describe, self.lr_field = describe, lr_field
+    self.tp = core.Throughput(steps.total, config.train.batch_size, start)
+    self.t0 = time.perf_counter()
+
+  def after(self, step: int, metrics) -> None:
+    if step == self.start + 1:
+      log.info("first step compiled and ran in %.1fs", time.perf_counter() - self.t0)
+      self.tp.mark(step)
+    if step % self.t.log_every and step != self.steps.total:
+      return
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    m.update(self.tp.mark(step))
+    self.writer.write_scalars(step, m)
+    log.info("step %d/%d %s%s", step, self.steps.total, self.describe(m), progress(m))
+    if int(m["bad_streak"]) >= self.t.max_bad_steps:
+      raise RuntimeError(f"{int(m['bad_streak'])} consecutive non-finite steps at step {step} "
+                         f"(train.max_bad_steps={self.t.max_bad_steps}): lower {self.lr_field}")
+
+
+# ------------------------------------------------------------------------------------ checks
+
+
+def fail(field: str, value, why: str):
+  raise ValueError(f"config.{field}={value!r}: {why}")
+
+
+def validate_common(config, num_devices: int, lr_field: str) -> None:
+  """The rules every downstream config obeys; `lr_field` is the job's peak-lr field under `train`."""
+  if not config.get("init_from"):
+    fail("init_from", config.get("init_from"), "set it to a pretraining workdir")
+  if not 0.0 < config.label_fraction <= 1.0:
+    fail("label_fraction", config.label_fraction, "must lie in (0, 1]")
+  if not 0.0 <= config.model.drop_path < 1.0:
+    fail("model.drop_path", config.model.drop_path, "must lie in [0, 1)")
+  t = config.train
+  for name in ("batch_size", "eval_batch_size"):
+    v = t[name] or t.batch_size
+    if v <= 0 or v % num_devices:
+      fail(f"train.{name}", t[name], f"must be a positive multiple of the device count ({num_devices})")
+  if t.total_steps < 0 or (t.total_steps == 0 and t.epochs <= 0):
+    fail("train.epochs", t.epochs, "set train.epochs > 0 or train.total_steps > 0")
+  if t[lr_field] <= 0:
+    fail(f"train.{lr_field}", t[lr_field], "must be > 0")
+  if t.layer_decay is not None and not 0.0 < t.layer_decay <= 1.0:
+    fail("train.layer_decay", t.layer_decay, "must lie in (0, 1]")
+  if config.data.name not in ("us_phantom", "folder"):
+    fail("data.name", config.data.name, "expected 'us_phantom' or 'folder'")
+
+
+# ----------------------------------------------------------------------------------- results
+
+
+def result_row(config, job: str, pre: Pretrained, plan, ci: dict, metrics) -> dict:
+  """The results table's row: method (recipe and OBS setting), job, label fraction, seed, CIs."""
+  method = pre.config.recipe + (f" (obs={plan.settings['mode']})" if plan.settings else "")
+  return {"method": method, "job": job, "label_fraction": f"{config.label_fraction:g}",
+          "seed": str(config.seed), **{m: ci[m] for m in metrics}}
+
+
+def ci_table(ci: dict, metrics) -> dict:
+  """{metric: {value, lo, hi}} for results.json."""
+  return {m: {"value": ci[m][0], "lo": ci[m][1], "hi": ci[m][2]} for m in metrics}
+
+
+def provenance(pre: Pretrained, plan, decay) -> dict:
+  """Where the results come from, for results.json."""
+  return {"init_from": pre.init_from, "pretrain_recipe": pre.config.recipe,
+          "checkpoint_step": int(pre.step), "transfer": plan.describe(), "obs": plan.settings or None,
+          "layer_decay": decay}
+
+
+def ci_note(config) -> str:
+  return (f"percentile bootstrap over test images, {int(config.eval.n_boot)} resamples, "
+          f"{1 - float(config.eval.alpha):.0%}")
