@@ -64,7 +64,7 @@ def base(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.blur_embed = "none"  # D²MAE: none | token | add
   c.model.ffl_weight = 0.4  # USFM λ
   c.model.ffl_alpha = 1.0
-  c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators. Parameters stay float32.
+  c.model.dtype = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU. Params stay float32.
 
   # What happens to pixels inside the step, before normalisation (SPEC §2–§4).
   c.corrupt = ml_collections.ConfigDict()

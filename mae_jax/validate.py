@@ -26,8 +26,8 @@ def validate_model(m) -> None:
     _fail("model.mask_ratio", m.mask_ratio, "must lie in [0, 1)")
   if m.path not in ("mae", "simmim"):
     _fail("model.path", m.path, "expected 'mae' or 'simmim'")
-  if m.dtype not in ("float32", "bfloat16"):
-    _fail("model.dtype", m.dtype, "expected 'float32' or 'bfloat16'")
+  if m.dtype not in ("auto", "float32", "bfloat16"):
+    _fail("model.dtype", m.dtype, "expected 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32' or 'bfloat16'")
   if m.loss_on not in ("masked", "all"):
     _fail("model.loss_on", m.loss_on, "expected 'masked' or 'all'")
   if m.blur_embed not in ("none", "token", "add"):

@@ -213,3 +213,16 @@ def test_cli_fails_before_anything_runs(tmp_path, flag, needle):
   assert proc.returncode != 0, out
   assert needle in out, out
   assert not wd.exists()  # nothing was written: no config.json, no checkpoint, no dataset work
+
+
+def test_auto_compute_dtype_is_bfloat16_only_on_accelerators():
+  import jax.numpy as jnp
+
+  from mae_jax import models
+  assert load_config("mae", "").model.dtype == "auto"
+  assert models.compute_dtype("auto", backend="gpu") == jnp.bfloat16
+  assert models.compute_dtype("auto", backend="tpu") == jnp.bfloat16
+  assert models.compute_dtype("auto", backend="cpu") == jnp.float32
+  assert models.compute_dtype("float32", backend="gpu") == jnp.float32
+  with pytest.raises(ValueError, match="model.dtype='float16'"):
+    models.compute_dtype("float16")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -9,11 +10,17 @@ from mae_jax.models import mae as mae_lib
 from mae_jax.models import vit
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPE_NAMES = ("auto", *DTYPES)
 
 
-def compute_dtype(name: str):
-  if name not in DTYPES:
-    raise ValueError(f"model.dtype={name!r}: expected one of {sorted(DTYPES)}")
+def compute_dtype(name: str, backend: str | None = None):
+  """The compute dtype for `model.dtype`. 'auto' = bfloat16 on GPU/TPU (the mixed precision the
+  official MAE trains with, there via fp16 autocast) and float32 on CPU, where bfloat16 matmuls are
+  slower and the parity tests run. Parameters and optimizer state are float32 either way."""
+  if name not in DTYPE_NAMES:
+    raise ValueError(f"model.dtype={name!r}: expected one of {list(DTYPE_NAMES)}")
+  if name == "auto":
+    name = "bfloat16" if (backend or jax.default_backend()) in ("gpu", "tpu") else "float32"
   return DTYPES[name]
 
 

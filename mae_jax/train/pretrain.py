@@ -187,9 +187,9 @@ def _train(config, workdir: str, preempt: preemption.Preemption) -> dict:
   writer = writers.TensorBoardWriter(workdir) if is_main else writers.NullWriter()
   if is_main and start == 0:
     writer.write_scalars(0, {"params_millions": n_params / 1e6})
-  log.info("recipe=%s model=%s (%.2fM params) devices=%d processes=%d steps=%d (warm-up %d) "
-           "global batch=%d (%d micro-batches) peak lr=%.3g, images %dpx", config.recipe,
-           config.model.variant, n_params / 1e6, jax.device_count(), jax.process_count(), steps, warmup,
+  log.info("recipe=%s model=%s (%.2fM params, %s compute) devices=%d processes=%d steps=%d "
+           "(warm-up %d) global batch=%d (%d micro-batches) peak lr=%.3g, images %dpx", config.recipe,
+           config.model.variant, n_params / 1e6, jnp.dtype(models.compute_dtype(config.model.dtype)).name, jax.device_count(), jax.process_count(), steps, warmup,
            config.train.batch_size, grad_accum_steps(config.train, jax.device_count(), jax.default_backend()),
            peak_lr, config.model.image_size)
 
