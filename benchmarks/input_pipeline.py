@@ -16,13 +16,11 @@ prints pipeline images/s ÷ train-step images/s: the host keeps up when that is 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None):
@@ -44,11 +42,8 @@ def parse_args(argv=None):
 
 
 def load_config(path: str, arg: str):
-  path = path if os.path.isabs(path) else os.path.join(REPO, path)
-  spec = importlib.util.spec_from_file_location("_bench_input_cfg", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg or None)
+  from mae_jax import config_files
+  return config_files.load(path, arg)
 
 
 def measure(source, config, args, threads: int) -> dict:

@@ -27,7 +27,6 @@ to separate USFM's model cost from its corruption cost.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -35,9 +34,8 @@ import statistics
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FILES = {"mae": "mae.py", "deblur": "deblur_mae.py", "denoise": "denoise_mae.py",
-                "d2mae": "d2mae.py", "usfm": "usfm.py", "simmim": "usfm.py"}
+CONFIG_FILES = {"mae": "mae", "deblur": "deblur_mae", "denoise": "denoise_mae",
+                "d2mae": "d2mae", "usfm": "usfm", "simmim": "usfm"}
 TORCH = "torch-mae"
 # The plain step of each recipe's model: its overhead (corruption, extra tokens, loss) is measured
 # against this. USFM's SimMIM model encodes all tokens (SPEC §4), so MAE is not its plain step.
@@ -103,12 +101,9 @@ def setup_threads(n: int) -> int:
 
 
 def load_config(recipe: str, args):
-  path = os.path.join(REPO, "configs", CONFIG_FILES[recipe])
-  spec = importlib.util.spec_from_file_location(f"_bench_cfg_{recipe}", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  from mae_jax import config_files
   words = ",".join(filter(None, [args.variant, args.config_args if recipe != "simmim" else ""]))
-  c = mod.get_config(words)
+  c = config_files.load(CONFIG_FILES[recipe], words)
   if recipe == "simmim":
     c.recipe = "mae"  # no corruption; the model path stays 'simmim'
   c.model.image_size = args.image_size

@@ -7,21 +7,13 @@ batch/256, no weight decay, 90 epochs with 10 warm-up. The same arguments as con
   python -m mae_jax.main --config=configs/linear_probe.py:smoke,init_from=PRE --workdir=LP
 """
 
-import importlib.util
 import os
 
-from mae_jax import config_base
-
-
-def _finetune_module():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "finetune.py")
-  spec = importlib.util.spec_from_file_location("mae_jax_configs_finetune", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from mae_jax import config_base, config_files
 
 
 def get_config(arg=None):
   args = config_base.parse_arg(arg, **config_base.DOWNSTREAM_ARGS, probe=True, mixup=False, pool="")
   args.probe = True
-  return _finetune_module().downstream(args)
+  finetune = config_files.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "finetune.py"))
+  return finetune.downstream(args)

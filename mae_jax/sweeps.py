@@ -28,7 +28,6 @@ Seed s sets both the pretraining and the transfer seed (the label-efficiency sub
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -38,24 +37,16 @@ import time
 
 import numpy as np
 
-from mae_jax import evaluate
+from mae_jax import config_files, evaluate
 
 log = logging.getLogger("mae_jax")
 
 SCALES = ("tiny", "paper")
 METRICS = ("macro_f1", "accuracy", "auroc")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS_DIR = os.path.join(REPO, "configs", "experiments")
+EXPERIMENTS_DIR = os.path.join(config_files.CONFIG_DIR, "experiments")
 
 
 # ------------------------------------------------------------------------------------ loading
-
-
-def _load_module(path: str, name: str):
-  spec = importlib.util.spec_from_file_location(name, path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
 
 
 def list_experiments() -> list[str]:
@@ -68,7 +59,7 @@ def get_experiment(name: str) -> dict:
   path = os.path.join(EXPERIMENTS_DIR, f"{name}.py")
   if not os.path.exists(path):
     raise ValueError(f"--experiment={name!r}: no {path}; known: {list_experiments()}")
-  exp = _load_module(path, f"_mae_jax_experiment_{name}").get_experiment()
+  exp = config_files.load_module(path).get_experiment()
   labels = [_label_text(r["label"]) for r in exp["rows"]]
   if len(set(labels)) != len(labels):
     raise ValueError(f"experiment {name!r}: two rows share a label")
@@ -110,19 +101,7 @@ def parse_overrides(items) -> dict:
 
 
 def load_config(name: str, args: str, overrides: dict | None = None):
-  path = os.path.join(REPO, "configs", f"{name}.py")
-  if not os.path.exists(path):
-    raise ValueError(f"no config file {path}")
-  config = _load_module(path, f"_mae_jax_config_{name}").get_config(args)
-  for key, value in (overrides or {}).items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise ValueError(f"override {key!r}: configs/{name}.py has no such field")
-    node[leaf] = value
-  return config
+  return config_files.load(name, args, overrides)
 
 
 # ------------------------------------------------------------------------------------- plan

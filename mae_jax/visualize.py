@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import sys
@@ -41,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mae_jax import losses
+from mae_jax import config_files, losses
 from mae_jax import patches as patch_lib
 from mae_jax import recipes
 from mae_jax.corrupt import blur as blur_lib
@@ -621,34 +620,9 @@ def write_figures(workdir: str, out: str, *, images=4, split: str = "validation"
 # --------------------------------------------------------------------------------- notebook helpers
 
 
-def config_file(recipe: str) -> str:
-  """configs/<file>.py of a recipe, in the source tree next to the package (an editable install
-  or a clone on sys.path)."""
-  name = CONFIG_FILES.get(recipe, recipe)
-  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  path = os.path.join(here, "configs", f"{name}.py")
-  if not os.path.exists(path):
-    raise ValueError(f"no config file {path!r} for recipe {recipe!r}: install the package from a "
-                     "clone of the repository (pip install -e .) so configs/ sits next to it")
-  return path
-
-
 def get_config(recipe: str, arg: str = "smoke", overrides: dict | None = None):
-  """configs/<recipe>.py:ARG as `--config` would load it, with dotted-key overrides applied."""
-  path = config_file(recipe)
-  spec = importlib.util.spec_from_file_location(f"_mae_jax_config_{os.path.basename(path)[:-3]}", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config(arg)
-  for key, value in (overrides or {}).items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise ValueError(f"override {key!r}: the config has no such field")
-    node[leaf] = value
-  return config
+  """configs/<recipe's file>.py:ARG as `--config` would load it, with dotted-key overrides applied."""
+  return config_files.load(CONFIG_FILES.get(recipe, recipe), arg, overrides)
 
 
 def pretrain_demo(recipe: str, workdir: str, *, steps: int = 40, arg: str = "smoke",

@@ -226,7 +226,6 @@ def test_empty_mask_conventions():
 
 
 def test_segmentation_metrics_multiclass():
-  rng = np.random.default_rng(3)
   n, h, w, c = 4, 32, 40, 3
   true = np.zeros((n, h, w), np.int64)
   pred = np.zeros((n, h, w), np.int64)

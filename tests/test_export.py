@@ -1,6 +1,5 @@
 """Export to PyTorch, checked numerically against timm and transformers (SPEC §6, issue 5)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,7 +16,7 @@ import timm
 import torch
 from flax import nnx
 
-from mae_jax import export
+from mae_jax import config_files, export
 from mae_jax import models
 from mae_jax.models import heads
 from mae_jax.models import mae as mae_lib
@@ -300,17 +299,7 @@ def test_head_models_export_errors(tmp_path):
 
 
 def _smoke_config(**overrides):
-  spec = importlib.util.spec_from_file_location("mae_config", os.path.join(ROOT, "configs", "mae.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("smoke")
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return config_files.load("mae", "smoke", overrides)
 
 
 def test_d2mae_blur_token_extras(tmp_path):
