@@ -3,8 +3,10 @@
 Published setting (§3 Implementation Details, Table 3): ViT-B/16, 224 px, mask ratio 0.75,
 blur levels σ_t = 0.1·t for t = 1..11 (0.1→1.1), t ~ U{1..T} per image, blurriness token
 BLU(t) = DDPM sinusoid + a learnable vector inserted after CLS, MSE against the original on all
-patches, batch 1024, 8,000 epochs (thyroid). Fine-tuning runs the optimal blurriness search first
-with step s = 2.
+patches in pixel space (Eq. 3; `norm_pix_loss=False`, as the same authors' Deblurring MAE code
+trains), so the optimal blurriness search scores in pixel space too; batch 1024, 8,000 epochs
+(thyroid). Fine-tuning runs the optimal blurriness search first with step s = 2. Details and
+sources: docs/methods.md#d2mae.
 
 Ablations (Table 3), as config arguments:
   range=0.1:0.6:0.1 | 0.1:1.1:0.1 | 0.1:1.6:0.1    embed=none | add | token
@@ -24,6 +26,7 @@ def get_config(arg=None):
   c.recipe = "d2mae"
   c.corrupt.sigma_levels = args.range
   c.model.blur_embed = args.embed
+  c.model.norm_pix_loss = False  # Eq. 3: MSE between x̂ and x
   c.model.loss_on = "all"
   c.train.batch_size = 1024 if not args.smoke else c.train.batch_size
   c.train.epochs = 8000

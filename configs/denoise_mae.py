@@ -1,5 +1,6 @@
 """Denoising MAE: the baseline of Deblurring MAE Table 1 — add Gaussian noise instead of blurring,
-reconstruct the clean image on all patches.
+reconstruct the clean image on all patches, with the same pixel-wise MSE (`norm_pix_loss=False`)
+as Deblurring MAE (docs/methods.md#denoising-mae).
 
   python -m mae_jax.main --config=configs/denoise_mae.py:b,std=0.1 --workdir=DIR
 """
@@ -12,6 +13,7 @@ def get_config(arg=None):
   c = config_base.base(args)
   c.recipe = "denoise"
   c.corrupt.noise_std = args.std
+  c.model.norm_pix_loss = False  # as Deblurring MAE, which it is the baseline of
   c.model.loss_on = "all"
   c.train.batch_size = 256 if not args.smoke else c.train.batch_size
   c.train.epochs = 12000

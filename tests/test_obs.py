@@ -202,3 +202,27 @@ def test_obs_rejects_a_non_d2mae_pretraining(tmp_path):
   c.init_from = ""
   with pytest.raises(ValueError, match="config.init_from"):
     obs.run(c, str(tmp_path / "y"))
+
+
+def test_obs_scores_d2mae_in_pixel_space():
+  """configs/d2mae.py trains with pixel MSE (norm_pix_loss=False), so the search's per-image error
+  is the plain MSE between the prediction and the normalised original, no per-patch normalisation
+  (the MSE against a per-patch normalised target differs)."""
+  from mae_jax import models
+  c = load_config("d2mae", "smoke")
+  model = models.build_pretrain_model(c.model, seed=1)
+  assert model.norm_pix_loss is False
+  size, p = c.model.image_size, c.model.patch_size
+  x = np.random.default_rng(2).uniform(size=(3, size, size, 1)).astype(np.float32)
+  _, _, per = obs.search(model, c, x, MEAN, STD, step=5)  # t = 1, 6, 11
+  noise = jax.random.uniform(jax.random.key(0), (3, model.spec.num_patches))
+  for j, t in enumerate([1, 6, 11]):
+    xb = blur_lib.gaussian_blur(jnp.asarray(x), jnp.full((3,), 0.1 * t), kernel_size=9)
+    _, pred, _ = model((xb - MEAN) / STD, target=(jnp.asarray(x) - MEAN) / STD, noise=noise,
+                       mask_ratio=0.0, blur_t=jnp.full((3,), t))
+    tgt = _patchify((x - MEAN) / STD, p)
+    np.testing.assert_allclose(per[:, j], np.mean(np.square(np.asarray(pred) - tgt), axis=(1, 2)),
+                               rtol=1e-4)
+    normed = np.asarray(losses.normalize_patches(jnp.asarray(tgt)))
+    assert not np.allclose(per[:, j], np.mean(np.square(np.asarray(pred) - normed), axis=(1, 2)),
+                           rtol=1e-2)

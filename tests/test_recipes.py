@@ -113,3 +113,32 @@ def test_usfm_corruption_holds_the_image_mean_in_masked_units():
   for i in range(3):
     assert pix[i].sum() == int(round(16 * 16 * 4 - 16 * 16 * int(4 * 0.6)))  # 2 of 4 units at ratio 0.4
     np.testing.assert_allclose(np.asarray(xc)[i, ..., 0][pix[i]], means[i], atol=1e-6)
+
+
+# ------------------------------------------------------------------------- loss space (issue 14.1)
+
+# The loss space each recipe trains in, stated by the papers / reference code (docs/methods.md):
+# He et al.'s MAE: normalised pixels; Deblurring MAE, its denoising baseline, D²MAE and the
+# ultrasound MAE baseline of their tables: pixel MSE (openmedlab/DeblurringMIM main_pretrain.py).
+LOSS_SPACE = [("mae", "smoke", True), ("mae", "smoke,norm_pix=false", False),
+              ("deblur_mae", "smoke", False), ("denoise_mae", "smoke", False),
+              ("d2mae", "smoke", False)]
+
+
+@pytest.mark.parametrize("base_default", [True, False])
+def test_every_recipe_states_its_loss_space(base_default, monkeypatch):
+  """Each config sets `model.norm_pix_loss` itself: flipping the shared default changes nothing."""
+  from mae_jax import config_base, models
+  from tests.conftest import load_config
+  real_base = config_base.base
+
+  def flipped(args):
+    c = real_base(args)
+    c.model.norm_pix_loss = base_default
+    return c
+
+  monkeypatch.setattr(config_base, "base", flipped)
+  for name, args, norm_pix in LOSS_SPACE:
+    c = load_config(name, args)
+    assert c.model.norm_pix_loss is norm_pix, (name, args)
+    assert models.build_pretrain_model(c.model).norm_pix_loss is norm_pix, (name, args)

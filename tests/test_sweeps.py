@@ -81,3 +81,35 @@ def test_a_preempted_job_stops_the_sweep(tmp_path, monkeypatch):
   assert [c[0] for c in calls] == ["pre"]
   assert sweeps.main(["--experiment=d2mae_table3", f"--root={tmp_path}", "--seeds=1"]) == 0
   assert [c[0] for c in calls] == ["pre", "pre"] and not (tmp_path / "d2mae_table3.json").exists()
+
+
+def test_deblur_table2_plans_the_papers_sigmas_and_the_baseline(tmp_path):
+  """Deblurring MAE Table 2: six blur methods, σ ∈ {0.8, 1.1, 1.4, 1.7, 2.0, 2.3} (the paper's
+  column) and the vanilla ultrasound MAE baseline (pixel MSE), which the rows are t-tested against;
+  the Gaussian method row and the σ = 1.1 row share one pretraining and one fine-tuning."""
+  exp = sweeps.get_experiment("deblur_table2")
+  runs = sweeps.plan(exp, str(tmp_path), seeds=[0], scale="tiny")
+  assert len(runs) == 13
+  sig = [r for r in runs if r["label"]["ablation"] == "Gaussian σ"]
+  configs = [sweeps.load_config(name, args) for name, args, _ in (r["pretrain"] for r in sig)]
+  assert [c.corrupt.sigma for c in configs] == [0.8, 1.1, 1.4, 1.7, 2.0, 2.3]
+  assert all(c.recipe == "deblur" and c.corrupt.blur == "gaussian" for c in configs)
+  base = [r for r in runs if r["label"]["ablation"] == "baseline"]
+  assert len(base) == 1
+  bc = sweeps.load_config(*base[0]["pretrain"][:2])
+  assert bc.recipe == "mae" and bc.model.norm_pix_loss is False
+  assert exp["reference"] == "baseline / MAE (US)"
+  methods = {r["label"]["setting"]: r for r in runs if r["label"]["ablation"] == "blur method"}
+  assert sorted(methods) == sorted(["gaussian", "srad", "mean", "median", "motion", "defocus"])
+  assert methods["gaussian"]["pretrain"][2] == sig[1]["pretrain"][2]  # σ = 1.1: trained once
+  assert len({r["pretrain"][2] for r in runs}) == 12
+  assert len({r["transfer"][2] for r in runs}) == 12
+
+
+def test_deblurring_tables_train_the_ultrasound_mae_baseline_in_pixel_space():
+  for name in ("deblur_table1", "deblur_table2"):
+    exp = sweeps.get_experiment(name)
+    for row in exp["rows"]:
+      for scale in sweeps.SCALES:
+        c = sweeps.load_config(row["pretrain"][0], sweeps.scaled_args(row["pretrain"][1], scale))
+        assert c.model.norm_pix_loss is False, (name, row["label"])
