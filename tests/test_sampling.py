@@ -1,4 +1,5 @@
-"""Organ-balanced sampler (USFM Eq. 1) and per-epoch shuffling: distributions and exact resume."""
+"""Organ-balanced sampler (USFM Eq. 1: every image has weight 1/√N_organ, so an organ's share is
+∝ √N_organ) and per-epoch shuffling: distributions and exact resume."""
 
 import numpy as np
 import pytest
@@ -16,12 +17,40 @@ def _organ_ids():
 
 
 def test_organ_weights_closed_form():
-  w = organ_weights(_organ_ids())
-  inv = {o: 1 / np.sqrt(n) for o, n in SIZES.items()}
-  total = sum(inv.values())
-  expected = np.array([inv.get(o, 0.0) / total for o in range(5)])
+  """Eq. 1 per image (weight 1/√N of its organ), summed over each organ's images: ∝ √N_organ."""
+  ids = _organ_ids()
+  w = organ_weights(ids)
+  per_image = np.array([1 / np.sqrt(SIZES[o]) for o in ids])
+  expected = np.array([per_image[ids == o].sum() for o in range(5)]) / per_image.sum()
   np.testing.assert_allclose(w, expected, rtol=1e-12)
+  np.testing.assert_allclose(w[[0, 1, 2, 4]], np.array([20, 10, 5, 2]) / 37, rtol=1e-12)  # √N / Σ√N
   assert w[3] == 0.0
+
+
+# USFM's published organ shares of the 3M-US database (usfm.txt §5.1 and §5.4), in %. The other four
+# of its 12 organs are not given; the closed form below is over these eight.
+USFM_SHARES = {"breast": 91.74, "thyroid": 3.29, "fetal body": 0.93, "neck": 0.51, "abdomen": 0.43,
+               "fetal head": 0.39, "fetal abdomen": 0.19, "muscle": 0.07}
+
+
+def test_usfm_published_shares_give_breast_64_and_muscle_1_8_percent():
+  """A dataset in USFM's proportions (10,000 images per 1 %): per-image weights 1/√N give organ
+  shares √N_o/Σ√N — breast ≈ 63.6 %, muscle ≈ 1.76 % — which a chi-square test over 30,000 draws
+  accepts; the old reading (organ ∝ 1/√N) is rejected by the same test."""
+  counts = np.array([round(100 * s) * 100 for s in USFM_SHARES.values()])  # breast 917,400 … muscle 700
+  ids = np.random.default_rng(0).permutation(np.repeat(np.arange(len(counts)), counts))
+  closed = np.sqrt(counts) / np.sqrt(counts).sum()
+  assert closed[0] == pytest.approx(0.636, abs=0.001) and closed[-1] == pytest.approx(0.0176, abs=0.0001)
+  np.testing.assert_allclose(organ_weights(ids), closed, rtol=1e-12)
+  n = 30_000
+  draws = BalancedIndexSampler(ids, seed=2).draws(0, n)
+  observed = np.bincount(ids[draws], minlength=len(counts))
+  _, p = stats.chisquare(observed, closed * n)
+  assert p > 0.01, (observed, closed * n)
+  old = (1 / np.sqrt(counts)) / (1 / np.sqrt(counts)).sum()
+  assert stats.chisquare(observed, old * n)[1] < 1e-12
+  # Resuming mid-stream (a fresh sampler, as after a restart) continues the same order.
+  np.testing.assert_array_equal(BalancedIndexSampler(ids, seed=2).draws(n - 300, n), draws[-300:])
 
 
 def test_organ_weights_rejects_negative_ids():
