@@ -8,44 +8,70 @@ import pytest
 
 from mae_jax.corrupt import frequency as fq
 
-# The paper's radii at 224 px, restated here rather than imported.
-EDGES_224 = [5, 10, 15, 22, 33, 49, 73, 109]
+# USFM §4.2: a preserved 10×10 centre, then 7 rings of increasing width. Restated here from the rule
+# in the module docstring (geometric edges from the centre's edge 5 to the corner 112√2, rounded to
+# whole bins at 224) rather than imported.
+Q = (112 * np.sqrt(2) / 5) ** (1 / 7)
+EDGES_224 = [5] + [round(5 * Q**k) for k in range(1, 7)] + [112 * np.sqrt(2)]
 
 
-def _reference_rings(size):
-  """Rings from a float64 distance map with radii scaled by size / 224 (square images)."""
-  c = size // 2
-  yy, xx = np.mgrid[0:size, 0:size]
-  dist = np.hypot(yy - c, xx - c)
-  r = np.array(EDGES_224) * size / 224
-  centre = dist <= r[0] + 1e-9
-  rings = np.stack([(dist > r[k] + 1e-9) & (dist <= r[k + 1] + 1e-9) for k in range(7)])
+def _reference_rings(h, w):
+  """Centre square and rings from a float64 distance map in 224-px units (per-axis scaling)."""
+  yy, xx = np.mgrid[0:h, 0:w]
+  uy, ux = (yy - h // 2) * 224 / h, (xx - w // 2) * 224 / w
+  dist = np.hypot(uy, ux)
+  centre = (np.abs(uy) <= 5 + 1e-9) & (np.abs(ux) <= 5 + 1e-9)
+  r = np.array(EDGES_224, dtype=np.float64)
+  r[0], r[-1] = 0.0, np.inf  # ring 1 starts at the centre's edge, ring 7 ends at the corner
+  rings = np.stack([(dist > r[k] + 1e-9) & (dist <= r[k + 1] + 1e-9) & ~centre for k in range(7)])
   return centre, rings
 
 
-def test_ring_radii_scale_with_size():
-  assert fq.ring_radii(224) == tuple(zip(EDGES_224[:-1], EDGES_224[1:]))
-  np.testing.assert_allclose(fq.ring_radii(112), np.array(list(zip(EDGES_224[:-1],
-                                                                   EDGES_224[1:]))) / 2)
-  assert fq.centre_radius(224) == 5 and fq.centre_radius(448) == 10
+def test_ring_radii_follow_the_rule_and_widen():
+  assert fq.RING_EDGES_224 == tuple(EDGES_224[1:-1]) == (8, 13, 22, 36, 59, 97)
+  radii = fq.ring_radii(224)
+  np.testing.assert_allclose(radii, list(zip(EDGES_224[:-1], EDGES_224[1:])), rtol=1e-12)
+  assert radii[0][0] == 5 and radii[-1][1] == pytest.approx(np.hypot(112, 112))  # centre edge → corner
+  widths = [o - i for i, o in radii]
+  assert all(b > a for a, b in zip(widths, widths[1:])), widths  # "gradually increases"
+  np.testing.assert_allclose(fq.ring_radii(112), np.array(radii) / 2)
+  assert fq.centre_half_side(224) == 5 and fq.centre_half_side(448) == 10
 
 
-@pytest.mark.parametrize("size", [32, 64, 224])
-def test_ring_masks_match_distance_map(size):
-  centre, rings = fq.ring_masks(size, size)
-  ref_centre, ref_rings = _reference_rings(size)
+@pytest.mark.parametrize("h,w", [(32, 32), (64, 64), (224, 224), (32, 48)])
+def test_rings_cover_every_bin_outside_the_centre(h, w):
+  """Pairwise disjoint, their union exactly the complement of the centre (no bin can never be
+  masked), every ring non-empty, and equal to a float distance map."""
+  centre, rings = fq.ring_masks(h, w)
+  ref_centre, ref_rings = _reference_rings(h, w)
   np.testing.assert_array_equal(centre, ref_centre)
   np.testing.assert_array_equal(rings, ref_rings)
+  assert (rings.sum(0) <= 1).all()  # disjoint
+  np.testing.assert_array_equal(rings.any(0), ~centre)  # union = complement of the centre
   assert all(r.any() for r in rings)  # every ring holds bins even at 32 px
-  assert not (rings.sum(0) > 1).any() and not (rings.any(0) & centre).any()  # disjoint
-  assert centre[size // 2, size // 2]  # DC protected
+  assert centre[h // 2, w // 2]  # DC preserved
+  # the centre and every ring are point-symmetric about DC (mirror of index i is (−i) mod n after
+  # the shift), so the filtered spectrum stays Hermitian
+  def mirror(m):
+    return np.roll(np.flip(m, axis=(-2, -1)), shift=(1 - h % 2, 1 - w % 2), axis=(-2, -1))
+  np.testing.assert_array_equal(mirror(centre), centre)
+  np.testing.assert_array_equal(mirror(rings), rings)
+
+
+def test_centre_is_the_papers_10_by_10_region_at_224():
+  centre, rings = fq.ring_masks(224, 224)
+  ys, xs = np.nonzero(centre)
+  assert (ys.min(), ys.max(), xs.min(), xs.max()) == (107, 117, 107, 117)  # DC ± 5: side 10
+  assert centre.sum() == 121
+  assert rings[6, 0, 0] and rings[:, 0, 0].sum() == 1  # the corner is in the last ring
+  assert rings[0, 112, 118] and rings[0, 112, 120] and rings[1, 112, 121]  # 6..8 → ring 1, 9 → ring 2
 
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_band_stop_mask_drops_exactly_two_rings(size):
   n = 16
   m = np.asarray(jax.jit(lambda k: fq.band_stop_mask(k, n, size, size))(jax.random.key(0)))
-  centre, rings = _reference_rings(size)
+  centre, rings = _reference_rings(size, size)
   assert m.shape == (n, size, size) and m.dtype == np.float32
   assert set(np.unique(m)) <= {0.0, 1.0}
   for i in range(n):
@@ -54,7 +80,8 @@ def test_band_stop_mask_drops_exactly_two_rings(size):
     assert len(zero_rings) == 2
     for k in set(range(7)) - set(zero_rings):
       assert (m[i][rings[k]] == 1).all()
-    assert (m[i][~rings.any(0)] == 1).all()  # outside all rings: kept
+    assert (m[i][~rings.any(0)] == 1).all()  # outside all rings (the centre): kept
+    assert (m[i][centre] == 1).all() and m[i][size // 2, size // 2] == 1  # DC and centre kept
   assert len({tuple(m[i].ravel()) for i in range(n)}) > 1
 
 

@@ -1,19 +1,33 @@
 """USFM frequency band-stop masking (USFM §3.2.2, Eq. 7) and spatial-frequency dual masking (Eq. 8).
 
 Spectrum layout: FFT2 over H and W in float32 (`jnp.fft` rejects bf16), fftshifted so that DC sits
-at index (H//2, W//2). Around it a protected disk of radius 5 bins (the paper's "10 × 10 centre",
-which keeps DC and the lowest frequencies); then 7 band-stop rings, at 224 px
-(5,10], (10,15], (15,22], (22,33], (33,49], (49,73], (73,109] bins. Bins beyond 109 (the corners)
-belong to no ring and are always kept. Per sample, 2 of the 7 rings, chosen uniformly without
-replacement, are zeroed; then ifftshift, ifft2 and the real part (not abs). The rings are
-point-symmetric about DC, so the filtered spectrum stays Hermitian and the imaginary part is
-rounding noise; DC is kept, so each image's mean is unchanged. Values may leave [0, 1] (ringing);
-they are not clipped, which would move the mean.
+at index (H//2, W//2). USFM §4.2: "a region of 10×10 in the center of the spectrum ... is first
+preserved to retain the critical direct current and low-frequency information. Besides the
+preserved low-frequency region, we set 7 band-stop filters from low to high frequency. The
+bandwidth of the 7 band-stop filters gradually increases". Our reading (docs/methods.md#usfm):
 
-Other sizes: a bin's radius is measured in 224-px units, d² = (Δy·224/H)² + (Δx·224/W)², i.e. the
-radii scale with the image size (and, for non-square images, per axis). Membership is decided in
-exact integer arithmetic, so a bin on a boundary never flips with floating-point rounding. At
-small test sizes the inner rings shrink to a few bins (at 32 px the centre is DC alone).
+- centre: the square of side 10 centred on DC, |Δy|, |Δx| ≤ 5 bins at 224 px (its 11×11 bins).
+  A block of 10×10 bins cannot be centred on DC, and an off-centre one would make the masked
+  spectrum non-Hermitian (a bin kept while its mirror is removed); the square [−5, 5]² has side 10
+  and is point-symmetric about DC.
+- rings: Eq. 7's circular bands f1 < √(u² + v²) ≤ f2, from the centre's edge (5) out to the
+  spectrum's corner (112·√2 ≈ 158.4 at 224), so that every bin outside the centre belongs to exactly
+  one ring. Their edges are geometric, r_k = 5·q^k with q = (112√2/5)^(1/7) ≈ 1.64, rounded to whole
+  bins at 224 except the corner: 5 | 8 | 13 | 22 | 36 | 59 | 97 | corner, widths 3, 5, 9, 14, 23, 38
+  and 61 (along the diagonal) — increasing, as the paper asks, each ring spanning the same ratio
+  of frequencies. The paper gives neither the edges nor the rule; this is the project's choice.
+- per sample, 2 of the 7 rings, chosen uniformly without replacement, are zeroed; then ifftshift,
+  ifft2 and the real part (not abs). The centre and rings are point-symmetric about DC, so the
+  filtered spectrum stays Hermitian and the imaginary part is rounding noise; DC is kept, so each
+  image's mean is unchanged. Values may leave [0, 1] (ringing); they are not clipped, which would
+  move the mean.
+
+Other sizes: distances are measured in 224-px units, d² = (Δy·224/H)² + (Δx·224/W)², and the centre
+is |Δy|·224/H ≤ 5 and |Δx|·224/W ≤ 5: a ring covers the same band of cycles per pixel whatever the
+image size (a 224-px image resized to 112 px has its content at half the bin index), and the last
+ring still ends at the corner. Membership is decided in exact integer arithmetic, so a bin on a
+boundary never flips with floating-point rounding. At small test sizes the inner rings shrink to a
+few bins (at 32 px the centre is DC alone).
 """
 
 from __future__ import annotations
@@ -27,38 +41,42 @@ import numpy as np
 from mae_jax.corrupt.spatial import spatial_mean_mask
 
 REFERENCE_SIZE = 224
-CENTRE_RADIUS_224 = 5
-RING_EDGES_224 = (5, 10, 15, 22, 33, 49, 73, 109)  # ring k is (edges[k], edges[k+1]]
-NUM_RINGS = len(RING_EDGES_224) - 1
+CENTRE_HALF_224 = 5  # the preserved centre is |Δy|, |Δx| ≤ 5 bins at 224 (a square of side 10)
+# Inner edges of rings 2..7 at 224 px: round(5·q^k), q = (112√2/5)^(1/7). Ring 1 starts at the centre's
+# edge; ring 7 runs out to the spectrum's corner.
+RING_EDGES_224 = (8, 13, 22, 36, 59, 97)
+NUM_RINGS = len(RING_EDGES_224) + 1
+CORNER_224 = REFERENCE_SIZE / 2 * 2 ** 0.5
 
 
 def ring_radii(image_size: int) -> tuple[tuple[float, float], ...]:
-  """The 7 rings' (inner, outer] radii in bins for a square image of side `image_size`."""
+  """The 7 rings' (inner, outer] radii in bins for a square image of side `image_size` (ring 1's
+  inner radius is the centre's half-side, ring 7's outer radius the corner's distance from DC)."""
   s = image_size / REFERENCE_SIZE
-  e = RING_EDGES_224
+  e = (CENTRE_HALF_224, *RING_EDGES_224, CORNER_224)
   return tuple((e[k] * s, e[k + 1] * s) for k in range(NUM_RINGS))
 
 
-def centre_radius(image_size: int) -> float:
-  """Radius in bins of the protected centre disk (5 at 224)."""
-  return CENTRE_RADIUS_224 * image_size / REFERENCE_SIZE
+def centre_half_side(image_size: int) -> float:
+  """Half-side in bins of the preserved centre square (5 at 224)."""
+  return CENTRE_HALF_224 * image_size / REFERENCE_SIZE
 
 
 @functools.lru_cache(maxsize=32)
 def ring_masks(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-  """(centre (H, W) bool, rings (7, H, W) bool), in fftshifted coordinates."""
+  """(centre (H, W) bool, rings (7, H, W) bool), in fftshifted coordinates. The rings are pairwise
+  disjoint and together cover every bin outside the centre."""
   dy = np.arange(h, dtype=np.int64)[:, None] - h // 2
   dx = np.arange(w, dtype=np.int64)[None, :] - w // 2
-  # d² ≤ r²  ⇔  dy²·224²·W² + dx²·224²·H² ≤ r²·H²·W²  (all integers: exact)
+  # |Δy|·224/H ≤ 5 and |Δx|·224/W ≤ 5, in integers.
+  centre = ((np.abs(dy) * REFERENCE_SIZE <= CENTRE_HALF_224 * h)
+            & (np.abs(dx) * REFERENCE_SIZE <= CENTRE_HALF_224 * w))
+  # d ≤ r  ⇔  (dy²·W² + dx²·H²)·224² ≤ r²·H²·W²  (all integers: exact)
   lhs = (dy * dy * w * w + dx * dx * h * h) * REFERENCE_SIZE ** 2
   scale = h * h * w * w
-
-  def within(r):
-    return lhs <= r * r * scale
-
-  centre = within(CENTRE_RADIUS_224)
-  e = RING_EDGES_224
-  rings = np.stack([within(e[k + 1]) & ~within(e[k]) for k in range(NUM_RINGS)])
+  # Ring index of every bin: the number of inner edges it lies beyond (0..6).
+  index = sum((lhs > r * r * scale).astype(np.int64) for r in RING_EDGES_224)
+  rings = np.stack([(index == k) & ~centre for k in range(NUM_RINGS)])
   centre.setflags(write=False)
   rings.setflags(write=False)
   return centre, rings
