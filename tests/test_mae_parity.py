@@ -96,3 +96,29 @@ def test_init_statistics_follow_mae():
   assert np.abs(qkv).max() <= bound and np.abs(qkv).max() > 0.9 * bound
   np.testing.assert_array_equal(np.asarray(model.encoder.blocks[0].attn.qkv.bias[...]), 0)
   assert np.asarray(model.encoder.cls_token[...]).std() == pytest.approx(0.02, rel=0.5)
+
+
+@pytest.mark.parametrize("in_chans,patch", [(1, 16), (3, 8)])
+def test_patch_embedding_bias_keeps_torch_conv2d_default_init(in_chans, patch):
+  """facebookresearch/mae re-initialises the patch conv's weight (xavier on its matrix view) but not
+  its bias, which keeps torch Conv2d's default U(±1/√(C·p²))."""
+  from scipy import stats
+  width = 1024
+  conv = torch.nn.Conv2d(in_chans, width, kernel_size=patch, stride=patch)
+  fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(conv.weight)
+  bound = 1.0 / np.sqrt(fan_in)
+  tb = conv.bias.detach().numpy()
+  assert np.abs(tb).max() <= bound and np.abs(tb).max() > 0.95 * bound  # torch's own draw
+  spec = vit.ViTSpec(image_size=2 * patch, patch_size=patch, in_chans=in_chans, width=width, depth=0,
+                     num_heads=1)
+  bias = np.asarray(vit.PatchEmbed(spec, dtype=jnp.float32, rngs=nnx.Rngs(0)).proj.bias[...])
+  assert bias.shape == (width,) and bias.dtype == np.float32
+  assert np.abs(bias).max() <= bound and np.abs(bias).max() > 0.95 * bound
+  assert np.count_nonzero(bias) == width
+  assert stats.kstest(bias / bound, "uniform", args=(-1, 2)).pvalue > 0.01
+  assert stats.ks_2samp(bias, tb).pvalue > 0.01  # the same law as torch's draw
+  # and the MAE model's encoder carries it (the other Linear biases stay zero)
+  model = mae_lib.MAE(vit.ViTSpec(image_size=32, patch_size=8, in_chans=1, width=64, depth=1,
+                                  num_heads=4), rngs=nnx.Rngs(0), **DEC)
+  b = np.asarray(model.encoder.patch_embed.proj.bias[...])
+  assert np.count_nonzero(b) == 64 and np.abs(b).max() <= 1 / 8

@@ -1,7 +1,9 @@
 """A compact ViT in Flax NNX, numerically identical to timm's `VisionTransformer` as used by MAE.
 
-Details that matter for parity with facebookresearch/mae (see SPEC §1): fused qkv with bias, exact
-erf GELU, pre-LN blocks, LayerNorm eps 1e-6, xavier_uniform Linear kernels, MAE's 2-D sin-cos table.
+Details that matter for parity with facebookresearch/mae `models_mae.py` (docs/methods.md#mae):
+fused qkv with bias, exact erf GELU, pre-LN blocks, LayerNorm eps 1e-6, xavier_uniform Linear
+kernels with zero biases, the patch-embedding bias left at torch Conv2d's default init, MAE's 2-D
+sin-cos table.
 """
 
 from __future__ import annotations
@@ -141,10 +143,20 @@ def matmul_2d(lhs, rhs, dimension_numbers, precision=None, **kwargs):
   return out.reshape(*lhs.shape[:-1], rhs.shape[1])
 
 
-def _dense(din, dout, *, dtype, rngs, kernel_init=None):
+def _dense(din, dout, *, dtype, rngs, kernel_init=None, bias_init=None):
   return nnx.Linear(din, dout, kernel_init=kernel_init or nnx.initializers.xavier_uniform(),
-                    bias_init=nnx.initializers.zeros_init(), dtype=dtype,
+                    bias_init=bias_init or nnx.initializers.zeros_init(), dtype=dtype,
                     param_dtype=jnp.float32, dot_general=matmul_2d, rngs=rngs)
+
+
+def conv_default_bias_init(fan_in: int):
+  """torch `nn.Conv2d`'s default bias init, U(−1/√fan_in, 1/√fan_in) with fan_in = C·p·p."""
+  bound = 1.0 / float(np.sqrt(fan_in))
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -208,8 +220,11 @@ class PatchEmbed(nnx.Module):
 
   def __init__(self, spec: ViTSpec, *, dtype, rngs):
     self.patch_size = spec.patch_size
-    # xavier on the (p*p*C, D) view, as MAE initialises its conv weight viewed as a matrix.
-    self.proj = _dense(spec.patch_dim, spec.width, dtype=dtype, rngs=rngs)
+    # xavier on the (p*p*C, D) view, as MAE initialises its conv weight viewed as a matrix. The bias
+    # keeps Conv2d's default: MAE's `initialize_weights` re-initialises only the conv weight, and its
+    # `_init_weights` touches nn.Linear and nn.LayerNorm, not the conv.
+    self.proj = _dense(spec.patch_dim, spec.width, dtype=dtype, rngs=rngs,
+                       bias_init=conv_default_bias_init(spec.patch_dim))
 
   def __call__(self, images):
     return self.proj(patch_lib.patchify(images, self.patch_size))
