@@ -71,6 +71,17 @@ def focal_frequency_loss(pred, target, *, alpha: float = 1.0):
   fft2 with norm='ortho' per (sample, channel); ΔF = F(pred) − F(target), taken as the FFT of the
   difference (linearity: one FFT instead of two; equal up to float rounding);
   loss = mean over N·C·H·W of w · |ΔF|², w from `focal_frequency_weight`.
+
+  Where this (the package, the FFL authors' implementation) departs from USFM's Eq. 13–14, which
+  we keep on purpose (docs/methods.md#focal-frequency-loss):
+  - scale: Eq. 13 is (1/HW)·Σ w·|ΔF|² with the unnormalised DFT of Eq. 3; the orthonormal DFT
+    divides |ΔF|² by HW, so per image this loss is Eq. 13 / (H·W). Eq. 13 taken literally is H·W
+    (50,176 at 224) times larger — by Parseval up to H·W times the pixel MSE — and λ = 0.4 could
+    not balance it against the L1 term; the package keeps FFL on the scale of a pixel MSE.
+  - weight: USFM says w is min–max normalised to [0, 1]; the package divides by the maximum only,
+    so the smallest weight is min/max rather than 0. USFM cites Jiang et al. for the loss and
+    never published its pretraining code; the package is those authors' implementation, the only
+    executable definition of the loss there is.
   """
   diff = pred.astype(jnp.float32) - target.astype(jnp.float32)
   spec = jnp.fft.fft2(diff, axes=(1, 2), norm="ortho")

@@ -141,3 +141,26 @@ def test_usfm_loss_is_l1_plus_lambda_ffl():
   np.testing.assert_allclose(float(losses.usfm_loss(pred, target, lam=1.0)),
                              float(losses.l1_loss(pred, target)
                                    + losses.focal_frequency_loss(pred, target)), rtol=1e-6)
+
+
+def test_focal_frequency_loss_against_usfm_eq13():
+  """The two documented departures of the package form from USFM Eq. 13–14, pinned numerically:
+  (1) with the unnormalised DFT of Eq. 3 and the 1/HW of Eq. 13 (weight as the package normalises
+  it), Eq. 13 = H·W × our loss, per image; (2) the paper's min–max weight is a different loss: the
+  package's weight has a non-zero minimum (min/max), which min–max sends to 0."""
+  rng = np.random.default_rng(5)
+  n, h, w = 2, 16, 24
+  pred = rng.random((n, h, w, 1), dtype=np.float32)
+  target = rng.random((n, h, w, 1), dtype=np.float32)
+  ours = np.array([float(losses.focal_frequency_loss(pred[i:i + 1], target[i:i + 1])) for i in range(n)])
+
+  d = np.fft.fft2((pred - target)[..., 0].astype(np.float64), axes=(1, 2))  # Eq. 3, unnormalised
+  mag = np.abs(d)
+  w_max = mag / mag.max(axis=(1, 2), keepdims=True)
+  eq13_max = (w_max * mag**2).sum(axis=(1, 2)) / (h * w)
+  np.testing.assert_allclose(eq13_max, h * w * ours, rtol=1e-4)
+
+  w_minmax = (mag - mag.min(axis=(1, 2), keepdims=True)) / np.ptp(mag, axis=(1, 2), keepdims=True)
+  eq13_minmax = (w_minmax * mag**2).sum(axis=(1, 2)) / (h * w)
+  assert (w_max.min(axis=(1, 2)) > 0).all()
+  assert (eq13_minmax < 0.99 * eq13_max).all()
