@@ -4,7 +4,7 @@ wd 0.05, base lr 1.5e-4 × batch/256, batch 4096, 800 epochs with 40 warm-up, RR
 
 `norm_pix=false` trains the ultrasound MAE baseline of Deblurring MAE Tables 1–2 and D²MAE Table 2
 ("MAE (US)") as openmedlab/DeblurringMIM does: pixel MSE, its `main_pretrain.py` default, which its
-`scripts/pretrain/mae.sh` never overrides (docs/methods.md#mae).
+`scripts/pretrain/mae.sh` never overrides (docs/methods.md#mae-us).
 
   python -m mae_jax.main --config=configs/mae.py:b --workdir=DIR
   python -m mae_jax.main --config=configs/mae.py:smoke --workdir=DIR
@@ -17,5 +17,5 @@ from mae_jax import config_base
 def get_config(arg=None):
   args = config_base.parse_arg(arg, norm_pix=True)
   c = config_base.base(args)
-  c.model.norm_pix_loss = args.norm_pix  # He et al. §3 "normalized pixels" (Table 4c)
+  c.model.norm_pix_loss = args.norm_pix  # He et al. §3: per-patch "normalized pixels" as the target
   return c

@@ -1,7 +1,7 @@
 """Deblurring MAE Table 1: MAE (US) vs denoising MAE vs Deblurring MAE (Gaussian σ = 1.1 and SRAD),
 each pretrained and fine-tuned with the same downstream recipe. The MAE row is the paper's
 ultrasound-pretrained MAE, trained as openmedlab/DeblurringMIM `scripts/pretrain/mae.sh` does: pixel
-MSE (`configs/mae.py:norm_pix=false`), the same loss space as the other rows (docs/methods.md#mae).
+MSE (`configs/mae.py:norm_pix=false`), the same loss space as the other rows (docs/methods.md#mae-us).
 
   python -m mae_jax.sweeps --experiment=deblur_table1 --root=runs/deblur_table1 --scale=tiny --seeds=3
 """

@@ -12,7 +12,7 @@ their share of the data, without being equalised. With USFM's published organ sh
 breast 91.74 %, thyroid 3.29 %, fetal body 0.93 %, neck 0.51 %, abdomen 0.43 %, fetal head 0.39 %,
 fetal abdomen 0.19 %, muscle 0.07 %) breast gets ≈ 64 % of the draws and muscle ≈ 1.8 %. We draw
 the organ with probability ``√N_o / Σ √N`` and then one of its images uniformly, which is that
-weighted sampler over images exactly (docs/methods.md#usfm). ``uniform`` mode (the USFM-woS
+weighted sampler over images exactly (docs/methods.md#organ-balanced-sampling). ``uniform`` mode (the USFM-woS
 ablation) ignores organs and walks through a fresh permutation of the whole dataset every epoch.
 """
 
