@@ -15,8 +15,9 @@ Three layers, each usable alone:
 
   which writes FIG.png, plus FIG_obs.png for D²MAE and FIG_spectrum.png for USFM.
 
-Norm-pix models (MAE's `norm_pix_loss`, on by default in every MAE-path recipe here) predict each
-patch normalised by its own mean and std, which the masked patches' pixels would be needed to undo.
+Norm-pix models (MAE's `norm_pix_loss`, on in `configs/mae.py`; Deblurring MAE, denoising MAE and
+D²MAE train on pixels) predict each patch normalised by its own mean and std, which the masked
+patches' pixels would be needed to undo.
 The figures use only what is visible: a visible patch gets its own statistics, a masked patch the
 average statistics of the visible patches around it (`stats='local'`); `stats='image'` gives every
 patch the pooled statistics of all visible pixels, `stats='own'` the true per-patch statistics (an
