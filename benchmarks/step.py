@@ -1,17 +1,20 @@
-"""Train-step throughput of each recipe's jitted step, side by side with a PyTorch MAE peer.
+"""Train-step throughput of each recipe's jitted step, side by side with PyTorch MAE peers.
 
 The JAX step is the trainer's own (`mae_jax.train.pretrain.make_train_step`: corruption, masking,
-forward, backward, finite check and AdamW in one jit, state donated). The peer is transformers'
-`ViTMAEForPreTraining` (qkv bias, LayerNorm eps 1e-6, SDPA attention) with `torch.optim.AdamW`
-(MAE's no-decay groups), at the same model size, batch, image size and precision, fed the same
-uint8 images (normalised inside the timed step on both sides).
+forward, backward, finite check and AdamW in one jit, state donated). Two peers, each with
+`torch.optim.AdamW` (MAE's no-decay groups), at the same model size, batch, image size and
+precision, fed the same uint8 images (normalised inside the timed step on every side):
+* `torch-official` (the headline ratio): the model as facebookresearch/mae `models_mae.py` builds
+  it, on timm's `Block` and `PatchEmbed` with fused scaled-dot-product attention
+  (`benchmarks/official_mae_peer.py`; loads a mae-full export strictly and gives our loss);
+* `torch-hf`: transformers' `ViTMAEForPreTraining` (qkv bias, LayerNorm eps 1e-6, SDPA attention).
 
 Both sides run in one process and take turns (A B B A A B ...) so that load from other processes
 hits both alike; the reported numbers are medians over the timed steps, and the ratio is
-JAX images/s ÷ torch images/s. Defaults are issue 9's configuration: encoder ViT-S (384 × 12,
+JAX images/s ÷ peer images/s. Defaults are issue 9's configuration: encoder ViT-S (384 × 12,
 6 heads, patch 16), decoder 256 × 4 (8 heads), batch 32, 224 × 224 × 3, float32.
 
-  python -m benchmarks.step                                  # MAE vs torch, issue-9 config
+  python -m benchmarks.step                                  # MAE vs both peers, issue-9 config
   python -m benchmarks.step --recipes mae,d2mae,usfm,simmim --no-torch --corruption  # overhead
   python -m benchmarks.step --dtype bfloat16 --batch 256 --variant b --decoder 512x8x16  # on a GPU
   python -m benchmarks.step --profile /tmp/prof              # + per-op tables of both sides
@@ -36,7 +39,15 @@ import time
 
 CONFIG_FILES = {"mae": "mae", "deblur": "deblur_mae", "denoise": "denoise_mae",
                 "d2mae": "d2mae", "usfm": "usfm", "simmim": "usfm"}
-TORCH = "torch-mae"
+# The PyTorch peers. `torch-official` is built as facebookresearch/mae builds its model (timm
+# `Block`/`PatchEmbed`, fused SDPA attention): the code a researcher would otherwise run, and the
+# headline ratio. `torch-hf` is transformers' ViTMAEForPreTraining, the same numerics.
+PEERS = {"official": "torch-official", "transformers": "torch-hf"}
+HEADLINE = PEERS["official"]
+
+
+def is_torch(name: str) -> bool:
+  return name in PEERS.values()
 # The plain step of each recipe's model: its overhead (corruption, extra tokens, loss) is measured
 # against this. USFM's SimMIM model encodes all tokens (SPEC §4), so MAE is not its plain step.
 PLAIN = {"mae": "mae", "deblur": "mae", "denoise": "mae", "d2mae": "mae", "usfm": "simmim",
@@ -60,7 +71,10 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=10, help="timed steps per side")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps per side after compilation")
   p.add_argument("--threads", type=int, default=0, help="cores for both sides (0: all usable, nproc)")
-  p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+  p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peers")
+  p.add_argument("--peers", default="official,transformers",
+                 help="comma list of PyTorch peers: official (timm-built, as facebookresearch/mae; "
+                      "the headline ratio) and transformers (ViTMAEForPreTraining)")
   p.add_argument("--torch-adamw", default="default", choices=("default", "foreach", "fused"),
                  help="torch AdamW implementation (default: torch's choice, as the official MAE)")
   p.add_argument("--no-donate", action="store_true",
@@ -75,6 +89,10 @@ def parse_args(argv=None):
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   args.recipes = [r for r in args.recipes.split(",") if r]
+  args.peers = [] if args.no_torch else [r for r in args.peers.split(",") if r]
+  for r in args.peers:
+    if r not in PEERS:
+      raise SystemExit(f"--peers: unknown peer {r!r}; expected some of {sorted(PEERS)}")
   for r in args.recipes:
     if r not in CONFIG_FILES:
       raise SystemExit(f"--recipes: unknown recipe {r!r}; expected some of {sorted(CONFIG_FILES)}")
@@ -206,28 +224,43 @@ def _memory_analysis(compiled) -> dict:
 
 
 class TorchSide:
-  """transformers' ViTMAEForPreTraining + torch AdamW: the official MAE's training step."""
+  """A PyTorch MAE + torch AdamW with MAE's no-decay groups: the official MAE's training step.
+  `peer` picks the model: 'official' (benchmarks/official_mae_peer.py, timm blocks, as
+  facebookresearch/mae) or 'transformers' (ViTMAEForPreTraining)."""
 
-  def __init__(self, args, images_u8, config):
+  def __init__(self, args, images_u8, config, peer: str = "official"):
     import torch
-    from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
-    self.name, self.batch = TORCH, args.batch
+    self.name, self.batch = PEERS[peer], args.batch
     from mae_jax.models import vit
     width, depth, heads, patch = vit.PRESETS[args.variant]
     m = config.model
     torch.manual_seed(args.seed)
     self.device = torch.device("cuda" if torch.cuda.is_available() and _jax_platform() == "gpu" else "cpu")
-    cfg = ViTMAEConfig(
-        hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
-        intermediate_size=4 * width, image_size=args.image_size, patch_size=args.patch or patch,
-        num_channels=args.channels, qkv_bias=True, layer_norm_eps=1e-6, hidden_act="gelu",
-        decoder_hidden_size=args.dec_width, decoder_num_hidden_layers=args.dec_depth,
-        decoder_num_attention_heads=args.dec_heads, decoder_intermediate_size=4 * args.dec_width,
-        mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0)
-    self.model = ViTMAEForPreTraining(cfg).to(self.device).train()
-    self.attn_implementation = self.model.config._attn_implementation
+    if peer == "official":
+      from benchmarks.official_mae_peer import OfficialStyleMAE
+      self.model = OfficialStyleMAE(
+          img_size=args.image_size, patch_size=args.patch or patch, in_chans=args.channels,
+          embed_dim=width, depth=depth, num_heads=heads, decoder_embed_dim=args.dec_width,
+          decoder_depth=args.dec_depth, decoder_num_heads=args.dec_heads,
+          norm_pix_loss=m.norm_pix_loss).to(self.device).train()
+      self.attn_implementation = "timm " + ("fused sdpa" if self.model.blocks[0].attn.fused_attn else "eager")
+      self._forward = lambda x: self.model(x, mask_ratio=m.mask_ratio)[0]
+    else:
+      from transformers import ViTMAEConfig, ViTMAEForPreTraining
+      cfg = ViTMAEConfig(
+          hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
+          intermediate_size=4 * width, image_size=args.image_size, patch_size=args.patch or patch,
+          num_channels=args.channels, qkv_bias=True, layer_norm_eps=1e-6, hidden_act="gelu",
+          decoder_hidden_size=args.dec_width, decoder_num_hidden_layers=args.dec_depth,
+          decoder_num_attention_heads=args.dec_heads, decoder_intermediate_size=4 * args.dec_width,
+          mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss, hidden_dropout_prob=0.0,
+          attention_probs_dropout_prob=0.0)
+      self.model = ViTMAEForPreTraining(cfg).to(self.device).train()
+      self.attn_implementation = self.model.config._attn_implementation
+      self._forward = lambda x: self.model(pixel_values=x).loss
+    # Trainable parameters only: the official model keeps its fixed sin-cos tables as frozen
+    # parameters, transformers as buffers.
     decay = [p for n, p in self.model.named_parameters() if p.ndim > 1 and p.requires_grad]
     no_decay = [p for n, p in self.model.named_parameters() if p.ndim <= 1 and p.requires_grad]
     kw = {"foreach": True} if args.torch_adamw == "foreach" else (
@@ -248,7 +281,7 @@ class TorchSide:
     torch = self._torch
     x = (self.images.float() / 255.0 - MEAN) / STD
     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-      loss = self.model(pixel_values=x).loss
+      loss = self._forward(x)
     loss.backward()
     self.opt.step()
     self.opt.zero_grad(set_to_none=True)
@@ -289,7 +322,7 @@ def warm_up(side, steps: int, on_gpu: bool) -> dict:
   mem = {}
   if on_gpu:
     import jax
-    if side.name == TORCH:
+    if is_torch(side.name):
       side._torch.cuda.reset_peak_memory_stats()
   with RssPeak() as rss:
     t0 = time.perf_counter()
@@ -299,12 +332,12 @@ def warm_up(side, steps: int, on_gpu: bool) -> dict:
       side.step()
   mem["host_rss_peak_delta_bytes"] = rss.delta
   if on_gpu:
-    if side.name == TORCH:
+    if is_torch(side.name):
       mem["device_peak_bytes"] = int(side._torch.cuda.max_memory_allocated())
     else:
       stats = jax.devices()[0].memory_stats() or {}
       mem["device_peak_bytes_process"] = int(stats.get("peak_bytes_in_use", 0))
-  if side.name == TORCH:
+  if is_torch(side.name):
     side.compile_s = first  # eager: the first step pays allocator and kernel-selection warm-up
   return mem
 
@@ -342,7 +375,7 @@ def profile_sides(sides, directory: str, steps: int) -> dict:
   out = {}
   os.makedirs(directory, exist_ok=True)
   for s in sides:
-    if s.name == TORCH:
+    if is_torch(s.name):
       import torch.profiler as tp
       with tp.profile(activities=[tp.ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
@@ -506,7 +539,7 @@ def main(argv=None) -> dict:
   if args.matmul_precision:
     jax.config.update("jax_default_matmul_precision", args.matmul_precision)
   from benchmarks import flops as flops_lib
-  if not args.no_torch:
+  if args.peers:
     import torch
     torch.set_num_threads(threads)
 
@@ -527,15 +560,15 @@ def main(argv=None) -> dict:
     results[r] = {"compile_s": s.compile_s, "params": s.num_params, "xla_memory": s.memory,
                   "train_gflop_per_image": flops_lib.train_flops_per_image(s.config.model) / 1e9}
     print(f"# compiled {r}: {s.compile_s:.1f}s, {s.num_params / 1e6:.2f}M params", flush=True)
-  if not args.no_torch:
-    s = TorchSide(args, images, load_config("mae", args))
+  for peer in args.peers:
+    s = TorchSide(args, images, load_config("mae", args), peer)
     sides.append(s)
-    results[TORCH] = {"params": s.num_params, "attn": s.attn_implementation,
-                      "adamw": args.torch_adamw}
+    results[s.name] = {"params": s.num_params, "attn": s.attn_implementation,
+                       "adamw": args.torch_adamw}
 
   for s in sides:
     results[s.name]["memory"] = warm_up(s, args.warmup, on_gpu)
-    if s.name == TORCH:
+    if is_torch(s.name):
       results[s.name]["compile_s"] = s.compile_s
   times, cpu = time_sides(sides, args.steps)
   for s in sides:
@@ -544,13 +577,13 @@ def main(argv=None) -> dict:
     results[s.name].update(step_s_median=med, step_s_min=min(ts), step_s_max=max(ts),
                            images_per_s=args.batch / med, steps=len(ts), step_s_all=ts,
                            cpu_s_median=statistics.median(cpu[s.name]))
-    if s.name != TORCH and on_gpu:
+    if not is_torch(s.name) and on_gpu:
       peak = flops_lib.peak_flops(env["device"])
       if peak:
         results[s.name]["mfu"] = flops_lib.mfu(args.batch / med, results[s.name]["train_gflop_per_image"] * 1e9, peak)
   if args.corruption:
     for s in sides:
-      if s.name != TORCH:
+      if not is_torch(s.name):
         results[s.name]["corruption_s"] = time_corruption(s.config, images, args.steps)
 
   profile = profile_sides(sides, args.profile, args.profile_steps) if args.profile else {}
@@ -568,11 +601,12 @@ def _print_table(args, results, sides, profile):
   print(f"\nbatch {args.batch}, {args.image_size}x{args.image_size}x{args.channels}, {args.dtype}, "
         f"encoder {args.variant}, decoder {args.decoder}; {args.steps} timed steps per side, "
         f"medians")
-  hdr = (f"{'side':12s} {'step ms':>9s} {'cpu ms':>9s} {'img/s':>8s} {'compile s':>9s} "
+  hdr = (f"{'side':14s} {'step ms':>9s} {'cpu ms':>9s} {'img/s':>8s} {'compile s':>9s} "
          f"{'peak RSS +MB':>12s} {'XLA temp MB':>11s}")
   mae_s = results.get("mae", {}).get("step_s_median")
-  torch_s = results.get(TORCH, {}).get("step_s_median")
-  hdr += (f" {'vs torch':>9s} {'vs mae':>7s} {'vs plain':>8s} {'GFLOP/img':>9s} {'MFU':>6s} "
+  torch_s = results.get(HEADLINE, {}).get("step_s_median")
+  hf_s = results.get(PEERS["transformers"], {}).get("step_s_median")
+  hdr += (f" {'vs official':>11s} {'vs hf':>7s} {'vs mae':>7s} {'vs plain':>8s} {'GFLOP/img':>9s} {'MFU':>6s} "
           f"{'corrupt ms':>10s}")
   print(hdr)
   for s in sides:
@@ -580,22 +614,26 @@ def _print_table(args, results, sides, profile):
     mem = r.get("memory", {}).get("host_rss_peak_delta_bytes", 0) / 2**20
     temp = r.get("xla_memory", {}).get("temp_size_in_bytes")
     temp = f"{temp / 2**20:.0f}" if temp is not None else "-"
-    line = (f"{s.name:12s} {1e3 * r['step_s_median']:9.1f} {1e3 * r['cpu_s_median']:9.1f} "
+    line = (f"{s.name:14s} {1e3 * r['step_s_median']:9.1f} {1e3 * r['cpu_s_median']:9.1f} "
             f"{r['images_per_s']:8.2f} "
             f"{r.get('compile_s', 0):9.1f} {mem:12.0f} {temp:>11s}")
-    vs_t = f"{torch_s / r['step_s_median']:.3f}x" if torch_s and s.name != TORCH else "-"
-    vs_m = f"{r['step_s_median'] / mae_s:.3f}" if mae_s and s.name != TORCH else "-"
+    vs_t = f"{torch_s / r['step_s_median']:.3f}x" if torch_s and s.name != HEADLINE else "-"
+    vs_h = f"{hf_s / r['step_s_median']:.3f}x" if hf_s and not is_torch(s.name) else "-"
+    vs_m = f"{r['step_s_median'] / mae_s:.3f}" if mae_s and not is_torch(s.name) else "-"
     plain = results.get(PLAIN.get(s.name, ""), {}).get("step_s_median")
     vs_p = f"{r['step_s_median'] / plain:.3f}" if plain else "-"
     gf = f"{r['train_gflop_per_image']:.2f}" if "train_gflop_per_image" in r else "-"
     mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
     cor = f"{1e3 * r['corruption_s']:.1f}" if "corruption_s" in r else "-"
-    print(line + f" {vs_t:>9s} {vs_m:>7s} {vs_p:>8s} {gf:>9s} {mfu:>6s} {cor:>10s}")
-  if torch_s and "mae" in results:
-    print(f"\nratio (JAX mae img/s / torch img/s) = {torch_s / results['mae']['step_s_median']:.3f}")
+    print(line + f" {vs_t:>11s} {vs_h:>7s} {vs_m:>7s} {vs_p:>8s} {gf:>9s} {mfu:>6s} {cor:>10s}")
+  if "mae" in results:
+    for peer_name, peer_s in ((HEADLINE, torch_s), (PEERS["transformers"], hf_s)):
+      if peer_s:
+        print(f"ratio (JAX mae img/s / {peer_name} img/s) = "
+              f"{peer_s / results['mae']['step_s_median']:.3f}" + ("  <- headline" if peer_name == HEADLINE else ""))
   overheads = [f"{n} {100 * (results[n]['step_s_median'] / results[PLAIN[n]]['step_s_median'] - 1):+.1f}%"
                f" over {PLAIN[n]}" for n in results
-               if n != TORCH and PLAIN.get(n, n) != n and PLAIN[n] in results]
+               if not is_torch(n) and PLAIN.get(n, n) != n and PLAIN[n] in results]
   if overheads:
     print("recipe overhead over its model's plain step: " + ", ".join(overheads))
   for name, p in profile.items():

@@ -77,6 +77,38 @@ def test_simmim_formula_counts_the_traced_matmuls():
   assert _dot_flops(jaxpr.jaxpr) == f
 
 
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_official_peer_gives_our_loss(tmp_path, norm_pix):
+  """The timm-built peer is the official MAE: it loads our mae-full export strictly and, on the
+  same images and masking noise, gives the project's loss and prediction."""
+  import torch
+
+  from benchmarks.official_mae_peer import OfficialStyleMAE, sincos_table
+  from mae_jax import export
+
+  spec = vit.ViTSpec(image_size=32, patch_size=8, in_chans=1, width=32, depth=2, num_heads=2)
+  model = mae_lib.MAE(spec, decoder_width=16, decoder_depth=1, decoder_heads=2, mask_ratio=0.75,
+                      norm_pix_loss=norm_pix, rngs=nnx.Rngs(1))
+  sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in export.mae_state_dict(model).items()}
+  peer = OfficialStyleMAE(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                          decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
+                          norm_pix_loss=norm_pix).eval()
+  # Its own fixed tables equal ours before loading (an independent sin-cos implementation).
+  np.testing.assert_allclose(peer.pos_embed.detach().numpy()[0], sd["pos_embed"].numpy()[0], atol=1e-6)
+  np.testing.assert_allclose(sincos_table(16, 4), sd["decoder_pos_embed"].numpy()[0], atol=1e-6)
+  peer.load_state_dict(sd, strict=True)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(3, 32, 32, 1)).astype(np.float32)
+  noise = rng.uniform(size=(3, spec.num_patches)).astype(np.float32)
+  loss, pred, mask = model(jnp.asarray(images), noise=jnp.asarray(noise))
+  with torch.no_grad():
+    t_loss, t_pred, t_mask = peer(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
+                                  noise=torch.from_numpy(noise))
+  assert abs(float(loss) - t_loss.item()) <= 1e-5
+  np.testing.assert_array_equal(np.asarray(mask), t_mask.numpy())
+  np.testing.assert_allclose(np.asarray(pred), t_pred.numpy(), atol=1e-4)
+
+
 def _run(args, tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
@@ -90,12 +122,14 @@ def test_step_cli_micro(tmp_path):
   stdout = _run(["benchmarks.step", "--variant", "micro", "--decoder", "16x1x2", "--image-size", "32",
                  "--patch", "8", "--batch", "4", "--steps", "2", "--warmup", "1",
                  "--recipes", "mae,usfm", "--corruption", "--json", str(path)], tmp_path)
-  assert "ratio (JAX mae img/s / torch img/s)" in stdout
+  assert "ratio (JAX mae img/s / torch-official img/s)" in stdout
+  assert "ratio (JAX mae img/s / torch-hf img/s)" in stdout
   res = json.loads(path.read_text())["results"]
-  assert set(res) == {"mae", "usfm", "torch-mae"}
+  assert set(res) == {"mae", "usfm", "torch-official", "torch-hf"}
   for name, r in res.items():
     assert r["images_per_s"] > 0 and r["steps"] == 2, name
-  assert res["mae"]["params"] == res["torch-mae"]["params"]  # the same model on both sides
+  # The same model on every side (trainable parameters).
+  assert res["mae"]["params"] == res["torch-official"]["params"] == res["torch-hf"]["params"]
   assert res["usfm"]["corruption_s"] > 0
 
 
