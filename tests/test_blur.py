@@ -221,3 +221,10 @@ def test_dm_pix_gaussian_matches_opencv_and_the_separable_kernel(channels):
   np.testing.assert_allclose(shared, np.asarray(blur.gaussian_blur(x, 1.1)), atol=TOL)
   with pytest.raises(ValueError, match="one σ for both"):
     blur.gaussian_blur(x, np.ones((3, 2), np.float32), kernel_size=9, impl="dm_pix")
+
+
+def test_blur_benchmark_cli_runs(capsys):
+  from benchmarks import blur as bench
+  bench.main(["--batch", "2", "--size", "16", "--kernels", "5", "--repeats", "1"])
+  out = capsys.readouterr().out
+  assert out.count("e-") >= 5 and "dm_pix (vmap), per-sample σ" in out
