@@ -79,6 +79,11 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
   if c.get("sigma_units", "native") not in recipes.SIGMA_UNITS:
     _fail("corrupt.sigma_units", c.sigma_units,
           f"expected one of {recipes.SIGMA_UNITS} (native: σ in the stored image's pixels)")
+  gaussian = config.recipe == "d2mae" or (config.recipe == "deblur" and c.blur == "gaussian")
+  if gaussian and recipes.native_units(c) and config.data.native_size < 8:
+    _fail("data.native_size", config.data.native_size,
+          "with corrupt.sigma_units='native' it is the smallest stored image side, which sizes the "
+          "blur kernel: must be >= 8 pixels")
   validate_augment(config.get("augment"))
   if config.recipe == "denoise" and c.noise_std <= 0:
     _fail("corrupt.noise_std", c.noise_std, "must be > 0 for the denoising baseline")

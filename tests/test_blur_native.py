@@ -177,3 +177,7 @@ def test_sigma_units_is_validated():
   cfg.corrupt.sigma_units = "pixels"
   with pytest.raises(ValueError, match="corrupt.sigma_units"):
     validate.validate_pretrain(cfg, num_devices=1)
+  cfg = load_config("d2mae", "smoke")
+  cfg.data.name, cfg.data.native_size = "folder", 0
+  with pytest.raises(ValueError, match="data.native_size"):
+    validate.validate_pretrain(cfg, num_devices=1)
