@@ -6,6 +6,10 @@ masking ratio 0.4 (masked units 32×32 px filled with the image mean); frequency
 organ-balanced sampling with weights ∝ 1/√N_organ. The pretraining optimizer is not published: we
 keep MAE's.
 
+Augmentation (§3.1: rotation, scaling, cropping, brightness and contrast, Gaussian blur) runs on
+device before the masking, with the ranges of `config.augment` (the paper publishes none; see
+mae_jax/corrupt/augment.py); `noaug` turns it off.
+
 Ablations: nofreq (USFM-woF, no frequency mask), nobalance (USFM-woS, uniform sampling).
 
   python -m mae_jax.main --config=configs/usfm.py:b --workdir=DIR
@@ -16,7 +20,7 @@ from mae_jax import config_base
 
 
 def get_config(arg=None):
-  args = config_base.parse_arg(arg, nofreq=False, nobalance=False)
+  args = config_base.parse_arg(arg, nofreq=False, nobalance=False, noaug=False)
   c = config_base.base(args)
   c.recipe = "usfm"
   c.model.path = "simmim"
@@ -24,4 +28,5 @@ def get_config(arg=None):
   c.corrupt.spatial_ratio = 0.4
   c.corrupt.frequency = not args.nofreq
   c.data.sampler = "shuffle" if args.nobalance else "balanced"
+  c.augment.enabled = not args.noaug
   return c

@@ -66,10 +66,13 @@ def base(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.ffl_alpha = 1.0
   c.model.dtype = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU. Params stay float32.
 
-  # What happens to pixels inside the step, before normalisation (SPEC §2–§4).
+  # What happens to pixels inside the step, before normalisation (docs/methods-blur-augment.md).
   c.corrupt = ml_collections.ConfigDict()
   c.corrupt.blur = "none"  # none | gaussian | srad | mean | median | motion | defocus
   c.corrupt.sigma = 1.1  # fixed Gaussian σ (Deblurring MAE)
+  # native: σ (and D²MAE's σ_t, OBS's σ*) in the stored image's pixels, as DeblurringMIM blurs before
+  # the random resized crop; the device blurs with σ·zoom per axis. model: σ in model pixels.
+  c.corrupt.sigma_units = "native"
   c.corrupt.sigma_levels = ""  # D²MAE "start:stop:step", e.g. "0.1:1.1:0.1"; empty = fixed σ
   c.corrupt.kernel = 5  # mean/median/motion length
   c.corrupt.defocus_radius = 5
@@ -80,6 +83,20 @@ def base(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.corrupt.spatial_unit = 32
   c.corrupt.frequency = True  # USFM band-stop masking (False = USFM-woF)
   c.corrupt.rings_dropped = 2
+
+  # On-device augmentation of the clean image before the corruption (USFM §3.1: rotation, scaling,
+  # brightness, contrast, Gaussian blur; cropping is the host's random resized crop). Off here; on in
+  # configs/usfm.py. The pretraining loss compares with the augmented image.
+  c.augment = ml_collections.ConfigDict()
+  c.augment.enabled = False
+  c.augment.rotate_deg = 10.0  # angle ~ U(-a, a) degrees, about the image centre
+  c.augment.scale_min = 0.9  # isotropic scale ~ U(scale_min, scale_max), about the centre
+  c.augment.scale_max = 1.1
+  c.augment.brightness = 0.1  # additive delta ~ U(-b, b) (dm_pix.adjust_brightness)
+  c.augment.contrast = 0.1  # factor ~ U(1 - c, 1 + c) about the image mean (dm_pix.adjust_contrast)
+  c.augment.blur_prob = 0.5  # probability of a Gaussian blur per image
+  c.augment.blur_sigma_min = 0.1  # its σ ~ U(min, max), model pixels
+  c.augment.blur_sigma_max = 2.0
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "us_phantom"  # us_phantom | folder

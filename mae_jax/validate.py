@@ -76,6 +76,15 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
     _fail("corrupt.blur", c.blur, f"expected one of {sorted(blur_lib.BLURS)}")
   if config.recipe == "deblur" and c.blur == "gaussian" and c.sigma <= 0:
     _fail("corrupt.sigma", c.sigma, "must be > 0")
+  if c.get("sigma_units", "native") not in recipes.SIGMA_UNITS:
+    _fail("corrupt.sigma_units", c.sigma_units,
+          f"expected one of {recipes.SIGMA_UNITS} (native: σ in the stored image's pixels)")
+  gaussian = config.recipe == "d2mae" or (config.recipe == "deblur" and c.blur == "gaussian")
+  if gaussian and recipes.native_units(c) and config.data.native_size < 8:
+    _fail("data.native_size", config.data.native_size,
+          "with corrupt.sigma_units='native' it is the smallest stored image side, which sizes the "
+          "blur kernel: must be >= 8 pixels")
+  validate_augment(config.get("augment"))
   if config.recipe == "denoise" and c.noise_std <= 0:
     _fail("corrupt.noise_std", c.noise_std, "must be > 0 for the denoising baseline")
   if config.recipe == "deblur" and c.blur in ("mean", "median", "motion") and (c.kernel < 1 or c.kernel % 2 == 0):
@@ -150,6 +159,25 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
     _fail("data.crop_scale_min", d.crop_scale_min, "must lie in (0, 1]")
   if config.mesh.fsdp < 1 or num_devices % config.mesh.fsdp:
     _fail("mesh.fsdp", config.mesh.fsdp, f"must divide the device count ({num_devices})")
+
+
+def validate_augment(a) -> None:
+  """The on-device augmentation's ranges (`config.augment`, mae_jax/corrupt/augment.py)."""
+  if a is None or not a.enabled:
+    return
+  if not 0.0 <= a.rotate_deg <= 180.0:
+    _fail("augment.rotate_deg", a.rotate_deg, "must lie in [0, 180] degrees")
+  if not 0.0 < a.scale_min <= a.scale_max:
+    _fail("augment.scale_min", a.scale_min, f"needs 0 < scale_min <= scale_max ({a.scale_max})")
+  if not 0.0 <= a.brightness <= 1.0:
+    _fail("augment.brightness", a.brightness, "must lie in [0, 1] (additive, on [0, 1] intensities)")
+  if not 0.0 <= a.contrast < 1.0:
+    _fail("augment.contrast", a.contrast, "must lie in [0, 1) (factor in [1 - c, 1 + c])")
+  if not 0.0 <= a.blur_prob <= 1.0:
+    _fail("augment.blur_prob", a.blur_prob, "must lie in [0, 1]")
+  if not 0.0 < a.blur_sigma_min <= a.blur_sigma_max:
+    _fail("augment.blur_sigma_min", a.blur_sigma_min,
+          f"needs 0 < blur_sigma_min <= blur_sigma_max ({a.blur_sigma_max})")
 
 
 def checkpoint_steps(workdir: str) -> list[int]:

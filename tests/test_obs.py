@@ -140,9 +140,9 @@ def test_finetune_runs_obs_once_per_image(d2mae_pretrain, tmp_path, monkeypatch)
   calls = []
   real_search = obs.search
 
-  def counting(model, config, images01, mean, std, step):
+  def counting(model, config, images01, mean, std, step, **kw):
     calls.append(len(images01))
-    return real_search(model, config, images01, mean, std, step)
+    return real_search(model, config, images01, mean, std, step, **kw)
 
   monkeypatch.setattr(obs, "search", counting)
   c = load_config("finetune", f"smoke,init_from={d2mae_pretrain}")

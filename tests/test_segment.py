@@ -198,7 +198,7 @@ class _Sized:
 
 
 class _NoTransfer:
-  def lookup(self, split, index):
+  def lookup(self, split, index, zoom=None):
     return {}
 
 

@@ -2,16 +2,25 @@
 
 Every function takes NHWC float32 images in [0, 1] and returns the same shape and dtype. Kernel
 sizes are static Python ints; per-sample parameters (Gaussian σ, motion angle) may be traced (N,)
-arrays. All filters pad with reflect-101 (OpenCV's BORDER_DEFAULT, scipy's 'mirror', jnp's
-'reflect') and then convolve VALID, so borders are not darkened the way zero padding (dm-pix) does.
+arrays, and the Gaussian also takes per-sample, per-axis σ, (N, 2) = (σ_y, σ_x). All filters pad
+with reflect-101 (OpenCV's BORDER_DEFAULT, scipy's 'mirror', jnp's 'reflect') and then convolve
+VALID, so borders are not darkened the way zero padding (dm-pix's default 'SAME') does.
 
-Filtering is written as a sum of shifted slices of the padded image rather than `lax.conv`:
-the kernels are small (≤ 11 taps per axis for the σ range the papers use), XLA fuses the sum into
-one elementwise kernel, per-sample kernels cost nothing extra, and there is no TF32 rounding that
-`lax.conv` gets on GPUs at default precision, so the result is float32-exact against OpenCV.
+Filtering is written as a sum of shifted slices of the padded image rather than `lax.conv`: the
+kernels are small, XLA fuses the sum into one elementwise kernel, per-sample (and per-axis)
+kernels cost nothing extra, and there is no TF32 rounding that `lax.conv` gets on GPUs at default
+precision, so the result is float32-exact against OpenCV. `dm_pix.gaussian_blur` (reflect-pad, then
+padding='VALID', vmapped for a per-sample σ) is available as `gaussian_blur(..., impl='dm_pix')`
+and agrees with OpenCV as closely, but it cannot take a different σ per axis (one kernel for both
+axes), which σ in stored pixels needs after a non-square crop, and on CPU it is 16-55x slower
+(docs/benchmarks.md, "Gaussian blur: hand-written vs dm-pix"); so the hand-written kernel is the
+default everywhere.
 
-The paper's reference code blurs offline at native resolution before cropping; here the blur runs
-inside the jitted step at model resolution after crop and resize (a deliberate difference).
+σ in stored pixels: openmedlab/DeblurringMIM blurs the stored images offline (at native
+resolution) before `RandomResizedCrop`. The blur here runs on device after crop and resize; with
+`corrupt.sigma_units='native'` the recipes multiply σ by each sample's zoom (model pixels per
+stored pixel, per axis, passed with the batch by `mae_jax.data.pipeline`), which gives the blur
+the same strength in the stored image (see `mae_jax/recipes.py` and docs/methods-blur-augment.md).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import dm_pix
 import numpy as np
 
 from mae_jax.corrupt import srad as _srad
@@ -122,27 +132,76 @@ def gaussian_kernel_1d(sigma, kernel_size: int):
   return w / jnp.sum(w, axis=-1, keepdims=True)
 
 
-def gaussian_blur(images, sigma=1.1, *, kernel_size: int | None = None):
+def _as_sigma(sigma, n: int):
+  """A Python float stays one; anything else becomes a float32 (N,) or (N, 2) array."""
+  if isinstance(sigma, (int, float, np.floating)):
+    return float(sigma)
+  sigma = jnp.asarray(sigma, jnp.float32)
+  if sigma.ndim == 0:
+    return jnp.broadcast_to(sigma, (n,))
+  if sigma.shape in ((n,), (n, 2)):
+    return sigma
+  raise ValueError(f"gaussian_blur: sigma must be a scalar, shape ({n},) or ({n}, 2) (σ_y, σ_x), "
+                   f"got {sigma.shape}")
+
+
+def gaussian_blur(images, sigma=1.1, *, kernel_size: int | None = None, impl: str = "separable"):
   """Separable Gaussian blur with reflect-101 borders (cv2.GaussianBlur with BORDER_DEFAULT).
 
-  sigma: a Python float, or a per-sample (N,) array (may be traced). kernel_size: static odd int;
-  defaults to `gaussian_kernel_size(sigma)` for a Python float, or of max(σ) for a concrete array;
-  it is required when σ is traced (e.g. D²MAE: pass the size for the largest σ of the schedule).
+  sigma: a Python float; a per-sample (N,) array; or per-sample, per-axis (N, 2) = (σ_y, σ_x)
+  (cv2.GaussianBlur's sigmaY, sigmaX): the Gaussian is separable, so a different σ per axis is
+  exact. Any array may be traced. kernel_size: static odd int, the same for both axes; defaults to
+  `gaussian_kernel_size(max σ)` for a Python float or a concrete array; required when σ is traced
+  (pass the size for the largest σ it can take). A σ whose ±3σ exceeds the kernel is truncated to
+  it and renormalised, as cv2.GaussianBlur does with an explicit ksize.
+  impl: 'separable' (default, hand-written) or 'dm_pix' (`dm_pix.gaussian_blur` after reflect
+  padding, padding='VALID', vmapped over a per-sample σ; one σ for both axes only).
   """
   images = _as_float_images(images)
   if kernel_size is None:
     if isinstance(sigma, jax.core.Tracer):
       raise ValueError("gaussian_blur: kernel_size must be given when sigma is a traced array")
     kernel_size = gaussian_kernel_size(float(np.max(np.asarray(sigma))))
-  if not isinstance(sigma, (int, float, np.floating)):
-    sigma = jnp.asarray(sigma, jnp.float32)
-    if sigma.ndim == 0:
-      sigma = jnp.broadcast_to(sigma, images.shape[:1])
-    elif sigma.shape != images.shape[:1]:
-      raise ValueError(f"gaussian_blur: sigma must be a scalar or shape ({images.shape[0]},), "
-                       f"got {sigma.shape}")
-  weights = gaussian_kernel_1d(sigma, kernel_size)
-  return _correlate_1d(_correlate_1d(images, weights, axis=1), weights, axis=2)
+  k = _check_odd(kernel_size, "kernel_size")
+  sigma = _as_sigma(sigma, images.shape[0])
+  per_axis = not isinstance(sigma, float) and sigma.ndim == 2
+  if impl == "dm_pix":
+    if per_axis:
+      raise ValueError("gaussian_blur(impl='dm_pix'): dm_pix.gaussian_blur takes one σ for both "
+                       "axes; use impl='separable' for per-axis σ")
+    return _gaussian_blur_dm_pix(images, sigma, k)
+  if impl != "separable":
+    raise ValueError(f"gaussian_blur: impl={impl!r}, expected 'separable' or 'dm_pix'")
+  if per_axis:
+    wy, wx = gaussian_kernel_1d(sigma[:, 0], k), gaussian_kernel_1d(sigma[:, 1], k)
+  else:
+    wy = wx = gaussian_kernel_1d(sigma, k)
+  return _correlate_1d(_correlate_1d(images, wy, axis=1), wx, axis=2)
+
+
+def _gaussian_blur_dm_pix(images, sigma, k: int):
+  r = k // 2
+  padded = _reflect_pad(images, r, r)
+  # dm-pix divides by σ²: a tiny floor makes σ = 0 the identity, as gaussian_kernel_1d does.
+  blur_one = lambda im, s: dm_pix.gaussian_blur(im, jnp.maximum(s, 1e-6), k, padding="VALID")  # noqa: E731
+  # 'highest': lax.conv would otherwise round float32 through TF32 on recent GPUs.
+  with jax.default_matmul_precision("highest"):
+    if isinstance(sigma, float):
+      return dm_pix.gaussian_blur(padded, max(sigma, 1e-6), k, padding="VALID")
+    return jax.vmap(blur_one)(padded, sigma)
+
+
+def per_axis_sigma(sigma, zoom):
+  """σ in stored pixels → per-axis σ in model pixels: σ·zoom, (N, 2) = (σ_y, σ_x).
+
+  sigma: a float or a per-sample (N,) array (may be traced); zoom: (N, 2) model pixels per stored
+  pixel along (H, W) of each sample's crop (`mae_jax.data.pipeline` passes it as `zoom`).
+  Blurring the stored image with G_σ and then resampling it by zoom is, up to the resampling's own
+  interpolation, blurring the resampled image with G_{σ·zoom} per axis.
+  """
+  zoom = jnp.asarray(zoom, jnp.float32)
+  s = jnp.asarray(sigma, jnp.float32)
+  return (s[:, None] if s.ndim == 1 else s) * zoom
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,16 +20,21 @@ Training stream (``train_iterator``):
     **bicubic** (MAE's ``interpolation=3``; ``interpolation='bilinear'`` is available), then a
     horizontal flip with probability 1/2. Masks, when present, get the same crop and flip, resized
     nearest-neighbour.
+  * ``zoom``: float32 (2,) per example, model pixels per stored pixel along (H, W) of its crop,
+    ``(S / h_box, S / w_box)``. The device uses it to blur with σ in the stored image's pixels
+    (``corrupt.sigma_units='native'``): per axis, because the box need not be square (the crop's
+    aspect ratio is drawn from ``ratio``) and the Gaussian is separable, so σ·zoom per axis is the
+    stored-pixel blur seen through the resize; one scalar would be off by up to √(4/3) on one axis.
   * The iterator is a grain ``DatasetIterator``: ``get_state()`` / ``set_state()`` restore the
     position exactly. ``start_batch`` starts at a given global batch instead, which also works when
     the number of processes changed between runs.
 
 Evaluation stream (``eval_iterator``): every example exactly once, resized (no crop, no flip) to
-``image_size``; global batches of ``batch_size`` split over processes like the training stream;
+``image_size`` (``zoom`` = ``(S / H, S / W)`` of the stored image); global batches of ``batch_size`` split over processes like the training stream;
 the last global batch is padded and a ``valid`` bool marks real rows.
 
 Batches are dicts of numpy arrays: ``image`` uint8 (B_local, S, S, in_chans); ``organ``, ``label``,
-``index`` int32 (-1 where the source has no such field); ``mask`` uint8 (B_local, S, S, 1) when
+``index`` int32 (-1 where the source has no such field); ``zoom`` float32 (B_local, 2); ``mask`` uint8 (B_local, S, S, 1) when
 the source has masks; ``valid`` bool in evaluation batches.
 """
 
@@ -49,6 +54,7 @@ from mae_jax.data.sampling import BalancedIndexSampler, EpochShuffleSampler
 
 __all__ = [
     "random_resized_crop_params",
+    "max_zoom",
     "train_iterator",
     "eval_iterator",
     "num_eval_batches",
@@ -59,6 +65,7 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (w/h), as MAE uses it
 _AUG_STREAM = 1
 _INT_FIELDS = ("organ", "label", "index")
 
@@ -97,6 +104,26 @@ def random_resized_crop_params(
   else:
     w, h = width, height
   return (height - h) // 2, (width - w) // 2, h, w
+
+
+def max_zoom(native_min_side: int, image_size: int, scale_min: float,
+             ratio: Sequence[float] = CROP_RATIO) -> float:
+  """An upper bound on ``zoom`` (model pixels per stored pixel, either axis) for stored images whose
+  smaller side is at least ``native_min_side``, with crop area fraction >= ``scale_min``.
+
+  ``random_resized_crop_params`` makes ``h = round(√(A·s/r))``, ``w = round(√(A·s·r))`` with
+  A = H·W >= side², s >= scale_min and r in ratio, or falls back to a centre crop whose sides are
+  larger; so every box side is at least ``round(side·√(scale_min·min(1/r_max, r_min)))``. An
+  evaluation image (no crop) has zoom S / side, which is smaller. The bound sizes the static
+  Gaussian kernel on device.
+  """
+  f = math.sqrt(float(scale_min) * min(1.0 / float(ratio[1]), float(ratio[0])))
+  smallest = max(1, int(round(int(native_min_side) * min(f, 1.0))))
+  return float(image_size) / smallest
+
+
+def _zoom(image_size: int, h: int, w: int) -> np.ndarray:
+  return np.array([image_size / h, image_size / w], np.float32)
 
 
 def _to_pil(a: np.ndarray) -> Image.Image:
@@ -204,7 +231,7 @@ class _TrainExample:
     box = random_resized_crop_params(rng, img.shape[0], img.shape[1], self.scale, self.ratio)
     flip = self.hflip and rng.random() < 0.5
     out_img = _match_channels(_crop_resize(img, box, self.image_size, self.resample), self.in_chans)
-    out = {"image": out_img[:, ::-1] if flip else out_img}
+    out = {"image": out_img[:, ::-1] if flip else out_img, "zoom": _zoom(self.image_size, box[2], box[3])}
     if self.with_mask:
       m = _as_hwc(rec["mask"], "mask")
       if m.shape[:2] != img.shape[:2]:
@@ -236,7 +263,7 @@ def train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     scale: Sequence[float] = (0.2, 1.0),
-    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    ratio: Sequence[float] = CROP_RATIO,
     hflip: bool = True,
     sampler: str = "shuffle",
     organ_ids: Sequence[int] | np.ndarray | None = None,
@@ -350,7 +377,8 @@ class _EvalExample:
       return {k: v.copy() for k, v in self.template.items()}
     rec = self.source[g]
     img = _as_hwc(rec["image"], "image")
-    out = {"image": _match_channels(_crop_resize(img, None, self.image_size, self.resample), self.in_chans)}
+    out = {"image": _match_channels(_crop_resize(img, None, self.image_size, self.resample), self.in_chans),
+           "zoom": _zoom(self.image_size, img.shape[0], img.shape[1])}
     if self.with_mask:
       out["mask"] = _crop_resize(_as_hwc(rec["mask"], "mask"), None, self.image_size, Image.NEAREST)
     out.update(_int_fields(rec, g))
@@ -389,6 +417,7 @@ def eval_iterator(
   with_mask = _has_mask(source) if with_mask is None else with_mask
   template = {
       "image": np.zeros((image_size, image_size, in_chans), np.uint8),
+      "zoom": np.ones((2,), np.float32),
       "organ": np.int32(0),
       "label": np.int32(0),
       "index": np.int32(-1),

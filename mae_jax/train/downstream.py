@@ -57,9 +57,10 @@ def train_iterator(config, source, *, image_size: int, in_chans: int, start: int
 
 
 def next_train_batch(it, plan, unused, mesh) -> dict:
-  """The next global training batch with the plan's per-image σ / t, without the fields in `unused`."""
+  """The next global training batch with the plan's per-image σ / t, without the fields in `unused`
+  (the crops' `zoom` goes into σ here, for σ in stored pixels)."""
   local = dict(next(it))
-  local.update(plan.lookup("train", local["index"]))
+  local.update(plan.lookup("train", local["index"], local.pop("zoom", None)))
   for k in unused:
     local.pop(k, None)
   return core.global_batch(local, mesh)
@@ -80,7 +81,7 @@ def predict(eval_fn, args, source, split: str, plan, *, config, image_size: int,
   outs, pending = [], None
   for local in it:
     local = dict(local)
-    local.update(plan.lookup(split, local["index"]))
+    local.update(plan.lookup(split, local["index"], local.pop("zoom", None)))
     for k in unused:
       local.pop(k, None)
     out = eval_fn(*args, core.global_batch(local, mesh))

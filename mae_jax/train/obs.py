@@ -1,4 +1,4 @@
-"""D²MAE optimal blurriness search (OBS), the paper's Algorithm 1 lines 4–10 (SPEC §3).
+"""D²MAE optimal blurriness search (OBS), the paper's Algorithm 1 lines 4–10 (d2mae.txt §2.3).
 
 For every image x and every searched level t ∈ {1, 1+s, …, ≤T}: blur x with σ_t, run the
 pretrained MAE with mask ratio 0 and blurriness token t, and measure the reconstruction error
@@ -8,6 +8,10 @@ pixel count are monotone). The error is measured where the pretraining loss meas
 and targets are normalised with the pretraining mean/std, and for `norm_pix_loss` models the
 target patches are normalised per patch (mean / unbiased variance + 1e-6) exactly as the loss does,
 because that is the space the decoder learned to predict in.
+
+σ_t has the pretraining config's units (`corrupt.sigma_units`): in 'native' units σ* is in the
+stored image's pixels, like the σ_t pretraining drew, and the search blurs each image with σ_t·zoom
+per axis, zoom = (S / H, S / W) of the stored image (the evaluation stream resizes whole images).
 
 The search runs once per image of every split (train, validation, test) and is cached as JSON in
 the workdir (`obs/obs_<split>.json`), never per epoch: fine-tuning reads the cache. The cache is
@@ -68,16 +72,20 @@ def kernel_size(levels: np.ndarray, extra_sigma: float = 0.0) -> int:
 
 
 def _per_image_losses_fn(apply, spec, *, ts, sigmas, ksize, mean, std, norm_pix, use_t):
-  """jit(state, x01 (N,H,W,C) in [0,1]) -> (N, K) per-image reconstruction MSE per searched level."""
+  """jit(state, x01 (N,H,W,C) in [0,1], zoom (N, 2) or None) -> (N, K) per-image reconstruction MSE
+  per searched level; with zoom, level j blurs image i with σ_j·zoom_i per axis."""
   ts = jnp.asarray(ts, jnp.int32)
   sigmas = jnp.asarray(sigmas, jnp.float32)
   k = int(ts.shape[0])
 
-  def fn(state, x01):
+  def fn(state, x01, zoom):
     n = x01.shape[0]
     x01 = x01.astype(jnp.float32)
     xs = jnp.tile(x01, (k, 1, 1, 1))  # level-major: rows [j·N, (j+1)·N) are level j
-    xb = blur_lib.gaussian_blur(xs, jnp.repeat(sigmas, n), kernel_size=ksize)
+    sig = jnp.repeat(sigmas, n)
+    if zoom is not None:
+      sig = blur_lib.per_axis_sigma(sig, jnp.tile(zoom, (k, 1)))
+    xb = blur_lib.gaussian_blur(xs, sig, kernel_size=ksize)
     inputs, target = (xb - mean) / std, (xs - mean) / std
     # Mask ratio 0 keeps every patch; an increasing noise keeps them in their own order.
     num_patches = spec.num_patches
@@ -97,7 +105,7 @@ def _per_image_losses_fn(apply, spec, *, ts, sigmas, ksize, mean, std, norm_pix,
 _FN_CACHE: dict = {}
 
 
-def search(model, config, images01, mean: float, std: float, step: int):
+def search(model, config, images01, mean: float, std: float, step: int, zoom=None):
   """OBS on a batch of images.
 
   model: the pretrained `MAE` (or any callable with its signature
@@ -105,6 +113,9 @@ def search(model, config, images01, mean: float, std: float, step: int):
   config: the pretraining config (σ levels `corrupt.sigma_levels`).
   images01: (N, H, W, C) intensities in [0, 1] at model resolution (uint8 is divided by 255).
   mean, std: the pretraining normalisation. step: the search step s.
+  zoom: (N, 2) model pixels per stored pixel of each image (the evaluation batch's `zoom`); used
+    when the pretraining config's σ is in stored pixels; None there means 1 (the images are the
+    stored pixels).
 
   Returns (t_star (N,) int 1-based, sigma_star (N,) float, losses (N, K) over the searched levels).
   """
@@ -118,7 +129,12 @@ def search(model, config, images01, mean: float, std: float, step: int):
     raise ValueError(f"images01 must be (N, H, W, C), got shape {x.shape}")
   use_t = getattr(model, "blur_embed", "none") != "none"
   norm_pix = bool(getattr(model, "norm_pix_loss", False))
-  ksize = kernel_size(levels)
+  if recipes.native_units(config.corrupt):
+    zoom = np.ones((x.shape[0], 2), np.float32) if zoom is None else np.asarray(zoom, np.float32)
+    # The zoom is concrete here: the kernel fits this batch's largest σ·zoom exactly.
+    ksize = blur_lib.gaussian_kernel_size(float(np.max(sigmas)) * float(np.max(zoom)))
+  else:
+    zoom, ksize = None, kernel_size(levels)
   if isinstance(model, nnx.Module):
     graphdef, state = nnx.split(model)
     key = (graphdef, tuple(ts.tolist()), tuple(sigmas.tolist()), ksize, float(mean), float(std),
@@ -134,7 +150,8 @@ def search(model, config, images01, mean: float, std: float, step: int):
     apply = lambda st, *a, **kw: model(*a, **kw)  # noqa: E731
     fn = _per_image_losses_fn(apply, model.spec, ts=ts, sigmas=sigmas, ksize=ksize, mean=float(mean),
                               std=float(std), norm_pix=norm_pix, use_t=use_t)
-  per = np.asarray(jax.device_get(fn(state, jnp.asarray(x))), np.float64)
+  per = np.asarray(jax.device_get(fn(state, jnp.asarray(x), None if zoom is None else jnp.asarray(zoom))),
+                   np.float64)
   j = np.argmin(per, axis=1)
   t_star = ts[j].astype(np.int32)
   return t_star, levels[t_star - 1].astype(np.float32), per
@@ -152,7 +169,7 @@ def search_source(model, config, source, *, image_size: int, in_chans: int, mean
                               with_mask=False)
   for batch in it:
     valid = np.asarray(batch["valid"], bool)
-    t, s, per = search(model, config, batch["image"], mean, std, step)
+    t, s, per = search(model, config, batch["image"], mean, std, step, zoom=batch["zoom"])
     for name, v in (("t", t), ("sigma", s), ("losses", per), ("index", batch["index"]),
                     ("organ", batch["organ"]), ("label", batch["label"])):
       out[name].append(np.asarray(v)[valid])
@@ -257,6 +274,7 @@ def cache_meta(pretrain_config, *, init_from: str, ckpt_step: int, step: int, da
           "sigma_levels": [round(float(v), 6) for v in levels], "search_step": int(step),
           "searched_t": [int(v) for v in ts],
           "searched_sigmas": [round(float(v), 6) for v in levels[ts - 1]],
+          "sigma_units": "native" if recipes.native_units(pretrain_config.corrupt) else "model",
           "blur_embed": pretrain_config.model.blur_embed, "norm_pix_loss": bool(pretrain_config.model.norm_pix_loss),
           "image_size": int(image_size), "mean": float(mean), "std": float(std), "data": data}
 

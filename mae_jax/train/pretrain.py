@@ -41,13 +41,14 @@ def normalize(x01, mean, std):
 
 
 def make_loss_fn(config, graphdef, mean: float, std: float):
-  """loss(params, rest, images_uint8, key) -> (loss, aux). Pixels only ever change on device."""
+  """loss(params, rest, images_uint8, key, zoom=None) -> (loss, aux). Pixels only ever change on
+  device. zoom: the batch's (N, 2) model pixels per stored pixel (σ in stored pixels); None: 1."""
 
-  def loss_fn(params, rest, images, key):
+  def loss_fn(params, rest, images, key, zoom=None):
     model = nnx.merge(graphdef, params, rest)
     x01 = images.astype(jnp.float32) / 255.0
     k_corrupt, k_mask = jax.random.split(key)
-    inputs01, kwargs = recipes.corrupt(config, k_corrupt, x01)
+    x01, inputs01, kwargs = recipes.augment_and_corrupt(config, k_corrupt, x01, zoom)
     loss, _, mask = model(normalize(inputs01, mean, std), target=normalize(x01, mean, std),
                           key=k_mask, **kwargs)
     return loss, {"mask_fraction": mask.mean()}
@@ -75,19 +76,22 @@ def make_train_step(config, graphdef, tx, schedule, mean: float, std: float):
   def train_step(state: core.TrainState, rest, batch):
     key = core.step_key(state)
     images = batch["image"]
+    zoom = batch.get("zoom")
+    if zoom is None:  # callers without the pipeline's zoom: the images are the stored pixels
+      zoom = jnp.ones((images.shape[0], 2), jnp.float32)
     if accum == 1:
-      (loss, aux), grads = grad_fn(state.params, rest, images, key)
+      (loss, aux), grads = grad_fn(state.params, rest, images, key, zoom)
     else:
       # Micro-batch i takes rows i, i+accum, ...: every micro-batch stays spread over all devices.
-      micro = images.reshape((images.shape[0] // accum, accum) + images.shape[1:]).swapaxes(0, 1)
+      split = lambda a: a.reshape((a.shape[0] // accum, accum) + a.shape[1:]).swapaxes(0, 1)  # noqa: E731
 
       def body(carry, xs):
-        i, imgs = xs
-        (l, a), g = grad_fn(state.params, rest, imgs, jax.random.fold_in(key, i))
+        i, imgs, zm = xs
+        (l, a), g = grad_fn(state.params, rest, imgs, jax.random.fold_in(key, i), zm)
         return jax.tree.map(jnp.add, carry, (l, a, g)), None
 
       zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), {"mask_fraction": jnp.zeros(())}, state.params))
-      (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+      (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), split(images), split(zoom)))
       loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
     new_state, grad_norm, ok = core.apply_if_finite(state, grads, loss, tx)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
@@ -204,7 +208,7 @@ def _train(config, workdir: str, preempt: preemption.Preemption) -> dict:
         break
       batch = core.global_batch(next(it), mesh)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = step_fn(state, rest, {"image": batch["image"]})
+        state, metrics = step_fn(state, rest, {"image": batch["image"], "zoom": batch["zoom"]})
       step += 1
       # Read the previous step's metrics after dispatching this one: the host never stalls the device.
       if pending is not None:
@@ -333,7 +337,7 @@ def _preview_batch(config, mean, std, n: int = 4):
   src = sources.open_source(config.data, "validation")
   batch = next(iter(pipeline.eval_iterator(src, batch_size=n, image_size=config.model.image_size,
                                             in_chans=config.model.in_chans)))
-  return np.asarray(batch["image"][:n])
+  return np.asarray(batch["image"][:n]), np.asarray(batch["zoom"][:n])
 
 
 @functools.lru_cache(maxsize=None)
@@ -342,11 +346,11 @@ def _preview_fn(config_json: str, graphdef, mean, std):
   config = ml_collections.ConfigDict(json.loads(config_json))
 
   @jax.jit
-  def fn(params, rest, images):
+  def fn(params, rest, images, zoom):
     model = nnx.merge(graphdef, params, rest)
     x01 = images.astype(jnp.float32) / 255.0
     key = jax.random.key(1234)  # fixed: the same masks at every summary, so frames compare
-    inputs01, kwargs = recipes.corrupt(config, key, x01)
+    x01, inputs01, kwargs = recipes.augment_and_corrupt(config, key, x01, zoom)
     return visualize.reconstruction_columns(model, x01, inputs01, mean, std,
                                             key=jax.random.fold_in(key, 1), **kwargs)
 
@@ -355,5 +359,5 @@ def _preview_fn(config_json: str, graphdef, mean, std):
 
 def _preview_image(config, graphdef, state, rest, images, mean, std):
   fn = _preview_fn(config.to_json(), graphdef, mean, std)
-  cols = jax.device_get(fn(state.params, rest, jnp.asarray(images)))
+  cols = jax.device_get(fn(state.params, rest, *(jnp.asarray(a) for a in images)))
   return visualize.panel([np.asarray(c) for c in cols])

@@ -1,5 +1,6 @@
-"""Recipe-aware transfer corruption (SPEC §2–§3, §5): what a downstream step does to [0, 1] pixels
-before normalisation, and which blurriness token t it feeds, decided by the pretraining recipe.
+"""Recipe-aware transfer corruption: what a downstream step does to [0, 1] pixels before
+normalisation, and which blurriness token t it feeds, decided by the pretraining recipe (Deblurring
+MAE and D²MAE blur the downstream images as they blurred pretraining's; docs/methods-blur-augment.md).
 
 Identical for the train, validation and test splits, and for classification and segmentation:
   * Deblurring MAE: the pretraining blur (`recipes.transfer_blur`).
@@ -8,6 +9,12 @@ Identical for the train, validation and test splits, and for classification and 
     keeps the token BLU(t*); 'fixed' uses σ = `obs.fixed_sigma` and t = the level nearest to it;
     'none' does not blur and feeds t = 0 (σ_0 = 0 on the default grid).
   * MAE / denoising MAE / USFM: nothing.
+
+σ has the pretraining config's units (`corrupt.sigma_units`). In 'native' units (σ in the stored
+image's pixels) `lookup` turns each row's σ into per-axis model-pixel σ with the batch's `zoom`
+(model pixels per stored pixel of the row's crop, or of the whole image in evaluation), and the
+static kernel is sized for the largest zoom the job's own crops allow (`recipes.zoom_bound` of the
+job's `data` fields).
 """
 
 from __future__ import annotations
@@ -27,17 +34,27 @@ log = logging.getLogger("mae_jax")
 class TransferPlan:
   """What the step does to [0, 1] pixels before normalisation, and which token t it feeds."""
 
-  def __init__(self, pretrain_config, settings: dict | None, tables: dict | None):
+  def __init__(self, pretrain_config, settings: dict | None, tables: dict | None, data_cfg=None):
+    """data_cfg: the downstream job's `data` fields (its crops bound the zoom); default the
+    pretraining config's."""
     self.pcfg = pretrain_config
     self.recipe = pretrain_config.recipe
     self.settings = settings or {}
     self.tables = tables or {}  # split -> {'t': (n,), 'sigma': (n,)}
     self.use_t = pretrain_config.model.get("blur_embed", "none") != "none"
+    self.native = recipes.native_units(pretrain_config.corrupt)
+    bound = recipes.zoom_bound(pretrain_config.corrupt, pretrain_config.data if data_cfg is None else data_cfg,
+                               pretrain_config.model.image_size)
     mode = self.settings.get("mode", "none")
     self.per_image_blur = self.recipe == "d2mae" and mode in ("search", "fixed")
+    self.fixed_gaussian = self.recipe == "deblur" and pretrain_config.corrupt.blur == "gaussian"
+    self.ksize = None
     if self.per_image_blur:
       levels = obs.levels_of(pretrain_config)
-      self.ksize = obs.kernel_size(levels, self.settings.get("fixed_sigma", 0.0) if mode == "fixed" else 0.0)
+      extra = self.settings.get("fixed_sigma", 0.0) if mode == "fixed" else 0.0
+      self.ksize = recipes.gaussian_size(max(float(levels.max()), float(extra)), bound)
+    elif self.fixed_gaussian:
+      self.ksize = recipes.gaussian_size(pretrain_config.corrupt.sigma, bound)
 
   def describe(self) -> str:
     if self.recipe == "deblur":
@@ -49,15 +66,30 @@ class TransferPlan:
               + (" with token BLU(t)" if self.use_t else " (no blurriness embedding)"))
     return "none"
 
-  def lookup(self, split: str, index: np.ndarray) -> dict:
-    """Per-row `blur_t` and `sigma` for batch rows with positions `index` (-1 = padding)."""
+  def lookup(self, split: str, index: np.ndarray, zoom: np.ndarray | None = None) -> dict:
+    """Per-row `blur_t` and `sigma` for batch rows with positions `index` (-1 = padding). `sigma`
+    is in model pixels, as `apply` takes it: (n,), or (n, 2) per axis (σ·zoom) when σ is in stored
+    pixels and the batch's `zoom` (n, 2) is given."""
     idx = np.maximum(np.asarray(index, np.int64), 0)
     tab = self.tables.get(split)
-    if tab is None:
-      return {"blur_t": np.zeros(idx.shape, np.int32), "sigma": np.zeros(idx.shape, np.float32)}
-    return {"blur_t": tab["t"][idx].astype(np.int32), "sigma": tab["sigma"][idx].astype(np.float32)}
+    t = np.zeros(idx.shape, np.int32) if tab is None else tab["t"][idx].astype(np.int32)
+    if tab is not None:
+      sigma = tab["sigma"][idx].astype(np.float32)
+    elif self.fixed_gaussian:
+      sigma = np.full(idx.shape, self.pcfg.corrupt.sigma, np.float32)
+    else:
+      sigma = np.zeros(idx.shape, np.float32)
+    if self.native and zoom is not None and (self.per_image_blur or self.fixed_gaussian):
+      sigma = sigma[:, None] * np.asarray(zoom, np.float32)
+    return {"blur_t": t, "sigma": sigma}
 
   def apply(self, x01, sigma):
+    """sigma: the rows' σ in model pixels from `lookup` ((n,) or per axis (n, 2)); None for
+    Deblurring MAE means the pretraining σ at zoom 1."""
+    if self.fixed_gaussian:
+      if sigma is None:
+        return recipes.transfer_blur(self.pcfg, x01, kernel_size=self.ksize)
+      return blur_lib.gaussian_blur(x01, sigma, kernel_size=self.ksize)
     if self.recipe == "deblur":
       return recipes.transfer_blur(self.pcfg, x01)
     if self.per_image_blur:
@@ -98,6 +130,6 @@ def plan_for(config, pre, split_sources, workdir: str) -> TransferPlan:
     tables = d2mae_tables(pre.config, settings, split_sources, model=pre.model, workdir=workdir,
                           init_from=pre.init_from, ckpt_step=pre.step, config=config, mean=pre.mean,
                           std=pre.std)
-  plan = TransferPlan(pre.config, settings, tables)
+  plan = TransferPlan(pre.config, settings, tables, data_cfg=config.data)
   log.info("transfer corruption: %s", plan.describe())
   return plan
