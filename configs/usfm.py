@@ -3,7 +3,8 @@
 Published setting (§3.2, §4.2): ViT-B/16 encoder, SimMIM-style linear decoder, 224 px; spatial mean
 masking ratio 0.4 (masked units 32×32 px filled with the image mean); frequency band-stop masking
 (protected centre, 7 rings, 2 dropped per image); loss L1 + λ·FFL with λ = 0.4 and α = 1;
-organ-balanced sampling with weights ∝ 1/√N_organ. The pretraining optimizer is not published: we
+organ-balanced sampling (Eq. 1: every image drawn with weight 1/√N_organ, so an organ's share is
+∝ √N_organ; docs/methods.md#organ-balanced-sampling). The pretraining optimizer is not published: we
 keep MAE's.
 
 Augmentation (§3.1: rotation, scaling, cropping, brightness and contrast, Gaussian blur) runs on
@@ -25,6 +26,7 @@ def get_config(arg=None):
   c.recipe = "usfm"
   c.model.path = "simmim"
   c.model.mask_ratio = 0.0  # no token dropping on the SimMIM path; masking is in pixel space
+  c.model.norm_pix_loss = False  # L1 + FFL on the (dataset-normalised) image, no per-patch norm (§3.2)
   c.corrupt.spatial_ratio = 0.4
   c.corrupt.frequency = not args.nofreq
   c.data.sampler = "shuffle" if args.nobalance else "balanced"

@@ -66,7 +66,7 @@ def base(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.ffl_alpha = 1.0
   c.model.dtype = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU. Params stay float32.
 
-  # What happens to pixels inside the step, before normalisation (docs/methods-blur-augment.md).
+  # What happens to pixels inside the step, before normalisation (docs/methods.md#blur-strength).
   c.corrupt = ml_collections.ConfigDict()
   c.corrupt.blur = "none"  # none | gaussian | srad | mean | median | motion | defocus
   c.corrupt.sigma = 1.1  # fixed Gaussian σ (Deblurring MAE)

@@ -15,7 +15,7 @@ blur then runs with σ·zoom per axis, zoom = model pixels per stored pixel of e
 passed with the batch (`mae_jax.data.pipeline`). 'model' is σ in model pixels after crop and
 resize (the project's behaviour before). Only the Gaussian changes: SRAD, mean, median, motion and
 defocus have integer kernel sizes or iteration counts and stay in model pixels (see
-docs/methods-blur-augment.md).
+docs/methods.md#blur-strength).
 
 | recipe  | paper                       | corruption                                  | model path |
 |---------|-----------------------------|---------------------------------------------|------------|

@@ -4,7 +4,7 @@ Gaussian blur, per sample, inside the jitted step.
 USFM (Medical Image Analysis 2024) §3.1: "we performed image augmentation on the input data ...
 random rotation, scaling, cropping, brightness and contrast adjustment, and Gaussian blur". The
 paper gives no parameters and its pretraining code was never published (openmedlab/USFM holds the
-downstream code only), so the ranges are config fields (`config.augment`, docs/methods-blur-augment.md
+downstream code only), so the ranges are config fields (`config.augment`, docs/methods.md#usfm-augmentation
 says what was chosen and why). Cropping is the host's random resized crop (`mae_jax.data.pipeline`),
 which every recipe already gets.
 

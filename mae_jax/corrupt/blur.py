@@ -20,7 +20,7 @@ default everywhere.
 resolution) before `RandomResizedCrop`. The blur here runs on device after crop and resize; with
 `corrupt.sigma_units='native'` the recipes multiply σ by each sample's zoom (model pixels per
 stored pixel, per axis, passed with the batch by `mae_jax.data.pipeline`), which gives the blur
-the same strength in the stored image (see `mae_jax/recipes.py` and docs/methods-blur-augment.md).
+the same strength in the stored image (see `mae_jax/recipes.py` and docs/methods.md#blur-strength).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Recipe-aware transfer corruption: what a downstream step does to [0, 1] pixels before
 normalisation, and which blurriness token t it feeds, decided by the pretraining recipe (Deblurring
-MAE and D²MAE blur the downstream images as they blurred pretraining's; docs/methods-blur-augment.md).
+MAE and D²MAE blur the downstream images as they blurred pretraining's; docs/methods.md#blur-strength).
 
 Identical for the train, validation and test splits, and for classification and segmentation:
   * Deblurring MAE: the pretraining blur (`recipes.transfer_blur`).
