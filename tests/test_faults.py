@@ -395,3 +395,108 @@ def test_read_only_workdir_exits_2_in_one_line_and_changes_nothing(reference, tm
     assert out.startswith(f"mae_jax: cannot create the lock file {run_dir}/.lock: "), out
     assert ("Permission denied" if disk is None and os.geteuid() != 0 else "Read-only file system") in out
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+# ----------------------------------------------------------------------- hostile image folders
+# tests/test_folder.py::test_pretrain_with_broken_files already covers a truncated PNG, a 0-byte
+# file, 16-bit, RGBA, a multi-frame TIFF and text named .png; these are the rest of issue 19's list.
+
+
+def _noise(seed, h=40, w=36):
+  return np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8)
+
+
+def _png_of_zeros(path, width: int, height: int) -> None:
+  """A valid 8-bit grayscale PNG of `width` x `height` zeros, written as a stream (never held in
+  memory: 20000 x 20000 is 400 MB decoded, 0.4 MB on disk)."""
+  import struct
+  import zlib
+
+  def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+  z, row, idat = zlib.compressobj(1), b"\0" * (width + 1), []
+  for _ in range(height):
+    idat.append(z.compress(row))
+  idat.append(z.flush())
+  header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+  path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(idat))
+                   + chunk(b"IEND", b""))
+
+
+def hostile_folder(root: pathlib.Path) -> pathlib.Path:
+  """Two good classes of 4 images each, plus one of every hostile entry."""
+  from PIL import Image
+  for k, c in enumerate(("benign", "malignant")):
+    (root / c).mkdir(parents=True)
+    for i in range(4):
+      Image.fromarray(_noise(10 * k + i)).save(root / c / f"{i}.png")
+  (root / "benign" / "text.jpg").write_text("this is not a JPEG")
+  _png_of_zeros(root / "benign" / "huge.png", 20000, 20000)
+  os.symlink("loop_b.png", root / "benign" / "loop_a.png")  # a file link loop
+  os.symlink("loop_a.png", root / "benign" / "loop_b.png")
+  os.symlink("..", root / "malignant" / "up")  # a folder link loop
+  Image.fromarray(_noise(50)).save(root / "malignant" / "unreadable.png")
+  os.chmod(root / "malignant" / "unreadable.png", 0)
+  with open(os.fsencode(root / "malignant") + b"/caf\xe9_\xff.png", "wb") as f:  # latin-1 bytes
+    Image.fromarray(_noise(60)).save(f, format="PNG")
+  (root / "empty_class").mkdir()
+  (root / "single").mkdir()
+  Image.fromarray(_noise(70)).save(root / "single" / "only.png")
+  return root
+
+
+def test_hostile_folder_builds_with_every_bad_file_reported(tmp_path, monkeypatch, caplog):
+  """Expected, per entry: text named .jpg -> skipped, not an image; 20000x20000 PNG -> skipped by
+  the decompression-bomb guard without decoding; file symlink loop -> skipped, cannot stat; folder
+  symlink loop -> not entered; unreadable file -> skipped, cannot open (root reads everything, so
+  the permission error is also injected); non-UTF-8 name -> a normal record, logged escaped; empty
+  class folder -> not a class, warned; class with one image -> train only, warned."""
+  from mae_jax.data import folder
+  from PIL import Image
+  root = hostile_folder(tmp_path / "raw")
+  unreadable = str(root / "malignant" / "unreadable.png")
+  open_image = Image.open
+
+  def refuse_unreadable(path, *args, **kwargs):
+    if str(path) == unreadable:
+      raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), unreadable)
+    return open_image(path, *args, **kwargs)
+
+  monkeypatch.setattr(folder.Image, "open", refuse_unreadable)
+  with caplog.at_level("INFO", logger="mae_jax"):
+    out = folder.build_folder_dataset(root, tmp_path / "ds", task="classify")
+  report = json.loads((out / "build_report.json").read_text())
+  skipped = {d["path"]: d["reason"] for d in report["skipped"]}
+  assert skipped.pop("benign/text.jpg") == "not a readable image (PIL cannot identify the format)"
+  assert skipped.pop("benign/huge.png").startswith("too large to decode (decompression-bomb guard)")
+  for link in ("benign/loop_a.png", "benign/loop_b.png"):
+    assert "Too many levels of symbolic links" in skipped.pop(link)
+  assert skipped.pop("malignant/unreadable.png") == (
+      f"cannot open: PermissionError: [Errno 13] Permission denied: '{unreadable}'")
+  assert skipped == {}
+  assert report["warnings"] == ["folder empty_class/ holds no usable image: it is not a class",
+                                "class single has 1 usable image(s): none in validation, test"]
+  meta = json.loads((out / "metadata.json").read_text())
+  assert meta["classes"] == ["benign", "malignant", "single"]
+  assert meta["counts_per_group"]["train"]["single"] == 1
+  assert sum(meta["counts"].values()) == 4 + 5 + 1  # the latin-1 name is a normal image
+  paths = [p for s in folder.SPLITS for p in folder.folder_source(out, s).paths]
+  assert "malignant/caf\udce9_\udcff.png" in paths  # the name as os.listdir gives it
+  assert "dataset folder" in caplog.text and "5 files skipped" in caplog.text
+  assert "holds no usable image" in caplog.text
+
+
+def test_pretraining_on_a_hostile_folder_runs(tmp_path):
+  """Expected: the smoke pretraining on the hostile folder (organ layout) converts it, logs the
+  summary and the warnings, and trains to the end (exit 0) on the usable images only."""
+  root = hostile_folder(tmp_path / "raw")
+  rc, out = H.run(H.cli(tmp_path / "run", *H.FAST, "--config.train.total_steps=2",
+                        "--config.data.name=folder", f"--config.data.folder={root}",
+                        f"--config.data.data_dir={tmp_path / 'cache'}"), tmp_path / "folder.log")
+  assert rc == 0, out
+  skipped = 4 if os.geteuid() == 0 else 5  # root reads the unreadable file
+  assert f"{skipped} files skipped" in out, out
+  assert "folder empty_class/ holds no usable image: it is not an organ" in out
+  assert "Traceback" not in out and "Logging error" not in out
+  assert sorted(by_step(tmp_path / "run")) == [1, 2]
