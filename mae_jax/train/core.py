@@ -198,8 +198,9 @@ class NoGoodCheckpoint(workdir_lock.RunStopped):
 
 # Errors of the file system that no retry inside the run can fix.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
-_WRITE_MESSAGES = ("no space left", "disk quota", "read-only file system", "permission denied",
-                   "file too large")
+_WRITE_MESSAGES = {"no space left": "No space left on device", "disk quota": "Disk quota exceeded",
+                   "read-only file system": "Read-only file system",
+                   "permission denied": "Permission denied", "file too large": "File too large"}
 
 
 def _write_error(e: BaseException) -> str | None:
@@ -210,19 +211,51 @@ def _write_error(e: BaseException) -> str | None:
     seen.add(id(e))
     if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
       return e.strerror or str(e)
-    text = str(e).lower()
-    for m in _WRITE_MESSAGES:
-      if m in text:
-        return m[0].upper() + m[1:]
+    reason = _write_error_text(str(e))
+    if reason:
+      return reason
     e = e.__cause__ or e.__context__
   return None
+
+
+def _write_error_text(text: str) -> str | None:
+  text = text.lower()
+  return next((reason for m, reason in _WRITE_MESSAGES.items() if m in text), None)
+
+
+class _QuietWriteErrors(logging.Filter):
+  """orbax's background threads and asyncio log every failed write of a refused save with its
+  traceback (hundreds of lines for one full disk); `SaveFailed` says it in one line instead. Only
+  records about a checkpoint write refused by the disk are dropped."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    try:
+      text = record.getMessage()
+    except Exception:  # noqa: BLE001 - a record that cannot format is not ours to judge
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    refused = _write_error_text(text) or (exc is not None and _write_error(exc))
+    about_checkpoint = "checkpoint" in text.lower() or (exc is not None and "checkpoint" in str(exc).lower())
+    return not (refused and about_checkpoint)
+
+
+def _quiet_save_errors() -> None:
+  for name in ("absl", "asyncio"):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _QuietWriteErrors) for f in logger.filters):
+      logger.addFilter(_QuietWriteErrors())
 
 
 class _Manager(ocp.CheckpointManager):
   """orbax's manager whose saves fail with one sentence (`SaveFailed`) when the disk refuses them.
   An async save's error surfaces at the next save or at `wait_until_finished`."""
 
+  _saving = None  # the step of the save in flight
+
   def _failed(self, e: BaseException, step=None):
+    step = self._saving if step is None else step
     reason = _write_error(e)
     if reason is None or isinstance(e, SaveFailed):
       return e
@@ -237,6 +270,14 @@ class _Manager(ocp.CheckpointManager):
                       "make the workdir writable) and run the same command again to resume from it")
 
   def save(self, step, *args, **kwargs):
+    try:
+      super().wait_until_finished()  # the previous save's error belongs to the previous step
+    except Exception as e:  # noqa: BLE001
+      failed = self._failed(e)
+      if failed is e:
+        raise
+      raise failed from None
+    self._saving = step
     try:
       return super().save(step, *args, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised, as one sentence when it is the disk's
@@ -265,6 +306,7 @@ def checkpoint_manager(workdir: str, *, keep: int, async_save: bool = True,
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                          enable_async_checkpointing=async_save)
   path = os.path.join(os.path.abspath(workdir), subdir)
+  _quiet_save_errors()
   try:
     return _Manager(path, options=options, item_names=("state", "stats", "data"))
   except OSError as e:
