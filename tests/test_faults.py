@@ -21,7 +21,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -94,23 +93,24 @@ def faulty_cli(workdir, *overrides) -> list[str]:
   return [sys.executable, "-c", INJECT, H.SMOKE, f"--workdir={workdir}", *overrides]
 
 
-def start_with_fault(fault: str, workdir, log_path) -> subprocess.Popen:
+@contextlib.contextmanager
+def armed(fault: str):
+  """$MAE_JAX_TEST_FAULT set for the subprocesses started inside (H.env copies os.environ)."""
   os.environ[FAULT_ENV] = fault
   try:
-    return H.start(faulty_cli(workdir, *ARGS), log_path)
+    yield
   finally:
     del os.environ[FAULT_ENV]
 
 
-def run_with_fault(fault: str, workdir, log_path, timeout=300) -> tuple[int, str]:
-  proc = start_with_fault(fault, workdir, log_path)
-  try:
-    rc = proc.wait(timeout=timeout)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-  return rc, H.read(log_path)
+def start_with_fault(fault: str, workdir, log_path) -> subprocess.Popen:
+  with armed(fault):
+    return H.start(faulty_cli(workdir, *ARGS), log_path)
+
+
+def run_with_fault(fault: str, workdir, log_path) -> tuple[int, str]:
+  with armed(fault):
+    return H.run(faulty_cli(workdir, *ARGS), log_path)
 
 
 def by_step(workdir) -> dict:
