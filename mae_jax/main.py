@@ -65,7 +65,12 @@ def run(config, workdir: str):
 def main(argv):
   del argv
   _setup_logging()
-  run(_CONFIG.value, os.path.expanduser(_WORKDIR.value))
+  from mae_jax.train import workdir_lock
+  try:
+    run(_CONFIG.value, os.path.expanduser(_WORKDIR.value))
+  except workdir_lock.RunStopped as e:  # a busy workdir, no readable checkpoint, a failed save
+    print(f"mae_jax: {e}", file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

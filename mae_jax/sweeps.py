@@ -38,6 +38,7 @@ import time
 import numpy as np
 
 from mae_jax import config_files, evaluate
+from mae_jax.train import workdir_lock
 
 log = logging.getLogger("mae_jax")
 
@@ -172,7 +173,14 @@ def run_sweep(exp: dict, root: str, *, seeds, scale: str = "tiny", pretrain_over
   """Runs (or reuses) every pretraining and transfer of the experiment and writes
   `<root>/<name>.json` and `<root>/<name>.md`. Returns the results dict."""
   root = os.path.abspath(os.path.expanduser(root))
-  os.makedirs(root, exist_ok=True)
+  with workdir_lock.hold(root):  # one sweep per root; each job also locks its own workdir
+    return _run_sweep(exp, root, seeds=seeds, scale=scale, pretrain_overrides=pretrain_overrides,
+                      transfer_overrides=transfer_overrides, name=name, pretrain_fn=pretrain_fn,
+                      transfer_fn=transfer_fn)
+
+
+def _run_sweep(exp, root, *, seeds, scale, pretrain_overrides, transfer_overrides, name, pretrain_fn,
+               transfer_fn) -> dict:
   jobs = plan(exp, root, seeds=seeds, scale=scale)
   per_row: dict[str, dict] = {}
   done_pre, done_ft = set(), {}

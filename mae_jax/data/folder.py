@@ -56,9 +56,16 @@ Conversions (each listed per file in the report)
     ``binarize_masks=True`` maps every non-zero value to 1 instead.
 
 Skipped (with the reason in the report): zero-byte files, files PIL cannot identify (e.g. text
-named .png), truncated or otherwise undecodable files, images with a side below ``min_size``
+named .png), truncated or otherwise undecodable files, files that cannot be read (permissions,
+symbolic-link loops), images larger than PIL's ``Image.MAX_IMAGE_PIXELS`` (about 89 M pixels: a
+decompression-bomb guard; the header alone is read), images with a side below ``min_size``
 (default 32), hidden files, files with a non-image extension, images without a mask and masks
-without an image (segment), masks whose size differs from their image.
+without an image (segment), masks whose size differs from their image. Folders behind symbolic
+links are not entered (no loop can form). File names need not be UTF-8: they are kept as Python
+reads them and logged with ``\\xNN`` escapes. The build logs one summary line (images per split,
+files skipped and converted) and one warning per entry of the report's ``warnings``: a
+first-level folder with no usable image (it is not a class or organ), a class absent from a
+split (e.g. a class with a single image is in train only).
 
 A missing or empty root, or no usable image left, raises ``ValueError`` naming the path.
 
@@ -141,8 +148,17 @@ def _open_first_frame(path: pathlib.Path) -> tuple[Image.Image, list[str]]:
     im = Image.open(path)
   except UnidentifiedImageError:
     raise _Skip("not a readable image (PIL cannot identify the format)") from None
+  except Image.DecompressionBombError as e:
+    raise _Skip(f"too large to decode (decompression-bomb guard): {e}") from None
   except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
     raise _Skip(f"cannot open: {type(e).__name__}: {e}") from None
+  # PIL only refuses images over twice its limit; between one and two times it warns and decodes
+  # (a 12000x12000 header costs 144 MB per decode, and pass 2 decodes again): refuse those too.
+  w, h = im.size
+  if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+    im.close()
+    raise _Skip(f"too large to decode (decompression-bomb guard): {w}x{h} = {w * h} pixels, over "
+                f"PIL's limit of {Image.MAX_IMAGE_PIXELS} (Image.MAX_IMAGE_PIXELS)")
   try:
     frames = int(getattr(im, "n_frames", 1))
     if frames > 1:
@@ -635,6 +651,15 @@ def build_folder_dataset(
     fail(f"dataset folder {root}: no usable image left ({len(skipped)} files skipped)")
 
   names = sorted({it.group for it in usable if it.group is not None})
+  if task != "segment":
+    # A first-level folder that yields no image is not a class / organ at all: say so, since a
+    # class the user expects would otherwise vanish from the labels without a word.
+    kind = "a class" if task == "classify" else "an organ"
+    for sub, _ in subs:
+      for c in sorted(sub.iterdir()):
+        if (c.is_dir() and not c.is_symlink() and not c.name.startswith(".") and c.name not in names
+            and c.name.lower() not in _MASK_DIRS and (sub != root or c.name.lower() not in _SPLIT_ALIASES)):
+          warnings.append(f"folder {_printable(_rel(c, root))}/ holds no usable image: it is not {kind}")
 
   # Split.
   ratio = [float(x) for x in split_ratio]
@@ -653,6 +678,12 @@ def build_folder_dataset(
     split_source = "stratified"
   if not per_split["train"]:
     fail(f"dataset folder {root}: no usable training image")
+  if task != "pretrain":
+    for g in names:
+      missing = [s for s in SPLITS if per_split[s] and not any(it.group == g for it in per_split[s])]
+      if missing:
+        n = sum(it.group == g for it in usable)
+        warnings.append(f"class {_printable(g)} has {n} usable image(s): none in {', '.join(missing)}")
 
   # Mask value mapping.
   mask_values = None
@@ -747,7 +778,19 @@ def build_folder_dataset(
   _write_json(work / "build_report.json", report)
   _write_json(work / "metadata.json", meta)
   _replace_dir(work, out)
+  log.info("dataset folder %s: %d images (train/validation/test %d/%d/%d), %d files skipped, %d "
+           "converted; reasons per file in %s", _printable(str(root)), sum(counts.values()),
+           counts["train"], counts["validation"], counts["test"], len(skipped), len(converted),
+           out / "build_report.json")
+  for w in warnings:
+    log.warning("dataset folder %s: %s", _printable(str(root)), w)
   return out
+
+
+def _printable(name: str) -> str:
+  """A file name as text any log stream can print: bytes that are not UTF-8 (Python keeps them as
+  surrogates) become \\xNN escapes instead of breaking the log handler."""
+  return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _replace_dir(new: pathlib.Path, out: pathlib.Path) -> None:

@@ -43,7 +43,7 @@ from mae_jax import losses, recipes
 from mae_jax import patches as patch_lib
 from mae_jax.corrupt import blur as blur_lib
 from mae_jax.data import pipeline, sources
-from mae_jax.train import core, writers
+from mae_jax.train import core, workdir_lock, writers
 
 log = logging.getLogger("mae_jax")
 
@@ -376,7 +376,11 @@ def normalisation(config, pretrain_config, init_from: str) -> tuple[float, float
 def run(config, workdir: str) -> dict:
   """Job 'obs': search σ* for every image of train / validation / test and write the JSON and the
   histogram figures to `workdir/obs/`."""
-  workdir = os.path.abspath(workdir)
+  with workdir_lock.hold(workdir):
+    return _run(config, os.path.abspath(workdir))
+
+
+def _run(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     core.save_config(config, workdir)
   if config.get("init_from") and os.path.exists(os.path.join(config.init_from, "config.json")):

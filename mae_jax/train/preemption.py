@@ -15,6 +15,7 @@ import signal
 import jax
 
 from mae_jax import distributed
+from mae_jax.train import workdir_lock
 
 log = logging.getLogger("mae_jax")
 
@@ -79,6 +80,7 @@ def log_saved(step: int) -> None:
 
 def guarded(job, config, workdir: str):
   """`job(config, workdir, preempt)` with the handler installed for all of it, so before the job
-  builds a dataset or compiles anything."""
-  with Preemption() as preempt:
+  builds a dataset or compiles anything, and with the workdir locked to this run
+  (`workdir_lock.hold`: a second run on it stops at once)."""
+  with Preemption() as preempt, workdir_lock.hold(workdir):
     return job(config, workdir, preempt)

@@ -275,32 +275,65 @@ class MetricsLog:
   written with `repr`, so float32 values read back exactly (a non-finite loss is written `NaN`,
   which Python's json reads).
 
-  On resume, lines after the restored step (written by a run killed after its last checkpoint) are
-  dropped, so the file always describes the one history that produced the current state."""
+  The file is only ever appended to, by the run that holds the workdir's lock. On resume, the lines
+  after the restored step (written by a run killed after its last checkpoint, or past a damaged
+  checkpoint that was set aside) are moved, not dropped: appended to `metrics.discarded.jsonl`
+  after a marker line, then cut from the end of `metrics.jsonl` in place. So `metrics.jsonl`
+  always describes the one history that produced the current state, one line per logged step."""
 
   def __init__(self, path: str, start_step: int):
-    kept = []
-    if os.path.exists(path):
-      with open(path) as f:
-        for line in f:
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-          if int(record.get("step", 0)) <= start_step:
-            kept.append(json.dumps(record) + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+    self.path = path
+    set_aside_after(path, start_step)
     self._f = open(path, "a")
 
   def write(self, step: int, metrics: dict) -> None:
-    self._f.write(json.dumps({"step": int(step), **metrics}) + "\n")
-    self._f.flush()
+    try:
+      self._f.write(json.dumps({"step": int(step), **metrics}) + "\n")
+      self._f.flush()
+    except OSError as e:
+      raise core.SaveFailed(f"writing {self.path} failed at step {step}: {e.strerror or e}; "
+                            "free space (or make the workdir writable) and run the same command "
+                            "again to resume from the last checkpoint") from None
 
   def close(self) -> None:
-    self._f.close()
+    try:
+      self._f.close()
+    except OSError:  # the failed write above was already reported
+      pass
+
+
+def set_aside_after(path: str, step: int) -> int:
+  """Moves the lines of `path` from the first one past `step` (or cut short) to the end of
+  `<name>.discarded.jsonl`, marked with the step resumed from; returns how many lines moved."""
+  if not os.path.exists(path):
+    return 0
+  with open(path, "rb") as f:
+    data = f.read()
+  cut, offset = None, 0
+  for line in data.splitlines(keepends=True):
+    try:
+      beyond = int(json.loads(line).get("step", 0)) > step
+    except (ValueError, AttributeError):  # a line cut short by a kill
+      beyond = True
+    if beyond or not line.endswith(b"\n"):
+      cut = offset
+      break
+    offset += len(line)
+  if cut is None:
+    return 0
+  tail = data[cut:]
+  moved = tail.count(b"\n") + (not tail.endswith(b"\n"))
+  aside = path[:-len(".jsonl")] + ".discarded.jsonl" if path.endswith(".jsonl") else path + ".discarded"
+  with open(aside, "ab") as f:
+    f.write((json.dumps({"discarded": moved, "resumed_from_step": int(step), "from": os.path.basename(path)})
+             + "\n").encode())
+    f.write(tail if tail.endswith(b"\n") else tail + b"\n")
+    f.flush()
+    os.fsync(f.fileno())  # safely aside before it is cut from the record
+  os.truncate(path, cut)
+  log.info("%s: %d line(s) after step %d moved to %s", os.path.basename(path), moved, step,
+           os.path.basename(aside))
+  return moved
 
 
 def read_metrics(workdir: str) -> list[dict]:
