@@ -54,8 +54,12 @@ def test_sigkill_and_restart_is_bit_exact(tmp_path):
 
   ref_m = _by_step(pretrain.read_metrics(str(ref_dir)))
   run_records = pretrain.read_metrics(str(run_dir))
-  # Lines the killed run wrote past its checkpoint were dropped on resume: one line per step.
+  # Lines the killed run wrote past its checkpoint were moved aside on resume (to
+  # metrics.discarded.jsonl, never lost): metrics.jsonl has one line per step.
   assert [r["step"] for r in run_records] == list(range(1, N + 1))
+  if killed_at > resumed_from:
+    discarded = (run_dir / "metrics.discarded.jsonl").read_text()
+    assert f'"step": {killed_at}' in discarded
   run_m = _by_step(run_records)
   after = range(resumed_from + 1, N + 1)
   assert len(after) > 0
