@@ -46,7 +46,7 @@ class LowQuality:
   dynamic_range_factor: float = 1.3  # wider display dynamic range: lower contrast
 
 
-def _probe_lq(probe: phantom.Probe, lq: LowQuality) -> phantom.Probe:
+def low_quality_probe(probe: phantom.Probe, lq: LowQuality) -> phantom.Probe:
   return dataclasses.replace(probe, f0=probe.f0 * lq.f0_factor,
                              bandwidth=probe.bandwidth * lq.bandwidth_factor,
                              f_number=probe.f_number * lq.f_number_factor)
@@ -107,7 +107,7 @@ def simulate_pair(seed: int, index: int, image_size: int = 256, *, lq: LowQualit
   beam = phantom.beam_coords(probe, n, n)
   echo, alpha, tissue = phantom.render(layers, beam)
   points = phantom._calcification_points(lesion, anatomy.host_echo, probe, n)
-  low_probe = _probe_lq(probe, lq)
+  low_probe = low_quality_probe(probe, lq)
 
   # One scatterer field, padded for the wider (low-quality) PSF, shared by both acquisitions.
   sig = [phantom.psf_sigmas(p, n, n) for p in (probe, low_probe)]
