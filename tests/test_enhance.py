@@ -227,3 +227,34 @@ def test_smoke_enhancement_from_a_smoke_pretraining(tmp_path_factory, tmp_path):
   results = json.loads((tmp_path / "enh" / "results.json").read_text())
   assert results["method"] == "CycleGAN + mae features" and results["test_n"] > 0
   assert (tmp_path / "enh" / "enhanced_test.png").stat().st_size > 0
+  # The comparison figure from workdirs (here the same one twice), as the command line makes it.
+  from mae_jax import visualize
+  out = tmp_path / "fig.png"
+  wd = str(tmp_path / "enh")
+  assert visualize.main(["--enhance", wd, wd, "--out", str(out), "--images", "2"]) == [str(out)]
+  assert out.stat().st_size > 0
+
+
+def test_table4_sweep_runs_three_rows_per_organ_with_its_metrics(tmp_path):
+  from mae_jax import sweeps
+  exp = sweeps.get_experiment("usfm_table4")
+  pretrained, transferred = [], []
+
+  def fake_pretrain(name, args, workdir, seed, overrides):
+    pretrained.append((name, args, seed))
+
+  def fake_transfer(name, args, workdir, pre, seed, overrides):
+    transferred.append((name, args))
+    assert sweeps.load_config(name, args).job == "enhance"
+    s = 0.7 + (0.01 if "nofeatures" not in args else 0.0) + 0.001 * seed
+    return {"test": {"ssim": {"value": s}, "lncc": {"value": 0.8}, "nmi_sym": {"value": 0.4},
+                     "nmi": {"value": 1.25}}}
+
+  res = sweeps.run_sweep(exp, str(tmp_path), seeds=[0, 1], scale="tiny", name="t4",
+                         pretrain_fn=fake_pretrain, transfer_fn=fake_transfer)
+  assert len(set(pretrained)) == 2 * 2  # USFM and the SimMIM-style (nofreq) pretraining, per seed
+  assert len(transferred) == 4 * 3 * 2
+  assert [(r["organ"], r["method"]) for r in res["rows"][:3]] == [
+      ("thyroid", "CycleGAN"), ("thyroid", "+ SimMIM-style features"), ("thyroid", "+ USFM features")]
+  md = (tmp_path / "t4.md").read_text()
+  assert "| ssim | lncc | nmi_sym | nmi |" in md and md.count("\n| kidney |") == 3
