@@ -144,6 +144,19 @@ def _tiny_config(**train):
   return c
 
 
+@pytest.mark.parametrize("field,value,match", [
+    ("model.n_layers", 0, "model.n_layers"), ("model.image_size", 30, "model.image_size"),
+    ("train.pool_size", -1, "train.pool_size"), ("data.organ", "heart", "data.organ"),
+    ("train.checkpoint_every", 3, "train.checkpoint_every"), ("train.lr", 0.0, "train.lr")])
+def test_bad_config_names_the_field_before_anything_runs(field, value, match, tmp_path):
+  c = load_config("enhance", "smoke")
+  section, name = field.split(".")
+  c[section][name] = value
+  with pytest.raises(ValueError, match=match):
+    enhance.run(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()  # nothing written, nothing built
+
+
 def test_a_non_finite_step_is_skipped_with_the_pools_unchanged():
   config = _tiny_config(pool_size=4)
   model = cyclegan.CycleGAN(ngf=4, n_blocks=1, ndf=4, n_layers=1, rngs=nnx.Rngs(0))
