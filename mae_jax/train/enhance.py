@@ -69,12 +69,7 @@ def validate_config(config, num_devices: int) -> None:
     fail("model.n_blocks", m.n_blocks, "must be >= 0")
   if not 1 <= int(m.n_layers) <= 5:
     fail("model.n_layers", m.n_layers, "must lie in [1, 5] (3 = the 70×70 PatchGAN)")
-  for name in ("batch_size", "eval_batch_size"):
-    v = t[name] or t.batch_size
-    if v <= 0 or v % num_devices:
-      fail(f"train.{name}", t[name], f"must be a positive multiple of the device count ({num_devices})")
-  if t.total_steps < 0 or (t.total_steps == 0 and t.epochs <= 0):
-    fail("train.epochs", t.epochs, "set train.epochs > 0 or train.total_steps > 0")
+  downstream.validate_steps(t, num_devices)
   if t.lr <= 0:
     fail("train.lr", t.lr, "must be > 0")
   if not 0.0 <= t.decay_fraction <= 1.0:
