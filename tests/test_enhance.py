@@ -87,7 +87,7 @@ def test_folder_layout_pairs_by_name_and_trains_on_unpaired(tmp_path):
 
 def test_upsampling_equals_torch_conv_transpose():
   import torch
-  gen = cyclegan.ResnetGenerator(1, 1, ngf=2, n_blocks=0, rngs=nnx.Rngs(0))
+  gen = nnx.merge(*cyclegan.init(0, ngf=2, n_blocks=0, ndf=2, n_layers=1)).G_A
   x = np.random.default_rng(0).random((1, 5, 6, 8)).astype(np.float32)  # 4·ngf channels in
   t = torch.nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1)
   with torch.no_grad():  # flax kernels (kh, kw, in, out), not flipped; torch (in, out, kh, kw)
@@ -159,8 +159,7 @@ def test_bad_config_names_the_field_before_anything_runs(field, value, match, tm
 
 def test_a_non_finite_step_is_skipped_with_the_pools_unchanged():
   config = _tiny_config(pool_size=4)
-  model = cyclegan.CycleGAN(ngf=4, n_blocks=1, ndf=4, n_layers=1, rngs=nnx.Rngs(0))
-  graphdef, params, rest = core.split_model(model)
+  graphdef, params, rest = cyclegan.init(0, ngf=4, n_blocks=1, ndf=4, n_layers=1)
   schedule = enhance.linear_decay(1e-3, 10, 0.5)
   import optax
   tx = optax.adam(schedule, b1=0.5, b2=0.999)

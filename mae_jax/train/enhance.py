@@ -371,10 +371,9 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   if pre is not None:
     pre.model = None  # the extractor holds its weights
   m, t = config.model, config.train
-  model = cyclegan.CycleGAN(in_ch=1, ngf=int(m.ngf), n_blocks=int(m.n_blocks), ndf=int(m.ndf),
-                            n_layers=int(m.n_layers), feat_dim=features.dim if features else 0,
-                            rngs=nnx.Rngs(config.seed))
-  graphdef, params, rest = core.split_model(model)  # rest: empty (no non-trained state)
+  graphdef, params, rest = cyclegan.init(  # rest: empty (no non-trained state)
+      config.seed, in_ch=1, ngf=int(m.ngf), n_blocks=int(m.n_blocks), ndf=int(m.ndf),
+      n_layers=int(m.n_layers), feat_dim=features.dim if features else 0)
   n_params = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v)) for k, v in params.items()}
 
   steps = downstream.Steps.of(t, n_train)
