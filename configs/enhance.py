@@ -11,6 +11,9 @@ linearly to 0, image pool of 50, random flips. USFM adds only the feature branch
 images were input at the size of 224×224"), so 9 blocks as at 256 px. Model selection: the epoch of
 the best validation SSIM (USFM §4.2: "the model demonstrating optimal validation performance").
 
+Batch 1 runs on one device; on N devices set `--config.train.batch_size` (and `eval_batch_size`)
+to a multiple of N (a larger batch than published: scale `train.lr` with care, GANs are sensitive).
+
 ARGS: init_from=DIR, organ=NAME (us_phantom: one organ's scenes only), seed=N, epochs=N,
 nofeatures (plain CycleGAN even when init_from is set: the sweep's first row), smoke.
 
