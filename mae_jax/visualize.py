@@ -724,9 +724,10 @@ def enhancement_figure(low, methods, high, *, title: str | None = None):
   return fig
 
 
-def write_enhancement_figure(workdirs, out: str, *, images: int = 4) -> str:
+def write_enhancement_figure(workdirs, out: str, *, images: int = 4, labels=None) -> str:
   """low | each enhancement workdir's output (e.g. CycleGAN, + features) | high, from the
-  `predictions_test.npz` of enhancement workdirs run on the same test split."""
+  `predictions_test.npz` of enhancement workdirs run on the same test split; `labels` name the
+  columns (default: each run's method)."""
   preds = []
   for w in workdirs:
     path = os.path.join(w, "predictions_test.npz")
@@ -738,7 +739,8 @@ def write_enhancement_figure(workdirs, out: str, *, images: int = 4) -> str:
     if p["high"].shape != high.shape or not np.array_equal(p["high"], high):
       raise ValueError(f"{w!r} was tested on other images than {workdirs[0]!r}")
   n = min(int(images), len(low))
-  methods = [(str(p["method"]), p["enhanced"][:n]) for p in preds]
+  names = labels or [str(p["method"]) for p in preds]
+  methods = [(name, p["enhanced"][:n]) for name, p in zip(names, preds, strict=True)]
   return save(enhancement_figure(low[:n], methods, high[:n]), out)
 
 

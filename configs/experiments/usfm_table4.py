@@ -31,7 +31,8 @@ def figures(results, root):
       continue
     workdirs = [r[0] for r in runs]
     if all(os.path.exists(os.path.join(w, "predictions_test.npz")) for w in workdirs):
-      visualize.write_enhancement_figure(workdirs, os.path.join(root, f"table4_{organ}.png"))
+      visualize.write_enhancement_figure(workdirs, os.path.join(root, f"table4_{organ}.png"),
+                                         labels=[method for method, _, _ in METHODS])
 
 
 def get_experiment():
