@@ -222,8 +222,8 @@ def run_sweep(exp: dict, root: str, *, seeds, scale: str = "tiny", pretrain_over
              "pretrain_overrides": pretrain_overrides or {}, "transfer_overrides": transfer_overrides or {}}
   json_path, md_path = evaluate.write_results(root, name, results, metrics=list(metrics))
   with open(md_path, "a") as f:
-    f.write(f"\n{results['title']} — scale `{scale}`, seeds {list(seeds)}; {results['metrics']}; "
-            f"p: Welch two-sided t-test of {metrics[0]} against `{ref}`.\n")
+    test = f"; p: Welch two-sided t-test of {metrics[0]} against `{ref}`" if ref is not None else ""
+    f.write(f"\n{results['title']} — scale `{scale}`, seeds {list(seeds)}; {results['metrics']}{test}.\n")
   log.info("sweep %s: table written to %s", name, md_path)
   if exp.get("after"):  # the experiment's own extras (e.g. Table 4's figures), from its runs
     exp["after"](results, root)
