@@ -1,7 +1,7 @@
 """Command line: `python -m mae_jax.main --config=configs/NAME.py[:ARGS] --workdir=DIR`.
 
 `--config.a.b=value` overrides any field; an unknown field or a wrong type is an error before
-anything runs. The job (pretrain, finetune, linear_probe, segment, obs) comes from `config.job`.
+anything runs. The job (pretrain, finetune, linear_probe, segment, obs, enhance) comes from `config.job`.
 """
 
 from __future__ import annotations
@@ -59,7 +59,10 @@ def run(config, workdir: str):
   if job == "obs":
     from mae_jax.train import obs
     return obs.run(config, workdir)
-  raise ValueError(f"config.job={job!r}: expected pretrain, finetune, linear_probe, segment or obs")
+  if job == "enhance":
+    from mae_jax.train import enhance
+    return enhance.run(config, workdir)
+  raise ValueError(f"config.job={job!r}: expected pretrain, finetune, linear_probe, segment, obs or enhance")
 
 
 def main(argv):

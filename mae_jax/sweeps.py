@@ -11,7 +11,9 @@ An experiment lives in `configs/experiments/<name>.py` as `get_experiment()` ret
   reference:  the label of the row the others are t-tested against (Welch, two-sided, over seeds)
   rows:       list of {'label': {column: text, ...},
                        'pretrain': (config name, ARGS),    # configs/<name>.py:ARGS
-                       'transfer': (config name, ARGS)}    # configs/finetune.py etc.
+                       'transfer': (config name, ARGS)}    # configs/finetune.py etc., or enhance.py
+  metrics:    (optional) the test metrics in the table, the first one t-tested; default METRICS
+  after:      (optional) `after(results, root)` once the table is written
 
 Scales: `tiny` prefixes every ARGS with `smoke` (micro ViT, 32 px; a table of ~10 rows takes
 about 10 minutes per seed on 2 CPU cores); `paper` uses the configs as published (ViT-B, 224 px,
@@ -158,11 +160,15 @@ def _transfer(name, args, workdir, pre, seed, overrides) -> dict:
   if not os.path.exists(path):
     from mae_jax.train import finetune
     config = load_config(name, args, {**overrides, "seed": seed, "init_from": pre})
-    if config.job not in finetune.JOBS:
+    job_run = finetune.run
+    if config.job == "enhance":  # image enhancement (USFM Table 4)
+      from mae_jax.train import enhance
+      job_run = enhance.run
+    elif config.job not in finetune.JOBS:
       raise ValueError(f"configs/{name}.py is a {config.job!r} job: sweeps run classification "
-                       f"transfer ({finetune.JOBS})")
+                       f"transfer ({finetune.JOBS}) or enhancement")
     log.info("sweep: %s configs/%s.py:%s seed %d -> %s", config.job, name, args, seed, workdir)
-    _stop_if_preempted(finetune.run(config, workdir), config.job, workdir)
+    _stop_if_preempted(job_run(config, workdir), config.job, workdir)
   with open(path) as f:
     return json.load(f)
 
@@ -182,6 +188,7 @@ def run_sweep(exp: dict, root: str, *, seeds, scale: str = "tiny", pretrain_over
 def _run_sweep(exp, root, *, seeds, scale, pretrain_overrides, transfer_overrides, name, pretrain_fn,
                transfer_fn) -> dict:
   jobs = plan(exp, root, seeds=seeds, scale=scale)
+  metrics = tuple(exp.get("metrics", METRICS))  # the experiment's columns
   per_row: dict[str, dict] = {}
   done_pre, done_ft = set(), {}
   t0 = time.perf_counter()
@@ -196,36 +203,38 @@ def _run_sweep(exp, root, *, seeds, scale, pretrain_overrides, transfer_override
     res = done_ft[ft]
     key = _label_text(job["label"])
     entry = per_row.setdefault(key, {"label": job["label"], "seeds": [], "workdirs": [],
-                                     **{m: [] for m in METRICS}})
+                                     **{m: [] for m in metrics}})
     entry["seeds"].append(job["seed"])
     entry["workdirs"].append(ft)
-    for m in METRICS:
+    for m in metrics:
       v = res["test"][m]["value"]
       entry[m].append(float("nan") if v is None else float(v))
-    log.info("sweep %s: %d/%d done (%s, seed %d: macro-F1 %.4f) after %.0fs", name, i + 1, len(jobs),
-             key, job["seed"], entry["macro_f1"][-1], time.perf_counter() - t0)
+    log.info("sweep %s: %d/%d done (%s, seed %d: %s %.4f) after %.0fs", name, i + 1, len(jobs),
+             key, job["seed"], metrics[0], entry[metrics[0]][-1], time.perf_counter() - t0)
 
   ref = exp.get("reference")
   rows = []
   for key, e in per_row.items():
     row = {k: str(v) for k, v in e["label"].items()}
-    row.update({m: list(e[m]) for m in METRICS})
+    row.update({m: list(e[m]) for m in metrics})
     if ref is not None and len(e["seeds"]) >= 2:
       if key == ref:
         row["p (vs ref)"] = "ref"
       else:
-        _, p = evaluate.ttest(e["macro_f1"], per_row[ref]["macro_f1"])
+        _, p = evaluate.ttest(e[metrics[0]], per_row[ref][metrics[0]])
         row["p (vs ref)"] = "nan" if not np.isfinite(p) else f"{p:.3g}"
     rows.append(row)
   results = {"rows": rows, "title": exp.get("title", name), "scale": scale, "seeds": list(seeds),
              "metrics": "test set; mean ± half-width of the 95% Student-t interval across seeds",
              "reference": ref, "runs": {k: e["workdirs"] for k, e in per_row.items()},
              "pretrain_overrides": pretrain_overrides or {}, "transfer_overrides": transfer_overrides or {}}
-  json_path, md_path = evaluate.write_results(root, name, results, metrics=list(METRICS))
+  json_path, md_path = evaluate.write_results(root, name, results, metrics=list(metrics))
   with open(md_path, "a") as f:
-    f.write(f"\n{results['title']} — scale `{scale}`, seeds {list(seeds)}; {results['metrics']}; "
-            f"p: Welch two-sided t-test of macro-F1 against `{ref}`.\n")
+    test = f"; p: Welch two-sided t-test of {metrics[0]} against `{ref}`" if ref is not None else ""
+    f.write(f"\n{results['title']} — scale `{scale}`, seeds {list(seeds)}; {results['metrics']}{test}.\n")
   log.info("sweep %s: table written to %s", name, md_path)
+  if exp.get("after"):  # the experiment's own extras (e.g. Table 4's figures), from its runs
+    exp["after"](results, root)
   return results
 
 

@@ -700,11 +700,59 @@ def explorer(pre: Pretrained, x01, *, seed: int = 0, stats: str = "local"):
 # -------------------------------------------------------------------------------------------- CLI
 
 
+# ------------------------------------------------------------------------------ enhancement
+
+
+def enhancement_figure(low, methods, high, *, title: str | None = None):
+  """USFM Fig. 9's layout: one row per test image, columns low | each method's output | high, the
+  SSIM against high under every image. low, high: (N, H, W) uint8; methods: [(name, (N, H, W) uint8)]."""
+  from mae_jax import image_quality
+  low, high = np.asarray(low), np.asarray(high)
+  cols = [("low quality", low)] + [(n, np.asarray(a)) for n, a in methods] + [("high quality", high)]
+  n, k = len(low), len(cols)
+  fig = _figure(k * CELL, n * CELL + HEADER)
+  fig.suptitle(title or "Image enhancement (test pairs)", fontsize=9)
+  top = 1.0 - HEADER / (n * CELL + HEADER)
+  for i in range(n):
+    for j, (name, imgs) in enumerate(cols):
+      ax = fig.add_axes([j / k, top - (i + 1) * (top / n), 1.0 / k, top / n * 0.86])
+      img = imgs[i].astype(np.float32) / 255.0
+      label = name if i == 0 else None
+      if j < k - 1:
+        ssim = float(image_quality.ssim(img[None], high[i:i + 1] / 255.0)[0])
+        label = f"{name}\nSSIM {ssim:.3f}" if i == 0 else f"SSIM {ssim:.3f}"
+      _show(ax, img, label)
+  return fig
+
+
+def write_enhancement_figure(workdirs, out: str, *, images: int = 4, labels=None) -> str:
+  """low | each enhancement workdir's output (e.g. CycleGAN, + features) | high, from the
+  `predictions_test.npz` of enhancement workdirs run on the same test split; `labels` name the
+  columns (default: each run's method)."""
+  preds = []
+  for w in workdirs:
+    path = os.path.join(w, "predictions_test.npz")
+    if not os.path.exists(path):
+      raise ValueError(f"{w!r} holds no predictions_test.npz: is it a finished enhancement workdir?")
+    preds.append(np.load(path))
+  low, high = preds[0]["low"], preds[0]["high"]
+  for w, p in zip(workdirs, preds):
+    if p["high"].shape != high.shape or not np.array_equal(p["high"], high):
+      raise ValueError(f"{w!r} was tested on other images than {workdirs[0]!r}")
+  n = min(int(images), len(low))
+  names = labels or [str(p["method"]) for p in preds]
+  methods = [(name, p["enhanced"][:n]) for name, p in zip(names, preds, strict=True)]
+  return save(enhancement_figure(low[:n], methods, high[:n]), out)
+
+
 def _parse(argv):
   p = argparse.ArgumentParser(prog="python -m mae_jax.visualize", description=(
       "Reconstruction figures of a pretraining workdir: OUT (original | input | reconstruction | "
       "reconstruction + visible patches), plus OUT_obs (D²MAE) and OUT_spectrum (USFM)."))
-  p.add_argument("--workdir", required=True, help="a pretraining workdir (config.json, checkpoints/)")
+  p.add_argument("--workdir", help="a pretraining workdir (config.json, checkpoints/)")
+  p.add_argument("--enhance", nargs="+", metavar="DIR",
+                 help="instead of --workdir: enhancement workdirs (e.g. CycleGAN, + features); OUT is "
+                      "then low | each one's output | high on their test pairs")
   p.add_argument("--out", required=True, help="the PNG to write, e.g. figs/recon.png")
   p.add_argument("--images", nargs="+", default=["4"],
                  help="how many images of --split (default 4), or image files (comma or space separated)")
@@ -715,6 +763,8 @@ def _parse(argv):
   p.add_argument("--stats", default="local", choices=STATS,
                  help="norm-pix de-normalisation statistics (see the module docstring)")
   args = p.parse_args(argv)
+  if not args.workdir and not args.enhance:
+    p.error("one of --workdir or --enhance is required")
   items = [s for a in args.images for s in a.split(",") if s]
   if len(items) == 1 and items[0].isdigit():
     args.images = int(items[0])
@@ -725,6 +775,15 @@ def _parse(argv):
 
 def main(argv=None) -> list[str]:
   args = _parse(sys.argv[1:] if argv is None else argv)
+  if args.enhance:
+    n = args.images if isinstance(args.images, int) else 4
+    try:
+      paths = [write_enhancement_figure(args.enhance, args.out, images=n)]
+    except ValueError as e:
+      raise SystemExit(f"error: {e}") from None
+    for p in paths:
+      print(p)
+    return paths
   try:
     paths = write_figures(args.workdir, args.out, images=args.images, split=args.split, seed=args.seed,
                           mask_ratio=args.mask_ratio, stats=args.stats, step=args.step)

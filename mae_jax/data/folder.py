@@ -874,3 +874,85 @@ class FolderSource:
 def folder_source(out_dir, split: str) -> FolderSource:
   """Random-access source over a split (``'train'``, ``'validation'``/``'val'``, ``'test'``)."""
   return FolderSource(out_dir, split)
+
+
+# --------------------------------------------------------------------------------------------
+# Image enhancement: `low/` and `high/` folders (additive; used by train/enhance.py)
+# --------------------------------------------------------------------------------------------
+
+ENHANCE_DIRS = ("low", "high")
+
+
+def enhance_layout(root, *, split_seed: int = 0, split_ratio=(0.7, 0.15, 0.15),
+                   min_size: int = 16) -> dict[str, dict]:
+  """The image-enhancement splits of a folder with `low/` and `high/` sub-folders (optionally under
+  `train/`, `validation/`, `test/` split folders), as {split: {'low': [path], 'high': [path],
+  'pairs': [(low path, high path)], 'skipped': [(path, reason)]}}.
+
+  Files pair by their path relative to `low/` / `high/` with the extension ignored (`a/x.png` ↔
+  `a/x.jpg`). Pairs are what the metrics need; an unpaired file (USEnhance2023 style) only trains:
+  without split folders, the pairs are split by `split_ratio` (USFM §4.2: 70/15/15 when a dataset
+  comes without a split) with `split_seed`, and every unpaired file goes to train. With split
+  folders, a validation / test split keeps its pairs only. Unreadable files are skipped with the
+  reason (`_read_image`'s rules)."""
+  root = pathlib.Path(root)
+  split_dirs = {}
+  for d in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+    name = _SPLIT_ALIASES.get(d.name.lower())
+    if name is not None:
+      split_dirs[name] = d
+
+  def side(top: pathlib.Path, skipped) -> dict[str, pathlib.Path]:
+    out = {}
+    if not top.is_dir():
+      return out
+    for p in _list_files(top):
+      if p.name.startswith(".") or not _is_image_name(p):
+        continue
+      try:
+        _read_image(p, min_size)
+      except _Skip as e:
+        skipped.append((str(p), str(e)))
+        continue
+      out[p.relative_to(top).with_suffix("").as_posix()] = p
+    return out
+
+  def scan(base: pathlib.Path):
+    skipped: list = []
+    low, high = side(base / "low", skipped), side(base / "high", skipped)
+    return low, high, skipped
+
+  out = {s: {"low": [], "high": [], "pairs": [], "skipped": []} for s in SPLITS}
+  if split_dirs:
+    for s, d in split_dirs.items():
+      low, high, skipped = scan(d)
+      keys = sorted(set(low) & set(high))
+      out[s]["pairs"] = [(low[k], high[k]) for k in keys]
+      out[s]["skipped"] = skipped
+      if s == "train":
+        out[s]["low"], out[s]["high"] = [low[k] for k in sorted(low)], [high[k] for k in sorted(high)]
+      else:
+        out[s]["low"], out[s]["high"] = [low[k] for k in keys], [high[k] for k in keys]
+  else:
+    low, high, skipped = scan(root)
+    if not low or not high:
+      raise ValueError(f"{root}: expected non-empty 'low/' and 'high/' folders of images")
+    keys = sorted(set(low) & set(high))
+    order = np.random.default_rng(split_seed).permutation(len(keys))
+    counts = _largest_remainder(len(keys), split_ratio)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    for k, s in enumerate(SPLITS):
+      chosen = [keys[i] for i in sorted(order[starts[k]:starts[k + 1]])]
+      out[s]["pairs"] = [(low[c], high[c]) for c in chosen]
+      out[s]["low"], out[s]["high"] = [low[c] for c in chosen], [high[c] for c in chosen]
+    paired = set(keys)
+    out["train"]["low"] += [low[k] for k in sorted(low) if k not in paired]
+    out["train"]["high"] += [high[k] for k in sorted(high) if k not in paired]
+    out["train"]["skipped"] = skipped
+  return out
+
+
+def read_gray(path, min_size: int = 16) -> np.ndarray:
+  """(H, W) uint8 of one image file, converted as the folder datasets convert (`_read_image`)."""
+  a, _ = _read_image(pathlib.Path(path), min_size)
+  return np.asarray(a).astype(np.uint8)

@@ -48,6 +48,8 @@ def open_source(dcfg, split: str, *, task: str = "pretrain"):
     from mae_jax.data import us_phantom
     kwargs = dict(num_train=dcfg.num_train, num_validation=dcfg.num_validation,
                   num_test=dcfg.num_test, image_size=dcfg.native_size, seed=dcfg.seed)
+    if task == "enhance":  # paired low / high-quality acquisitions (data/phantom_pairs.py)
+      kwargs["task"] = task
     name = "us_phantom-" + "-".join(f"{k}{v}" for k, v in sorted(kwargs.items()))
     with _build_lock(data_root(dcfg), name):  # per size: other sizes build in parallel
       us_phantom.build(data_root(dcfg), **kwargs)

@@ -47,6 +47,7 @@ class UsPhantomConfig(tfds.core.BuilderConfig):
   num_test: int = 200
   image_size: int = 256
   seed: int = 0
+  task: str = "pretrain"  # "enhance": paired low / high-quality acquisitions (phantom_pairs)
 
   def split_ranges(self) -> dict[str, tuple[int, int]]:
     """Disjoint example-index ranges [start, stop) of the splits."""
@@ -55,8 +56,11 @@ class UsPhantomConfig(tfds.core.BuilderConfig):
     return {name: (int(starts[k]), int(starts[k + 1])) for k, name in enumerate(SPLITS)}
 
 
+TASKS = ("pretrain", "enhance")
+
+
 def make_config(
-  *, num_train=2000, num_validation=200, num_test=200, image_size=256, seed=0
+  *, num_train=2000, num_validation=200, num_test=200, image_size=256, seed=0, task="pretrain"
 ) -> UsPhantomConfig:
   """A config whose name encodes every field, so different sizes never share a directory."""
   for field, value in (
@@ -68,7 +72,11 @@ def make_config(
       raise ValueError(f"{field} must be >= 0, got {value}")
   if int(image_size) < 16:
     raise ValueError(f"image_size must be >= 16, got {image_size}")
+  if task not in TASKS:
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
   name = f"s{image_size}_tr{num_train}_va{num_validation}_te{num_test}_seed{seed}"
+  if task != "pretrain":  # the existing configs keep their names (and so their built data)
+    name += f"_{task}"
   return UsPhantomConfig(
     name=name,
     version=VERSION,
@@ -78,6 +86,7 @@ def make_config(
     num_test=int(num_test),
     image_size=int(image_size),
     seed=int(seed),
+    task=task,
   )
 
 
@@ -89,9 +98,14 @@ def _png(array: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-def _encoded_example(job: tuple[int, int, int]) -> tuple[int, dict[str, Any]]:
+def _encoded_example(job: tuple) -> tuple[int, dict[str, Any]]:
   """Worker: simulate one example and encode its images (runs in a child process)."""
-  seed, index, size = job
+  seed, index, size = job[:3]
+  if len(job) > 3 and job[3] == "enhance":
+    from mae_jax.data import phantom_pairs
+    ex = phantom_pairs.simulate_pair(seed, index, size)
+    return index, {"low": _png(ex["low"]), "high": _png(ex["high"]), "organ": ex["organ"],
+                   "label": ex["label"], "mask": _png(ex["mask"]), "index": index}
   ex = phantom.simulate(seed, index, size)
   return index, {
     "image": _png(ex["image"]),
@@ -130,6 +144,8 @@ class UsPhantom(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
+    if self.builder_config.task == "enhance":
+      return self._enhance_info(size)
     return tfds.core.DatasetInfo(
       builder=self,
       description=(
@@ -148,6 +164,24 @@ class UsPhantom(tfds.core.GeneratorBasedBuilder):
       ),
       supervised_keys=("image", "label"),
       # Keep records in index order: record i of a split is example start + i.
+      disable_shuffling=True,
+    )
+
+  def _enhance_info(self, size: int) -> tfds.core.DatasetInfo:
+    image = lambda: tfds.features.Image(shape=(size, size, 1), encoding_format="png")
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description="Paired low / high-quality acquisitions of one simulated scene (phantom_pairs).",
+      features=tfds.features.FeaturesDict(
+        {
+          "low": image(),
+          "high": image(),
+          "organ": tfds.features.ClassLabel(names=list(phantom.ORGANS)),
+          "label": tfds.features.ClassLabel(names=list(phantom.CLASSES)),
+          "mask": image(),
+          "index": tfds.features.Scalar(dtype=np.int64),
+        }
+      ),
       disable_shuffling=True,
     )
 
@@ -174,7 +208,8 @@ class UsPhantom(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, start: int, stop: int) -> Iterator[tuple[int, dict[str, Any]]]:
     cfg = self.builder_config
-    jobs = [(cfg.seed, index, cfg.image_size) for index in range(start, stop)]
+    jobs = [(cfg.seed, index, cfg.image_size) + ((cfg.task,) if cfg.task != "pretrain" else ())
+            for index in range(start, stop)]
     if self._pool is not None and len(jobs) >= _MIN_EXAMPLES_FOR_POOL:
       results = self._pool.imap(_encoded_example, jobs, chunksize=8)  # ordered
     else:
@@ -258,6 +293,9 @@ class PhantomSource:
 
   @staticmethod
   def _to_numpy(record: dict) -> dict[str, np.ndarray]:
+    if "low" in record:  # task="enhance"
+      return {k: np.asarray(record[k], np.uint8 if k in ("low", "high", "mask") else np.int64)
+              for k in ("low", "high", "organ", "label", "mask", "index")}
     return {
       "image": np.asarray(record["image"], np.uint8),
       "organ": np.asarray(record["organ"], np.int64),

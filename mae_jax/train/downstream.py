@@ -295,6 +295,16 @@ def fail(field: str, value, why: str):
   raise ValueError(f"config.{field}={value!r}: {why}")
 
 
+def validate_steps(t, num_devices: int) -> None:
+  """Batch sizes that split over the devices, and a length (`config.train` = t)."""
+  for name in ("batch_size", "eval_batch_size"):
+    v = t[name] or t.batch_size
+    if v <= 0 or v % num_devices:
+      fail(f"train.{name}", t[name], f"must be a positive multiple of the device count ({num_devices})")
+  if t.total_steps < 0 or (t.total_steps == 0 and t.epochs <= 0):
+    fail("train.epochs", t.epochs, "set train.epochs > 0 or train.total_steps > 0")
+
+
 def validate_common(config, num_devices: int, lr_field: str) -> None:
   """The rules every downstream config obeys; `lr_field` is the job's peak-lr field under `train`."""
   if not config.get("init_from"):
@@ -304,12 +314,7 @@ def validate_common(config, num_devices: int, lr_field: str) -> None:
   if not 0.0 <= config.model.drop_path < 1.0:
     fail("model.drop_path", config.model.drop_path, "must lie in [0, 1)")
   t = config.train
-  for name in ("batch_size", "eval_batch_size"):
-    v = t[name] or t.batch_size
-    if v <= 0 or v % num_devices:
-      fail(f"train.{name}", t[name], f"must be a positive multiple of the device count ({num_devices})")
-  if t.total_steps < 0 or (t.total_steps == 0 and t.epochs <= 0):
-    fail("train.epochs", t.epochs, "set train.epochs > 0 or train.total_steps > 0")
+  validate_steps(t, num_devices)
   if t[lr_field] <= 0:
     fail(f"train.{lr_field}", t[lr_field], "must be > 0")
   if t.layer_decay is not None and not 0.0 < t.layer_decay <= 1.0:
