@@ -68,6 +68,7 @@ def _acquire(workdir: str):
   """This process's lock on `workdir` (the open file), or WorkdirBusy / WorkdirNotWritable."""
   path = os.path.join(workdir, LOCK_NAME)
   try:
+    created = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     f = open(path, "a+")
   except OSError as e:
@@ -96,10 +97,19 @@ def _acquire(workdir: str):
     f.close()
     raise WorkdirNotWritable(f"cannot write the lock file {path}: {e.strerror or e} "
                              "(is the workdir read-only or its disk full?)") from None
-  return f
+  return f, created
 
 
-def _release(f) -> None:
+def _release(f, workdir: str, created: bool) -> None:
+  # A run that created the workdir and left nothing in it but the lock (rejected during set-up,
+  # e.g. a bad config) leaves no workdir behind. The file goes while still locked, so a run that
+  # opened it meanwhile fails its flock instead of owning a deleted file.
+  if created and os.listdir(workdir) == [LOCK_NAME]:
+    try:
+      os.unlink(os.path.join(workdir, LOCK_NAME))
+      os.rmdir(workdir)
+    except OSError:
+      pass
   try:
     f.seek(0)
     f.truncate()  # a clean exit: the next run finds no owner to report as stale
@@ -140,10 +150,10 @@ def hold(workdir: str):
     finally:
       _held[key][1] -= 1
     return
-  f, error = None, None
+  f, created, error = None, False, None
   if jax.process_index() == 0:
     try:
-      f = _acquire(workdir)
+      f, created = _acquire(workdir)
     except RunStopped as e:
       error = e
   _agree(error, workdir)
@@ -154,4 +164,4 @@ def hold(workdir: str):
   finally:
     if f is not None:
       del _held[key]
-      _release(f)
+      _release(f, workdir, created)
