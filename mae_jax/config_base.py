@@ -64,6 +64,11 @@ def base(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.blur_embed = "none"  # D²MAE: none | token | add
   c.model.ffl_weight = 0.4  # USFM λ
   c.model.ffl_alpha = 1.0
+  # Encoder: vit (MAE's ViT, fixed sin-cos positions) | beit (USFM's released backbone: relative
+  # position bias, layer scale, q/v bias; mae_jax/models/beit.py).
+  c.model.backbone = "vit"
+  c.model.layer_scale = 0.1  # beit: layer scale init (USFM configs/model/Cls/vit.yaml init_values)
+  c.model.shared_rel_pos = True  # beit pretraining: one relative table for all blocks (downstream: per block)
   c.model.dtype = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU. Params stay float32.
 
   # What happens to pixels inside the step, before normalisation (SPEC §2–§4).

@@ -233,7 +233,11 @@ def truncated_encoder(src: vit.Encoder, depth: int, *, drop_path: float, seed: i
                       image_size: int | None = None) -> vit.Encoder:
   """`src`'s embeddings and first `depth` blocks (weights copied, position table trainable and
   resized to `image_size` when that differs from the pretraining size), no final norm. Stochastic
-  depth keeps the rates of the full-depth linear ramp (timm's)."""
+  depth keeps the rates of the full-depth linear ramp (timm's). A BEiT encoder resizes its relative
+  position tables instead (`beit.Encoder.finetune_copy`)."""
+  if hasattr(src, "finetune_copy"):
+    return src.finetune_copy(drop_path=drop_path, seed=seed, depth=depth, image_size=image_size,
+                             keep_norm=False)
   image_size = int(image_size or src.spec.image_size)
   if image_size % src.spec.patch_size:
     raise ValueError(f"model.image_size={image_size} is not a multiple of the patch size "
