@@ -93,9 +93,10 @@ def normalise_keys(obj) -> dict[str, np.ndarray]:
 
 def layout_of(sd: dict) -> str:
   """'beit' or 'mae' from the key names."""
-  if any(k.endswith(("q_bias", "relative_position_bias_table", "gamma_1")) for k in sd):
+  if "patch_embed.proj.weight" in sd and any(
+      k.endswith(("q_bias", "relative_position_bias_table", "gamma_1")) for k in sd):
     return "beit"
-  if "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd:
+  if "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd and "cls_token" in sd:
     return "mae"
   raise ValueError("the checkpoint holds neither a BEiT/USFM backbone nor an MAE/timm ViT "
                    "(no 'patch_embed.proj.weight' / 'blocks.0.attn.qkv.weight')")
@@ -111,10 +112,10 @@ def _depth(sd, prefix="blocks") -> int:
 
 def architecture(sd: dict, *, num_heads: int | None = None) -> dict:
   """width, depth, heads, patch, in_chans and image size that the tensors imply."""
+  kind = layout_of(sd)
   w = sd["patch_embed.proj.weight"]
   width, in_chans, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
   depth = _depth(sd)
-  kind = layout_of(sd)
   if kind == "beit":
     key = ("rel_pos_bias.relative_position_bias_table" if "rel_pos_bias.relative_position_bias_table" in sd
            else "blocks.0.attn.relative_position_bias_table")
@@ -169,7 +170,7 @@ def fold_channels(w: np.ndarray, b: np.ndarray, *, in_chans: int, src_mean, src_
   equal = np.allclose(m, m.flat[0]) and np.allclose(s, s.flat[0]) and np.isclose(std, s.flat[0])
   how = ("kernel summed over the channels" if equal else
          f"kernel summed over the channels after folding the per-channel normalisation "
-         f"(mean {list(np.ravel(m))}, std {list(np.ravel(s))}) into it, for 1-channel data "
+         f"(mean {[float(v) for v in np.ravel(m)]}, std {[float(v) for v in np.ravel(s)]}) into it, for 1-channel data "
          f"normalised with mean {mean:g}, std {std:g}")
   return w1.astype(np.float32), b1.astype(np.float32), f"{c}-channel patch embedding -> 1 channel: {how}"
 
@@ -281,7 +282,8 @@ def _leaves(tree, path=()):
 
 def import_state_dict(sd: dict, *, in_chans: int = 1, image_size: int | None = None,
                       num_heads: int | None = None, mean: float | None = None, std: float | None = None,
-                      src_mean=IMAGENET_MEAN, src_std=IMAGENET_STD, norm_pix_loss: bool = False):
+                      src_mean=IMAGENET_MEAN, src_std=IMAGENET_STD, norm_pix_loss: bool = False,
+                      decoder_heads: int = 16):
   """(pretraining config, model with the checkpoint's weights, data stats, notes) for a state dict."""
   from flax import nnx
 
@@ -317,6 +319,10 @@ def import_state_dict(sd: dict, *, in_chans: int = 1, image_size: int | None = N
     config = config_files.load("usfm", "", overrides)
   else:
     config = config_files.load("mae", "", {"model.norm_pix_loss": bool(norm_pix_loss)})
+    if "decoder_embed.weight" in sd:
+      config.model.decoder_width = int(sd["decoder_embed.weight"].shape[0])
+      config.model.decoder_depth = _depth(sd, "decoder_blocks")
+      config.model.decoder_heads = int(decoder_heads)
   config.model.variant = variant
   config.model.patch_size = arch["patch"]
   config.model.image_size = image_size
@@ -345,6 +351,10 @@ def import_state_dict(sd: dict, *, in_chans: int = 1, image_size: int | None = N
                          "model?): only pretraining checkpoints import, their table is rebuilt for the grid")
       notes.append("pos_embed is MAE's fixed sin-cos table: rebuilt for the " + f"{grid_out} grid")
     decoder = mae_decoder_params(sd) if "decoder_embed.weight" in sd else {}
+    if decoder and in_chans != c:
+      # The decoder predicts c channels per pixel; a 1-channel model predicts one.
+      del decoder["decoder_pred"]
+      notes.append(f"decoder_pred predicts {c} channels: kept at initialisation for {in_chans}")
   missing = _merge(params["encoder"], enc, ("encoder",))
   missing += _merge(params, decoder)
   if missing:
@@ -396,6 +406,7 @@ def main(argv=None) -> str:
                   help="the checkpoint's per-channel normalisation (default ImageNet's)")
   ap.add_argument("--src-std", default=",".join(map(str, IMAGENET_STD)))
   ap.add_argument("--norm-pix-loss", action="store_true", help="MAE decoder trained on normalised patches")
+  ap.add_argument("--decoder-heads", type=int, default=16, help="MAE decoder heads (the official: 16)")
   a = ap.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   try:
@@ -403,7 +414,8 @@ def main(argv=None) -> str:
     config, model, stats, notes = import_state_dict(
         sd, in_chans=a.in_chans, image_size=a.image_size or None, num_heads=a.num_heads or None,
         mean=a.mean, std=a.std, src_mean=[float(x) for x in a.src_mean.split(",")],
-        src_std=[float(x) for x in a.src_std.split(",")], norm_pix_loss=a.norm_pix_loss)
+        src_std=[float(x) for x in a.src_std.split(",")], norm_pix_loss=a.norm_pix_loss,
+        decoder_heads=a.decoder_heads)
     for n in notes:
       log.info("import: %s", n)
     wd = write_workdir(a.workdir, config, model, stats, source=a.checkpoint, notes=notes)
