@@ -133,3 +133,49 @@ def test_pretraining_models_and_heads_run_on_beit(path):
                                                                     "model.blur_embed": "token"}).model)
   with pytest.raises(ValueError, match="model.backbone"):
     models.build_pretrain_model(config_files.load("mae", "smoke", {"model.backbone": "swin"}).model)
+
+
+def _perturbed(model, seed=0, scale=0.1):
+  state = nnx.state(model, nnx.Param)
+  leaves, tdef = jax.tree.flatten(state)
+  rng = np.random.default_rng(seed)
+  nnx.update(model, jax.tree.unflatten(tdef, [x + scale * rng.standard_normal(x.shape).astype(np.float32)
+                                             for x in leaves]))
+  return model
+
+
+def _load_exported(paths):
+  import json
+
+  import safetensors.torch
+  import timm
+  with open(paths["timm_json"]) as f:
+    cfg = json.load(f)
+  ref = timm.create_model(cfg["model_name"], pretrained=False, **cfg["kwargs"]).eval()
+  ref.load_state_dict(safetensors.torch.load_file(paths["weights"]), strict=True)
+  return ref
+
+
+def test_export_to_timm_beit_strict(tmp_path):
+  """Export back to the USFM / timm-BEiT layout: a strict load into timm's Beit, equal features; the
+  pretraining encoder keeps its shared table, a fine-tuned classifier has one per block."""
+  from mae_jax import export
+  c = config_files.load("usfm", "smoke")
+  model = _perturbed(models.build_pretrain_model(c.model, seed=0))
+  paths = export.export_model(model, c, "timm", str(tmp_path / "usfm.safetensors"))
+  ref = _load_exported(paths)
+  assert ref.rel_pos_bias is not None
+  x = _images(2)
+  with torch.no_grad():
+    want = ref.forward_features(_torch_in(x)).numpy()
+  np.testing.assert_allclose(np.asarray(model.encoder(jnp.asarray(x))), want, atol=1e-4, rtol=0)
+
+  clf = _perturbed(heads.from_pretrained(model, 3, kind="finetune"), seed=1)
+  paths = export.export_model(clf, c, "timm", str(tmp_path / "clf.safetensors"))
+  ref = _load_exported(paths)
+  assert ref.rel_pos_bias is None and ref.blocks[0].attn.relative_position_bias_table is not None
+  with torch.no_grad():
+    want = ref(_torch_in(x)).numpy()
+  np.testing.assert_allclose(np.asarray(clf(jnp.asarray(x))), want, atol=1e-4, rtol=0)
+  with pytest.raises(ValueError, match="BEiT backbone"):
+    export.export_model(model, c, "mae-finetune", str(tmp_path / "m.pth"))
