@@ -158,7 +158,10 @@ def smoke(c: ml_collections.ConfigDict) -> None:
 
 # ARGS every downstream config takes: the pretraining workdir, label efficiency, the seed, D²MAE's
 # optimal blurriness search (unset: the pretraining config's `obs`) and the number of epochs.
-DOWNSTREAM_ARGS = dict(init_from="", fraction=1.0, seed=0, obs="", step=0, fixed_sigma=0.0, epochs=0)
+DOWNSTREAM_ARGS = dict(init_from="", fraction=1.0, seed=0, obs="", step=0, fixed_sigma=0.0, epochs=0,
+                       paper="")
+# `paper=`: whose downstream protocol a job follows (docs/methods-usfm-release.md); d2mae = the defaults.
+PAPERS = ("d2mae", "deblur", "usfm")
 
 
 def downstream(args: ml_collections.ConfigDict, job: str) -> ml_collections.ConfigDict:
@@ -169,6 +172,10 @@ def downstream(args: ml_collections.ConfigDict, job: str) -> ml_collections.Conf
   `data.crop_scale_min` to its published values."""
   c = ml_collections.ConfigDict()
   c.job = job
+  paper = args.get("paper") or "d2mae"
+  if paper not in PAPERS:
+    raise ValueError(f"config argument paper={paper!r}: expected one of {PAPERS}")
+  c.paper = paper  # the preset the config file applied (recorded in config.json)
   c.init_from = args.init_from  # a pretraining workdir
   c.init_step = config_dict.placeholder(int)  # None: its latest checkpoint
   c.seed = args.seed
@@ -208,6 +215,8 @@ def downstream(args: ml_collections.ConfigDict, job: str) -> ml_collections.Conf
     c.obs.fixed_sigma = args.fixed_sigma
 
   c.eval = ml_collections.ConfigDict()
+  c.eval.select = "macro_f1"  # classification: validation metric that picks the best epoch (or accuracy)
+  c.eval.f1 = "macro"  # classification: 'positive' adds the F1 of class 1 on binary tasks
   c.eval.n_boot = 1000  # bootstrap resamples of the test images for the 95% CI
   c.eval.alpha = 0.05
 

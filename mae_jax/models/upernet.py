@@ -216,6 +216,31 @@ class UperHead(nnx.Module):
     return self.cls(x)
 
 
+class FCNHead(nnx.Module):
+  """mmseg `FCNHead` as USFM's auxiliary head (configs/model/Seg/Upernet.yaml: in_index 2, channels
+  256, num_convs 1, concat_input false, dropout 0.1): 3×3 conv + norm + ReLU, channel dropout, 1×1
+  conv to the classes. Trained with its own cross-entropy (weight 0.4), unused at inference."""
+
+  def __init__(self, in_dim: int, channels: int, num_classes: int, *, groups: int = 32,
+               dropout: float = 0.1, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.conv = ConvNormAct(in_dim, channels, 3, groups=groups, dtype=dtype, rngs=rngs)
+    self.dropout = float(dropout)
+    self.cls = nnx.Conv(channels, num_classes, (1, 1), kernel_init=nnx.initializers.normal(0.01),
+                        bias_init=nnx.initializers.zeros_init(), dtype=dtype, param_dtype=jnp.float32,
+                        rngs=rngs)
+
+  def __call__(self, x, *, key=None):
+    x = self.conv(x)
+    if key is not None and self.dropout > 0:
+      keep = 1.0 - self.dropout
+      m = jax.random.bernoulli(key, keep, (x.shape[0], 1, 1, x.shape[-1]))
+      x = jnp.where(m, x / keep, 0).astype(x.dtype)
+    return self.cls(x)
+
+
+AUX_LEVEL = 2  # USFM / mmseg in_index: the third pyramid level (stride 16)
+
+
 def resize_pos_embed(table, grid_in: tuple[int, int], grid_out: tuple[int, int], num_prefix: int = 1):
   """(1, prefix + h·w, D) position table resampled to another patch grid: the prefix rows (CLS) are
   kept, the patch rows are resized bicubically on the grid (as mmseg's `resize_pos_embed` for an
@@ -264,7 +289,7 @@ class Segmenter(heads.BlurTokenSequence):  # the [CLS, (BLU(t)), patches] sequen
   def __init__(self, encoder: vit.Encoder, num_classes: int, *, channels: int = 512, blocks=None,
                pool_scales=POOL_SCALES, norm_groups: int = 32, drop_path: float = 0.0,
                dropout: float = 0.1, blur_embed: str = "none", blur_token=None, image_size=None,
-               seed: int = 0):
+               aux_channels: int = 0, seed: int = 0):
     if num_classes < 2:
       raise ValueError(f"num_classes must be >= 2 (background + at least one class), got {num_classes}")
     spec = encoder.spec
@@ -282,6 +307,9 @@ class Segmenter(heads.BlurTokenSequence):  # the [CLS, (BLU(t)), patches] sequen
                            for p in self.plans])
     self.head = UperHead(spec.width, channels, num_classes, pool_scales=pool_scales,
                          groups=norm_groups, dropout=dropout, dtype=dtype, rngs=rngs)
+    # USFM's auxiliary FCN head on the third pyramid level (0 = none).
+    self.aux = (FCNHead(spec.width, int(aux_channels), num_classes, groups=norm_groups, dropout=dropout,
+                        dtype=dtype, rngs=nnx.Rngs(seed + 2)) if aux_channels else None)
 
   def features(self, images, *, blur_t=None, key=None):
     """The four block outputs as (N, h, w, D) patch-grid maps, in `self.blocks` order."""
@@ -300,20 +328,30 @@ class Segmenter(heads.BlurTokenSequence):  # the [CLS, (BLU(t)), patches] sequen
   def pyramid(self, images, *, blur_t=None, key=None):
     return [neck(f) for neck, f in zip(self.necks, self.features(images, blur_t=blur_t, key=key))]
 
-  def __call__(self, images, *, blur_t=None, key=None):
-    """images: normalised NHWC. key: drop-path / dropout key (None = inference). float32 logits."""
+  def __call__(self, images, *, blur_t=None, key=None, with_aux: bool = False):
+    """images: normalised NHWC. key: drop-path / dropout key (None = inference). float32 logits;
+    with_aux: (logits, auxiliary head logits), both at the input size."""
     k_enc, k_head = jax.random.split(key) if key is not None else (None, None)
-    logits = self.head(self.pyramid(images, blur_t=blur_t, key=k_enc), key=k_head)
-    return resize_bilinear(logits.astype(jnp.float32), images.shape[1:3])
+    pyramid = self.pyramid(images, blur_t=blur_t, key=k_enc)
+    logits = self.head(pyramid, key=k_head)
+    logits = resize_bilinear(logits.astype(jnp.float32), images.shape[1:3])
+    if not with_aux:
+      return logits
+    if self.aux is None:
+      raise ValueError("this segmenter has no auxiliary head (model.aux_channels=0)")
+    k_aux = jax.random.fold_in(key, 1) if key is not None else None
+    aux = self.aux(pyramid[AUX_LEVEL], key=k_aux)
+    return logits, resize_bilinear(aux.astype(jnp.float32), images.shape[1:3])
 
 
 def from_pretrained(model, num_classes: int, *, channels: int = 512, blocks=None,
                     pool_scales=POOL_SCALES, norm_groups: int = 32, drop_path: float = 0.0,
-                    dropout: float = 0.1, image_size: int | None = None, seed: int = 0) -> Segmenter:
+                    dropout: float = 0.1, image_size: int | None = None, aux_channels: int = 0,
+                    seed: int = 0) -> Segmenter:
   """A `Segmenter` on a pretrained MAE / SimMIM model's encoder, keeping its D²MAE blurriness token."""
   blur_embed = getattr(model, "blur_embed", "none")
   blur_token = model.blur_token[...] if blur_embed != "none" else None
   return Segmenter(model.encoder, num_classes, channels=channels, blocks=blocks,
                    pool_scales=pool_scales, norm_groups=norm_groups, drop_path=drop_path,
                    dropout=dropout, blur_embed=blur_embed, blur_token=blur_token,
-                   image_size=image_size, seed=seed)
+                   image_size=image_size, aux_channels=aux_channels, seed=seed)
