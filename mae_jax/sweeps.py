@@ -210,7 +210,7 @@ def run_sweep(exp: dict, root: str, *, seeds, scale: str = "tiny", pretrain_over
         row["p (vs ref)"] = "nan" if not np.isfinite(p) else f"{p:.3g}"
     rows.append(row)
   results = {"rows": rows, "title": exp.get("title", name), "scale": scale, "seeds": list(seeds),
-             "metrics": "test set; mean ± half-width of the 95% Student-t interval across seeds",
+             "metrics": "test set; mean ± sample std across seeds [95% Student-t interval of the mean]",
              "reference": ref, "runs": {k: e["workdirs"] for k, e in per_row.items()},
              "pretrain_overrides": pretrain_overrides or {}, "transfer_overrides": transfer_overrides or {}}
   json_path, md_path = evaluate.write_results(root, name, results, metrics=list(METRICS))

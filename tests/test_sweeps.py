@@ -45,7 +45,7 @@ def test_d2mae_table3_sweep_writes_every_row(tmp_path):
   assert md.count("\n| (") == 12
   row = next(r for r in res["rows"] if r["setting"] == "s=3")
   mean, lo, hi = evaluate.seed_ci(row["macro_f1"])
-  assert f"{mean:.4f} ± {(hi - lo) / 2:.4f}" in md
+  assert f"{mean:.4f} ± {np.std(row['macro_f1'], ddof=1):.4f} [{lo:.4f}, {hi:.4f}]" in md
   blob = json.loads((tmp_path / "t3.json").read_text())
   assert blob["scale"] == "tiny" and blob["seeds"] == [0, 1, 2]
   assert next(r for r in blob["rows"] if r["setting"] == "with OBS")["p (vs ref)"] == "ref"
