@@ -6,7 +6,10 @@ masking ratio 0.4 (masked units 32×32 px filled with the image mean); frequency
 organ-balanced sampling with weights ∝ 1/√N_organ. The pretraining optimizer is not published: we
 keep MAE's.
 
-Ablations: nofreq (USFM-woF, no frequency mask), nobalance (USFM-woS, uniform sampling).
+Ablations: nofreq (USFM-woF, no frequency mask), nobalance (USFM-woS, uniform sampling), simmim
+(SimMIM-US, USFM's ablation row: SimMIM's masking on ultrasound — random 32×32 units with ratio 0.6,
+no frequency mask, uniform sampling, L1 loss only; SimMIM fills masked units with a learned token
+and scores only them, this path fills them with the image mean and scores the whole image).
 
   python -m mae_jax.main --config=configs/usfm.py:b --workdir=DIR
   python -m mae_jax.main --config=configs/usfm.py:smoke,nofreq --workdir=DIR
@@ -16,7 +19,7 @@ from mae_jax import config_base
 
 
 def get_config(arg=None):
-  args = config_base.parse_arg(arg, nofreq=False, nobalance=False)
+  args = config_base.parse_arg(arg, nofreq=False, nobalance=False, simmim=False)
   c = config_base.base(args)
   c.recipe = "usfm"
   c.model.path = "simmim"
@@ -26,4 +29,9 @@ def get_config(arg=None):
   c.corrupt.spatial_ratio = 0.4
   c.corrupt.frequency = not args.nofreq
   c.data.sampler = "shuffle" if args.nobalance else "balanced"
+  if args.simmim:
+    c.corrupt.spatial_ratio = 0.6  # SimMIM's mask ratio, 32-px mask units (spatial_unit)
+    c.corrupt.frequency = False
+    c.data.sampler = "shuffle"
+    c.model.ffl_weight = 0.0  # SimMIM: L1 only
   return c

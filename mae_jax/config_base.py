@@ -159,7 +159,7 @@ def smoke(c: ml_collections.ConfigDict) -> None:
 # ARGS every downstream config takes: the pretraining workdir, label efficiency, the seed, D²MAE's
 # optimal blurriness search (unset: the pretraining config's `obs`) and the number of epochs.
 DOWNSTREAM_ARGS = dict(init_from="", fraction=1.0, seed=0, obs="", step=0, fixed_sigma=0.0, epochs=0,
-                       paper="")
+                       paper="", scratch="")
 # `paper=`: whose downstream protocol a job follows (docs/methods-usfm-release.md); d2mae = the defaults.
 PAPERS = ("d2mae", "deblur", "usfm")
 
@@ -177,6 +177,10 @@ def downstream(args: ml_collections.ConfigDict, job: str) -> ml_collections.Conf
     raise ValueError(f"config argument paper={paper!r}: expected one of {PAPERS}")
   c.paper = paper  # the preset the config file applied (recorded in config.json)
   c.init_from = args.init_from  # a pretraining workdir
+  # Baselines without pretraining: `scratch=NAME` trains the encoder of configs/NAME.py from its random
+  # init (init_from stays empty); scratch_args are that config's ARGS (smoke for smoke runs).
+  c.scratch = args.get("scratch") or ""
+  c.scratch_args = "smoke" if args.smoke else ""
   c.init_step = config_dict.placeholder(int)  # None: its latest checkpoint
   c.seed = args.seed
   c.label_fraction = args.fraction  # stratified subset of the training split (evaluate.stratified_subset)

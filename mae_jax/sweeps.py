@@ -10,8 +10,11 @@ An experiment lives in `configs/experiments/<name>.py` as `get_experiment()` ret
   title:      the table's caption
   reference:  the label of the row the others are t-tested against (Welch, two-sided, over seeds)
   rows:       list of {'label': {column: text, ...},
-                       'pretrain': (config name, ARGS),    # configs/<name>.py:ARGS
-                       'transfer': (config name, ARGS)}    # configs/finetune.py etc.
+                       'pretrain': (config name, ARGS),    # configs/<name>.py:ARGS; None: no
+                                                           # pretraining (the transfer sets scratch=)
+                       'transfer': (config name, ARGS)}    # configs/finetune.py, segment.py, ...
+  references: optional {'classify': label, 'segment': label}: the reference row per kind of
+              transfer (segmentation rows report Dice / IoU / HD95 and are t-tested on Dice)
 
 Scales: `tiny` prefixes every ARGS with `smoke` (micro ViT, 32 px; a table of ~10 rows takes
 about 10 minutes per seed on 2 CPU cores); `paper` uses the configs as published (ViT-B, 224 px,
@@ -43,6 +46,9 @@ log = logging.getLogger("mae_jax")
 
 SCALES = ("tiny", "paper")
 METRICS = ("macro_f1", "accuracy", "auroc")
+SEG_METRICS = ("dice", "iou", "hd95")  # segmentation rows (configs/segment.py transfers)
+# The metric a row's t-test compares, by the transfer's kind.
+MAIN = {"classify": "macro_f1", "segment": "dice"}
 EXPERIMENTS_DIR = os.path.join(config_files.CONFIG_DIR, "experiments")
 
 
@@ -63,8 +69,10 @@ def get_experiment(name: str) -> dict:
   labels = [_label_text(r["label"]) for r in exp["rows"]]
   if len(set(labels)) != len(labels):
     raise ValueError(f"experiment {name!r}: two rows share a label")
-  if exp.get("reference") is not None and exp["reference"] not in labels:
-    raise ValueError(f"experiment {name!r}: reference {exp['reference']!r} is not a row label")
+  refs = [exp.get("reference")] + list((exp.get("references") or {}).values())
+  for ref in refs:
+    if ref is not None and ref not in labels:
+      raise ValueError(f"experiment {name!r}: reference {ref!r} is not a row label")
   return exp
 
 
@@ -119,14 +127,20 @@ def plan(exp: dict, root: str, *, seeds, scale: str) -> list[dict]:
   """Every (row, seed) with its pretraining and transfer workdirs (shared where specs repeat)."""
   out = []
   for row in exp["rows"]:
-    p_name, p_args = row["pretrain"]
     t_name, t_args = row["transfer"]
-    p_args, t_args = scaled_args(p_args, scale), scaled_args(t_args, scale)
+    t_args = scaled_args(t_args, scale)
+    kind = "segment" if t_name == "segment" else "classify"
     for seed in seeds:
-      pre = os.path.join(root, "pretrain", f"{_slug(p_name, p_args)}__seed{seed}")
-      ft = os.path.join(root, "transfer", f"{_slug(p_name, p_args)}__{_slug(t_name, t_args)}__seed{seed}")
+      if row.get("pretrain") is None:  # a baseline without pretraining
+        pre, stem, p_name, p_args = None, "scratch", None, None
+      else:
+        p_name, p_args = row["pretrain"]
+        p_args = scaled_args(p_args, scale)
+        stem = _slug(p_name, p_args)
+        pre = os.path.join(root, "pretrain", f"{stem}__seed{seed}")
+      ft = os.path.join(root, "transfer", f"{stem}__{_slug(t_name, t_args)}__seed{seed}")
       out.append({"label": row["label"], "seed": seed, "pretrain": (p_name, p_args, pre),
-                  "transfer": (t_name, t_args, ft)})
+                  "transfer": (t_name, t_args, ft), "kind": kind})
   return out
 
 
@@ -155,13 +169,16 @@ def _pretrain(name, args, workdir, seed, overrides):
 def _transfer(name, args, workdir, pre, seed, overrides) -> dict:
   path = os.path.join(workdir, "results.json")
   if not os.path.exists(path):
-    from mae_jax.train import finetune
-    config = load_config(name, args, {**overrides, "seed": seed, "init_from": pre})
-    if config.job not in finetune.JOBS:
+    from mae_jax.train import finetune, segment
+    config = load_config(name, args, {**overrides, "seed": seed, **({"init_from": pre} if pre else {})})
+    if config.job not in finetune.JOBS + ("segment",):
       raise ValueError(f"configs/{name}.py is a {config.job!r} job: sweeps run classification "
-                       f"transfer ({finetune.JOBS})")
+                       f"({finetune.JOBS}) or segmentation transfer")
+    if pre is None and not config.get("scratch"):
+      raise ValueError(f"a row without pretraining needs scratch=NAME in its transfer ARGS ({args!r})")
     log.info("sweep: %s configs/%s.py:%s seed %d -> %s", config.job, name, args, seed, workdir)
-    _stop_if_preempted(finetune.run(config, workdir), config.job, workdir)
+    job = segment.run if config.job == "segment" else finetune.run
+    _stop_if_preempted(job(config, workdir), config.job, workdir)
   with open(path) as f:
     return json.load(f)
 
@@ -180,43 +197,52 @@ def run_sweep(exp: dict, root: str, *, seeds, scale: str = "tiny", pretrain_over
   for i, job in enumerate(jobs):
     p_name, p_args, pre = job["pretrain"]
     t_name, t_args, ft = job["transfer"]
-    if pre not in done_pre:
+    if pre is not None and pre not in done_pre:
       pretrain_fn(p_name, p_args, pre, job["seed"], dict(pretrain_overrides or {}))
       done_pre.add(pre)
     if ft not in done_ft:
       done_ft[ft] = transfer_fn(t_name, t_args, ft, pre, job["seed"], dict(transfer_overrides or {}))
     res = done_ft[ft]
     key = _label_text(job["label"])
+    names = SEG_METRICS if job["kind"] == "segment" else METRICS
     entry = per_row.setdefault(key, {"label": job["label"], "seeds": [], "workdirs": [],
-                                     **{m: [] for m in METRICS}})
+                                     "kind": job["kind"], **{m: [] for m in names}})
     entry["seeds"].append(job["seed"])
     entry["workdirs"].append(ft)
-    for m in METRICS:
+    for m in names:
       v = res["test"][m]["value"]
       entry[m].append(float("nan") if v is None else float(v))
-    log.info("sweep %s: %d/%d done (%s, seed %d: macro-F1 %.4f) after %.0fs", name, i + 1, len(jobs),
-             key, job["seed"], entry["macro_f1"][-1], time.perf_counter() - t0)
+    main = MAIN[job["kind"]]
+    log.info("sweep %s: %d/%d done (%s, seed %d: %s %.4f) after %.0fs", name, i + 1, len(jobs),
+             key, job["seed"], main, entry[main][-1], time.perf_counter() - t0)
 
   ref = exp.get("reference")
+  refs = {"classify": ref, **(exp.get("references") or {})}
   rows = []
   for key, e in per_row.items():
     row = {k: str(v) for k, v in e["label"].items()}
-    row.update({m: list(e[m]) for m in METRICS})
-    if ref is not None and len(e["seeds"]) >= 2:
-      if key == ref:
+    names = SEG_METRICS if e["kind"] == "segment" else METRICS
+    row.update({m: list(e[m]) for m in names})
+    r = refs.get(e["kind"])
+    if r is not None and len(e["seeds"]) >= 2 and per_row[r]["kind"] == e["kind"]:
+      main = MAIN[e["kind"]]
+      if key == r:
         row["p (vs ref)"] = "ref"
       else:
-        _, p = evaluate.ttest(e["macro_f1"], per_row[ref]["macro_f1"])
+        _, p = evaluate.ttest(e[main], per_row[r][main])
         row["p (vs ref)"] = "nan" if not np.isfinite(p) else f"{p:.3g}"
     rows.append(row)
+  metrics = list(METRICS) + ([m for m in SEG_METRICS]
+                             if any(e["kind"] == "segment" for e in per_row.values()) else [])
   results = {"rows": rows, "title": exp.get("title", name), "scale": scale, "seeds": list(seeds),
              "metrics": "test set; mean ± sample std across seeds [95% Student-t interval of the mean]",
              "reference": ref, "runs": {k: e["workdirs"] for k, e in per_row.items()},
              "pretrain_overrides": pretrain_overrides or {}, "transfer_overrides": transfer_overrides or {}}
-  json_path, md_path = evaluate.write_results(root, name, results, metrics=list(METRICS))
+  json_path, md_path = evaluate.write_results(root, name, results, metrics=metrics)
+  against = "; ".join(f"{MAIN[k]} against `{v}`" for k, v in refs.items() if v is not None)
   with open(md_path, "a") as f:
     f.write(f"\n{results['title']} — scale `{scale}`, seeds {list(seeds)}; {results['metrics']}; "
-            f"p: Welch two-sided t-test of macro-F1 against `{ref}`.\n")
+            f"p: Welch two-sided t-test of {against or 'nothing (no reference row)'}.\n")
   log.info("sweep %s: table written to %s", name, md_path)
   return results
 
@@ -250,8 +276,9 @@ def main(argv=None) -> int:
   seeds = list(range(args.seeds))
   if args.dry_run:
     for job in plan(exp, args.root, seeds=seeds, scale=args.scale):
-      print(_label_text(job["label"]), "seed", job["seed"], "|", "configs/%s.py:%s" % job["pretrain"][:2],
-            "->", "configs/%s.py:%s" % job["transfer"][:2])
+      pre = "configs/%s.py:%s" % job["pretrain"][:2] if job["pretrain"][0] else "no pretraining"
+      print(_label_text(job["label"]), "seed", job["seed"], "|", pre, "->",
+            "configs/%s.py:%s" % job["transfer"][:2])
     return 0
   try:
     run_sweep(exp, args.root, seeds=seeds, scale=args.scale,

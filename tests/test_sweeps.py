@@ -15,7 +15,7 @@ def test_every_experiment_builds_its_configs(name):
   exp = sweeps.get_experiment(name)
   assert exp["rows"]
   for row in exp["rows"]:
-    for config_name, args in (row["pretrain"], row["transfer"]):
+    for config_name, args in filter(None, (row["pretrain"], row["transfer"])):
       for scale in sweeps.SCALES:
         sweeps.load_config(config_name, sweeps.scaled_args(args, scale))
 
@@ -81,3 +81,34 @@ def test_a_preempted_job_stops_the_sweep(tmp_path, monkeypatch):
   assert [c[0] for c in calls] == ["pre"]
   assert sweeps.main(["--experiment=d2mae_table3", f"--root={tmp_path}", "--seeds=1"]) == 0
   assert [c[0] for c in calls] == ["pre", "pre"] and not (tmp_path / "d2mae_table3.json").exists()
+
+
+def test_usfm_ablation_covers_segmentation_and_baselines(tmp_path):
+  """Classification and segmentation rows, each t-tested against its own USFM row; rows without
+  pretraining run the transfer with scratch= and no init_from."""
+  exp = sweeps.get_experiment("usfm_ablation")
+  pretrained, transferred = [], []
+
+  def fake_pretrain(name, args, workdir, seed, overrides):
+    pretrained.append((args, seed))
+
+  def fake_transfer(name, args, workdir, pre, seed, overrides):
+    transferred.append((name, args, pre, seed))
+    v = 0.5 + 0.01 * seed + 0.001 * len(args)
+    if name == "segment":
+      return {"test": {"dice": {"value": v}, "iou": {"value": v / 2}, "hd95": {"value": 3.0 + seed}}}
+    return {"test": {"macro_f1": {"value": v}, "accuracy": {"value": 0.6}, "auroc": {"value": 0.7}}}
+
+  res = sweeps.run_sweep(exp, str(tmp_path), seeds=[0, 1], scale="tiny", name="abl",
+                         pretrain_fn=fake_pretrain, transfer_fn=fake_transfer)
+  assert len(pretrained) == 4 * 2  # USFM, woF, woS, SimMIM-US: shared by both tasks
+  assert sum(1 for n, a, pre, _ in transferred if pre is None and "scratch=usfm" in a) == 2 * 2
+  assert all("paper=usfm" in a for _, a, _, _ in transferred)
+  seg = [r for r in res["rows"] if r["task"] == "segmentation"]
+  assert len(seg) == 5 and all("dice" in r and "macro_f1" not in r for r in seg)
+  assert next(r for r in seg if r["method"] == "USFM")["p (vs ref)"] == "ref"
+  md = (tmp_path / "abl.md").read_text()
+  dice = next(r for r in seg if r["method"] == "SimMIM-US")["dice"]
+  mean, lo, hi = evaluate.seed_ci(dice)
+  assert f"{mean:.4f} ± {np.std(dice, ddof=1):.4f} [{lo:.4f}, {hi:.4f}]" in md
+  assert "dice against `segmentation / USFM`" in md

@@ -277,7 +277,7 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   ckpts = downstream.Checkpoints(workdir, int(t.keep_checkpoints))
   select = config.eval.get("select", "macro_f1")
   val = downstream.Validation(select, SELECT[select])
-  metrics, metric_fn = metrics_fn(config, num_classes)
+  reported, metric_fn = metrics_fn(config, num_classes)
   start, state, stats = ckpts.restore(val, state, shardings, stats, stats_sh)
 
   train_step, eval_step = make_steps(config, graphdef, tx, schedule, plan, num_classes, pre.mean, pre.std,
@@ -343,8 +343,8 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   writer.close()
   best, history = val.best, val.history
   results = {
-      "rows": [downstream.result_row(config, config.job, pre, plan, ci, metrics)],
-      "test": downstream.ci_table(ci, metrics),
+      "rows": [downstream.result_row(config, config.job, pre, plan, ci, reported)],
+      "test": downstream.ci_table(ci, reported),
       "test_n": int(len(p["label"])),
       "validation_best": best,
       "validation_history": history,
@@ -354,11 +354,11 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
       "ci": downstream.ci_note(config),
   }
   if is_main:
-    evaluate.write_results(workdir, "results", results, metrics=list(metrics))
+    evaluate.write_results(workdir, "results", results, metrics=list(reported))
     np.savez(os.path.join(workdir, "predictions_test.npz"), probs=p["probs"], label=p["label"],
              index=p["index"], classes=np.array(names))
   log.info("test (best epoch %d, validation %s %.4f): %s", best["epoch"], val.name, best[select],
-           ", ".join(f"{m} {ci[m][0]:.4f} [{ci[m][1]:.4f}, {ci[m][2]:.4f}]" for m in metrics))
+           ", ".join(f"{m} {ci[m][0]:.4f} [{ci[m][1]:.4f}, {ci[m][2]:.4f}]" for m in reported))
   return {"test": test, "test_ci": ci, "best": best, "history": history, "step": step,
           "num_classes": num_classes, "chance_macro_f1": results["chance_macro_f1"]}
 
