@@ -8,8 +8,10 @@
    `round(b · depth / 12)` (at least 1) for b in (3, 5, 7, 11), repeats allowed: the 2-block smoke
    model `micro` uses blocks (1, 1, 1, 2), a 24-block ViT-L (6, 10, 14, 22). Blocks after the last
    one used (and the encoder's final norm) are dropped from the model: they cannot reach the output.
-   Note: BEiT's mmseg configs write `out_indices=[3, 5, 7, 11]` 0-based (blocks 4, 6, 8, 12); we
-   follow USFM's text and SPEC ("3rd, 5th, 7th and 11th", 1-based). `blocks=` overrides.
+   Note: BEiT's mmseg configs and USFM's code (configs/model/Seg/Upernet.yaml) write
+   `out_indices=[3, 5, 7, 11]` 0-based (blocks 4, 6, 8, 12); the default follows USFM's text ("3rd,
+   5th, 7th and 11th", 1-based), `configs/segment.py:paper=usfm` follows its code (`blocks=4,6,8,12`,
+   plus the auxiliary `FCNHead` on the stride-16 level). `blocks=` overrides.
 2. **Necks** (BEiT's fpn1..fpn4) resample feature k to 1/4, 1/8, 1/16, 1/32 of the input side. For a
    patch p the factor is f = p / s (s = 4, 8, 16, 32): f ≥ 2 → log2(f) stride-2 2×2 transposed convs
    (D → D) with GroupNorm + GELU between them (BEiT: BatchNorm + GELU); f = 1 → identity; f < 1 →
