@@ -312,10 +312,9 @@ def import_state_dict(sd: dict, *, in_chans: int = 1, image_size: int | None = N
   if arch["layout"] == "beit":
     shared = "rel_pos_bias.relative_position_bias_table" in sd
     overrides = {"model.backbone": "beit", "model.shared_rel_pos": shared}
-    if f"blocks.0.gamma_1" in sd:
-      overrides["model.layer_scale"] = float(np.mean(sd["blocks.0.gamma_1"])) or 0.1
-    else:
+    if "blocks.0.gamma_1" not in sd:
       raise ValueError("a BEiT checkpoint without layer scale (gamma_1) is not supported")
+    overrides["model.layer_scale"] = 0.1  # an init value only (USFM's); the trained gammas are loaded
     config = config_files.load("usfm", "", overrides)
   else:
     config = config_files.load("mae", "", {"model.norm_pix_loss": bool(norm_pix_loss)})
