@@ -71,3 +71,20 @@ def test_auxiliary_fcn_head_on_the_stride_16_level():
   assert float(jnp.abs(nnx.state(g, nnx.Param)["cls"]["kernel"][...]).sum()) > 0
   with pytest.raises(ValueError, match="auxiliary"):
     upernet.Segmenter(enc, 3, channels=8, norm_groups=4, blocks=(1, 1, 2, 2))(x, with_aux=True)
+
+
+def test_scratch_baseline_builds_the_named_encoder_at_init():
+  from mae_jax import models
+  from mae_jax.models import beit
+  from mae_jax.train import obs
+  c = config_files.load("finetune", "smoke,scratch=usfm,seed=3", {"data.mean": 0.3, "data.std": 0.2})
+  assert (c.init_from, c.scratch, c.scratch_args) == ("", "usfm", "smoke")
+  pcfg, model, step, mean, std = obs.pretrained_for_transfer(c)
+  assert (pcfg.recipe, step, mean, std) == ("usfm", 0, 0.3, 0.2)
+  assert isinstance(model.encoder, beit.Encoder)
+  fresh = models.build_pretrain_model(config_files.load("usfm", "smoke").model, seed=3)
+  np.testing.assert_array_equal(np.asarray(model.encoder.cls_token[...]),
+                                np.asarray(fresh.encoder.cls_token[...]))
+  with pytest.raises(ValueError, match="init_from"):
+    from mae_jax.train import downstream
+    downstream.validate_common(config_files.load("finetune", "smoke"), 1, "base_lr")
