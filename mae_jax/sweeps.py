@@ -47,6 +47,7 @@ log = logging.getLogger("mae_jax")
 SCALES = ("tiny", "paper")
 METRICS = ("macro_f1", "accuracy", "auroc")
 SEG_METRICS = ("dice", "iou", "hd95")  # segmentation rows (configs/segment.py transfers)
+OPTIONAL = ("f1_positive",)  # shown when the runs report it (paper=deblur: the positive class's F1)
 # The metric a row's t-test compares, by the transfer's kind.
 MAIN = {"classify": "macro_f1", "segment": "dice"}
 EXPERIMENTS_DIR = os.path.join(config_files.CONFIG_DIR, "experiments")
@@ -205,13 +206,14 @@ def run_sweep(exp: dict, root: str, *, seeds, scale: str = "tiny", pretrain_over
     res = done_ft[ft]
     key = _label_text(job["label"])
     names = SEG_METRICS if job["kind"] == "segment" else METRICS
+    names = names + tuple(m for m in OPTIONAL if m in res["test"])
     entry = per_row.setdefault(key, {"label": job["label"], "seeds": [], "workdirs": [],
                                      "kind": job["kind"], **{m: [] for m in names}})
     entry["seeds"].append(job["seed"])
     entry["workdirs"].append(ft)
     for m in names:
       v = res["test"][m]["value"]
-      entry[m].append(float("nan") if v is None else float(v))
+      entry.setdefault(m, []).append(float("nan") if v is None else float(v))
     main = MAIN[job["kind"]]
     log.info("sweep %s: %d/%d done (%s, seed %d: %s %.4f) after %.0fs", name, i + 1, len(jobs),
              key, job["seed"], main, entry[main][-1], time.perf_counter() - t0)
@@ -221,7 +223,7 @@ def run_sweep(exp: dict, root: str, *, seeds, scale: str = "tiny", pretrain_over
   rows = []
   for key, e in per_row.items():
     row = {k: str(v) for k, v in e["label"].items()}
-    names = SEG_METRICS if e["kind"] == "segment" else METRICS
+    names = (SEG_METRICS if e["kind"] == "segment" else METRICS) + tuple(m for m in OPTIONAL if m in e)
     row.update({m: list(e[m]) for m in names})
     r = refs.get(e["kind"])
     if r is not None and len(e["seeds"]) >= 2 and per_row[r]["kind"] == e["kind"]:
@@ -232,8 +234,9 @@ def run_sweep(exp: dict, root: str, *, seeds, scale: str = "tiny", pretrain_over
         _, p = evaluate.ttest(e[main], per_row[r][main])
         row["p (vs ref)"] = "nan" if not np.isfinite(p) else f"{p:.3g}"
     rows.append(row)
-  metrics = list(METRICS) + ([m for m in SEG_METRICS]
-                             if any(e["kind"] == "segment" for e in per_row.values()) else [])
+  metrics = list(METRICS) + [m for m in OPTIONAL if any(m in e for e in per_row.values())]
+  if any(e["kind"] == "segment" for e in per_row.values()):
+    metrics += list(SEG_METRICS)
   results = {"rows": rows, "title": exp.get("title", name), "scale": scale, "seeds": list(seeds),
              "metrics": "test set; mean ± sample std across seeds [95% Student-t interval of the mean]",
              "reference": ref, "runs": {k: e["workdirs"] for k, e in per_row.items()},

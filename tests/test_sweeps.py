@@ -112,3 +112,16 @@ def test_usfm_ablation_covers_segmentation_and_baselines(tmp_path):
   mean, lo, hi = evaluate.seed_ci(dice)
   assert f"{mean:.4f} ± {np.std(dice, ddof=1):.4f} [{lo:.4f}, {hi:.4f}]" in md
   assert "dice against `segmentation / USFM`" in md
+
+
+def test_deblur_tables_use_its_protocol_and_show_the_positive_f1(tmp_path):
+  exp = sweeps.get_experiment("deblur_table1")
+  assert all("paper=deblur" in r["transfer"][1] for r in exp["rows"])
+
+  def fake_transfer(name, args, workdir, pre, seed, overrides):
+    return {"test": {m: {"value": 0.5 + 0.1 * seed} for m in sweeps.METRICS + ("f1_positive",)}}
+
+  res = sweeps.run_sweep(exp, str(tmp_path), seeds=[0, 1], scale="tiny", name="d1",
+                         pretrain_fn=lambda *a: None, transfer_fn=fake_transfer)
+  assert all(r["f1_positive"] == [0.5, 0.6] for r in res["rows"])
+  assert "f1_positive" in (tmp_path / "d1.md").read_text().split("\n")[2]
