@@ -10,7 +10,19 @@ downstream runs): AdamW (0.9, 0.999), wd 0.05 (not on 1-D params, pos_embed, cls
 smoothing 0.1, global average pool + fc_norm. Mixup 0.8 / cutmix 1.0 with `mixup` (off by default:
 a lesion can be cut out of an ultrasound image). Best validation macro-F1 is evaluated on test.
 
-ARGS: init_from=DIR, fraction=0.2 (label efficiency), seed=N, probe (→ linear probe), mixup,
+Per-paper presets (`paper=`, docs/methods.md#presets; the values land in config.json):
+  d2mae (default): the setting above, batch 32, best epoch by validation macro-F1.
+  deblur: Deblurring MAE's tables: fine-tune batch 256, linear probe batch 1024, best epoch by
+    validation accuracy (DeblurringMIM keeps the best `acc1`), F1 also as the positive class's F1
+    on binary tasks (`f1_positive`).
+  usfm: openmedlab/USFM configs/experiment/task/Cls.yaml + baseconfig.yaml + configs/model/Cls/vit.yaml:
+    200 epochs, batch 64, 20 warm-up epochs, base lr 1.25e-3 · B/512 (usdsgen/trainer/basetrainer.py
+    scales by 512), min lr 2.5e-7 · B/512, weight decay 0.05, layer decay 0.65, label smoothing 0.1,
+    grad clip 5, drop path 0.1, AdamW (0.9, 0.999), mean pooling.
+  ViT-L/H follow MAE's fine-tuning recipe with any preset: drop path 0.2 (L) / 0.3 (H), base lr 1e-3,
+  50 epochs (MAE Table 9 / FINETUNE.md).
+
+ARGS: init_from=DIR, fraction=0.2 (label efficiency), seed=N, probe (→ linear probe), mixup, paper=d2mae|deblur|usfm,
 pool=avg|token (default avg; token with probe), obs=none|fixed|search, step=S, fixed_sigma=σ (D²MAE; default: the pretraining
 config's `obs`), epochs=N, smoke.
 
@@ -54,11 +66,41 @@ def downstream(args) -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.0
     c.train.label_smoothing = 0.0
     c.model.drop_path = 0.0
+  apply_paper(c, c.paper, probe=args.probe, variant=args.variant)
   if args.smoke:
     smoke(c, probe=args.probe)
   if args.epochs:  # after smoke: `smoke,epochs=5` means 5 epochs of the smoke run
     c.train.epochs = args.epochs
   return c
+
+
+def apply_paper(c, paper: str, *, probe: bool, variant: str) -> None:
+  """The downstream protocol of `paper` (module docstring) over the MAE / D²MAE defaults."""
+  c.train.lr_batch_base = 256  # lr = base_lr · batch / lr_batch_base
+  if paper == "deblur":
+    c.train.batch_size = 1024 if probe else 256
+    c.eval.select = "accuracy"
+    c.eval.f1 = "positive"
+  elif paper == "usfm" and not probe:
+    c.train.epochs = 200
+    c.train.batch_size = 64
+    c.train.warmup_epochs = 20
+    c.train.base_lr = 1.25e-3
+    c.train.lr_batch_base = 512
+    c.train.min_lr = 2.5e-7 * 64 / 512  # USFM scales min_lr by B/512 too; absolute here
+    c.train.weight_decay = 0.05
+    c.train.layer_decay = 0.65
+    c.train.label_smoothing = 0.1
+    c.train.grad_clip = 5.0
+    c.model.drop_path = 0.1
+    c.model.global_pool = "avg"
+  elif paper == "usfm":
+    c.train.batch_size = 64  # USFM publishes no linear probe: its batch, MAE's probe otherwise
+  if variant in ("l", "h") and not probe:  # MAE's own ViT-L/H fine-tuning
+    c.model.drop_path = 0.2 if variant == "l" else 0.3
+    c.train.base_lr = 1e-3
+    c.train.epochs = 50
+    c.train.lr_batch_base = 256
 
 
 def smoke(c, probe: bool = False) -> None:

@@ -14,7 +14,13 @@ scales 1, 2, 3, 6, dropout 0.1. We use GroupNorm where mmseg uses SyncBN (see
 Loss: cross-entropy + soft Dice (batch Dice, see `train.dice_batch`), weights 1 and 1. Input 224 px =
 the pretraining size (`model.image_size` segments at another size, resizing the position table).
 
-ARGS: init_from=DIR, fraction=0.2 (label efficiency), seed=N, obs=none|fixed|search, step=S,
+Per-paper presets (`paper=`): d2mae / deblur (default): the setting above. usfm: openmedlab/USFM
+configs/experiment/task/Seg.yaml + baseconfig.yaml + configs/model/Seg/Upernet.yaml: batch 64, 400
+epochs, 20 warm-up, lr 3e-4 · 64/512 (basetrainer.py scales by 512) to 0, weight decay 0.05, layer decay
+0.65, grad clip 5, drop path 0.1, UperNet channels 768, cross-entropy only with the auxiliary FCN head
+(weight 0.4), features after 0-based blocks 3, 5, 7, 11.
+
+ARGS: init_from=DIR, fraction=0.2 (label efficiency), seed=N, obs=none|fixed|search, step=S, paper=d2mae|deblur|usfm,
 fixed_sigma=σ (D²MAE; default: the pretraining config's `obs`), epochs=N, smoke.
 
   python -m mae_jax.main --config=configs/segment.py:init_from=PRE --workdir=SEG
@@ -40,6 +46,7 @@ def get_config(arg=None):
   c.model.norm_groups = 32  # GroupNorm groups (gcd with the channel count)
   c.model.drop_path = 0.1
   c.model.dropout = 0.1  # channel dropout before the classifier
+  c.model.aux_channels = 0  # USFM's auxiliary FCN head on the stride-16 level (0 = none; USFM: 256)
 
   c.train.batch_size = 16  # global
   c.train.epochs = 200
@@ -47,6 +54,7 @@ def get_config(arg=None):
   c.train.lr = 1e-4  # peak lr, absolute (not scaled by the batch, as mmseg)
   c.train.ce_weight = 1.0
   c.train.dice_weight = 1.0
+  c.train.aux_weight = 0.4  # the auxiliary head's cross-entropy weight, when it exists
   c.train.dice_smooth = 1.0
   # One soft Dice per class over all pixels of the batch (nnU-Net's batch Dice, its 2-D default), not
   # one per image: a per-image Dice costs ≈ Σp on every lesion-free image, which drives the lesion
@@ -57,6 +65,21 @@ def get_config(arg=None):
 
   c.eval.overlay_images = 8  # test images in overlays_test.png (0 = no figure)
 
+  if c.paper == "usfm":
+    c.train.batch_size = 64
+    c.train.epochs = 400
+    c.train.warmup_epochs = 20
+    c.train.lr = 3e-4 * 64 / 512
+    c.train.min_lr = 0.0
+    c.train.weight_decay = 0.05
+    c.train.layer_decay = 0.65
+    c.train.grad_clip = 5.0
+    c.model.drop_path = 0.1
+    c.model.channels = 768
+    c.model.blocks = "4,6,8,12"  # 1-based = USFM's 0-based out_indices [3, 5, 7, 11]
+    c.model.aux_channels = 256
+    c.train.aux_weight = 0.4
+    c.train.dice_weight = 0.0  # USFM: cross-entropy only (CE + Dice stays an option)
   if args.smoke:
     smoke(c)
   if args.epochs:  # after smoke: `smoke,epochs=5` means 5 epochs of the smoke run
@@ -67,6 +90,9 @@ def get_config(arg=None):
 def smoke(c) -> None:
   """About a minute on 2 CPU cores from a smoke pretraining workdir (32 px, micro ViT)."""
   config_base.downstream_smoke(c)
+  if c.model.aux_channels:
+    c.model.aux_channels = 16
+    c.model.blocks = ""  # the 2-block smoke encoder
   # Stored at 128 px: resizing to the model's 32 px averages the speckle, so the ~20-pixel lesions
   # stay visible.
   c.data.native_size = 128

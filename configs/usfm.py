@@ -11,7 +11,11 @@ Augmentation (§3.1: rotation, scaling, cropping, brightness and contrast, Gauss
 device before the masking, with the ranges of `config.augment` (the paper publishes none; see
 mae_jax/corrupt/augment.py); `noaug` turns it off.
 
-Ablations: nofreq (USFM-woF, no frequency mask), nobalance (USFM-woS, uniform sampling).
+Ablations: nofreq (USFM-woF, no frequency mask), nobalance (USFM-woS, uniform sampling), simmim
+(SimMIM-US, USFM's ablation row: SimMIM's masking on ultrasound — random 32×32 units with ratio 0.6,
+no frequency mask, uniform sampling, L1 loss only; SimMIM fills masked units with a learned token
+and scores only them, this path fills them with the image mean and scores the whole image;
+no USFM augmentation, SimMIM's pipeline is crop + flip).
 
   python -m mae_jax.main --config=configs/usfm.py:b --workdir=DIR
   python -m mae_jax.main --config=configs/usfm.py:smoke,nofreq --workdir=DIR
@@ -21,14 +25,21 @@ from mae_jax import config_base
 
 
 def get_config(arg=None):
-  args = config_base.parse_arg(arg, nofreq=False, nobalance=False, noaug=False)
+  args = config_base.parse_arg(arg, nofreq=False, nobalance=False, noaug=False, simmim=False)
   c = config_base.base(args)
   c.recipe = "usfm"
   c.model.path = "simmim"
+  # USFM's released backbone (openmedlab/USFM configs/model/Cls/vit.yaml); model.backbone=vit for MAE's ViT.
+  c.model.backbone = "beit"
   c.model.mask_ratio = 0.0  # no token dropping on the SimMIM path; masking is in pixel space
   c.model.norm_pix_loss = False  # L1 + FFL on the (dataset-normalised) image, no per-patch norm (§3.2)
   c.corrupt.spatial_ratio = 0.4
   c.corrupt.frequency = not args.nofreq
   c.data.sampler = "shuffle" if args.nobalance else "balanced"
-  c.augment.enabled = not args.noaug
+  c.augment.enabled = not (args.noaug or args.simmim)
+  if args.simmim:
+    c.corrupt.spatial_ratio = 0.6  # SimMIM's mask ratio, 32-px mask units (spatial_unit)
+    c.corrupt.frequency = False
+    c.data.sampler = "shuffle"
+    c.model.ffl_weight = 0.0  # SimMIM: L1 only
   return c

@@ -64,6 +64,11 @@ def base(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.blur_embed = "none"  # D²MAE: none | token | add
   c.model.ffl_weight = 0.4  # USFM λ
   c.model.ffl_alpha = 1.0
+  # Encoder: vit (MAE's ViT, fixed sin-cos positions) | beit (USFM's released backbone: relative
+  # position bias, layer scale, q/v bias; mae_jax/models/beit.py).
+  c.model.backbone = "vit"
+  c.model.layer_scale = 0.1  # beit: layer scale init (USFM configs/model/Cls/vit.yaml init_values)
+  c.model.shared_rel_pos = True  # beit pretraining: one relative table for all blocks (downstream: per block)
   c.model.dtype = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU. Params stay float32.
 
   # What happens to pixels inside the step, before normalisation (docs/methods.md#blur-strength).
@@ -170,7 +175,10 @@ def smoke(c: ml_collections.ConfigDict) -> None:
 
 # ARGS every downstream config takes: the pretraining workdir, label efficiency, the seed, D²MAE's
 # optimal blurriness search (unset: the pretraining config's `obs`) and the number of epochs.
-DOWNSTREAM_ARGS = dict(init_from="", fraction=1.0, seed=0, obs="", step=0, fixed_sigma=0.0, epochs=0)
+DOWNSTREAM_ARGS = dict(init_from="", fraction=1.0, seed=0, obs="", step=0, fixed_sigma=0.0, epochs=0,
+                       paper="", scratch="")
+# `paper=`: whose downstream protocol a job follows (docs/methods.md#presets); d2mae = the defaults.
+PAPERS = ("d2mae", "deblur", "usfm")
 
 
 def downstream(args: ml_collections.ConfigDict, job: str) -> ml_collections.ConfigDict:
@@ -181,7 +189,15 @@ def downstream(args: ml_collections.ConfigDict, job: str) -> ml_collections.Conf
   `data.crop_scale_min` to its published values."""
   c = ml_collections.ConfigDict()
   c.job = job
+  paper = args.get("paper") or "d2mae"
+  if paper not in PAPERS:
+    raise ValueError(f"config argument paper={paper!r}: expected one of {PAPERS}")
+  c.paper = paper  # the preset the config file applied (recorded in config.json)
   c.init_from = args.init_from  # a pretraining workdir
+  # Baselines without pretraining: `scratch=NAME` trains the encoder of configs/NAME.py from its random
+  # init (init_from stays empty); scratch_args are that config's ARGS (smoke for smoke runs).
+  c.scratch = args.get("scratch") or ""
+  c.scratch_args = "smoke" if args.smoke else ""
   c.init_step = config_dict.placeholder(int)  # None: its latest checkpoint
   c.seed = args.seed
   c.label_fraction = args.fraction  # stratified subset of the training split (evaluate.stratified_subset)
@@ -220,6 +236,8 @@ def downstream(args: ml_collections.ConfigDict, job: str) -> ml_collections.Conf
     c.obs.fixed_sigma = args.fixed_sigma
 
   c.eval = ml_collections.ConfigDict()
+  c.eval.select = "macro_f1"  # classification: validation metric that picks the best epoch (or accuracy)
+  c.eval.f1 = "macro"  # classification: 'positive' adds the F1 of class 1 on binary tasks
   c.eval.n_boot = 1000  # bootstrap resamples of the test images for the 95% CI
   c.eval.alpha = 0.05
 

@@ -409,8 +409,8 @@ def stratified_subset(labels, fraction: float, seed: int) -> np.ndarray:
 
 
 def _fmt_metric(v, digits: int) -> str:
-  """Seeds (list/array) -> 'mean ± half-width' (t-interval); (point, lo, hi) or dict -> 'point
-  [lo, hi]'; a scalar -> itself."""
+  """Seeds (list/array) -> 'mean ± std [lo, hi]' (sample std, 95% t-interval of the mean);
+  (point, lo, hi) or dict -> 'point [lo, hi]' (e.g. a bootstrap CI); a scalar -> itself."""
   f = lambda x: "nan" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"  # noqa: E731
   if v is None:
     return "—"
@@ -421,18 +421,19 @@ def _fmt_metric(v, digits: int) -> str:
   if isinstance(v, tuple) and len(v) == 3:
     return f"{f(v[0])} [{f(v[1])}, {f(v[2])}]"
   if isinstance(v, (list, np.ndarray)):
+    # Seeds: mean ± sample std (ddof 1; USFM's tables) and the 95% Student-t interval of the mean.
     arr = np.asarray(v, dtype=np.float64).ravel()
     m, lo, hi = seed_ci(arr)
     if arr.size < 2:
       return f(m)
-    return f"{f(m)} ± {f((hi - lo) / 2.0)}"
+    return f"{f(m)} ± {f(float(np.std(arr, ddof=1)))} [{f(lo)}, {f(hi)}]"
   return f(float(v))
 
 
 def results_table(rows: list[dict], metrics: list[str], digits: int = 4) -> str:
   """Markdown table: label columns (the rows' other keys, in first-seen order), then `metrics`.
 
-  A metric value is a list/array of per-seed results (shown as mean ± 95% t-interval half-width,
+  A metric value is a list/array of per-seed results (shown as mean ± sample std [95% t-interval],
   see `seed_ci`), a (point, lo, hi) tuple or {'mean', 'lo', 'hi'} dict (shown as point [lo, hi],
   e.g. a bootstrap CI), or a scalar. Missing values show as '—'.
   """

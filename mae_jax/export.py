@@ -25,8 +25,11 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
+from mae_jax.models import beit
 from mae_jax.models import mae as mae_lib
 from mae_jax.models import vit
+
+ENCODERS = (vit.Encoder, beit.Encoder)
 
 
 def _np(x):
@@ -64,12 +67,10 @@ def encoder_state_dict(encoder, *, in_chans_out: int | None = None) -> dict[str,
   `in_chans_out=3` exports a 1-channel model as 3-channel: the kernel is repeated and divided by 3,
   so a gray image repeated over RGB gives the same embedding.
   """
+  if isinstance(encoder, beit.Encoder):
+    return beit_encoder_state_dict(encoder, in_chans_out=in_chans_out)
   spec = encoder.spec
-  conv = patch_kernel_to_conv(_np(encoder.patch_embed.proj.kernel), spec.patch_size, spec.in_chans)
-  if in_chans_out is not None and in_chans_out != spec.in_chans:
-    if spec.in_chans != 1:
-      raise ValueError(f"only a 1-channel model can be exported as {in_chans_out}-channel")
-    conv = np.repeat(conv, in_chans_out, axis=1) / in_chans_out
+  conv = _patch_conv(encoder, in_chans_out)
   sd = {
       "cls_token": _np(encoder.cls_token).copy(),
       "pos_embed": _np(encoder.pos_embed).copy(),
@@ -80,6 +81,47 @@ def encoder_state_dict(encoder, *, in_chans_out: int | None = None) -> dict[str,
     sd.update(_block(f"blocks.{i}", blk))
   sd.update(_norm("norm", encoder.norm))
   return sd
+
+
+def beit_encoder_state_dict(encoder, *, in_chans_out: int | None = None) -> dict[str, np.ndarray]:
+  """timm `Beit` / USFM backbone keys of a `beit.Encoder`: cls_token, patch_embed.proj.*, a shared
+  `rel_pos_bias.relative_position_bias_table` or per-block `attn.relative_position_bias_table`,
+  `attn.qkv.weight` (no bias) with `attn.q_bias` / `attn.v_bias`, `gamma_1` / `gamma_2`, norm.*.
+  The index buffers are not written (timm rebuilds them; USFM's loader drops them)."""
+  sd = {"cls_token": _np(encoder.cls_token).copy(),
+        "patch_embed.proj.weight": _patch_conv(encoder, in_chans_out),
+        "patch_embed.proj.bias": _np(encoder.patch_embed.proj.bias).copy()}
+  if encoder.rel_pos_bias is not None:
+    sd["rel_pos_bias.relative_position_bias_table"] = _np(encoder.rel_pos_bias).copy()
+  for i, blk in enumerate(encoder.blocks):
+    p = f"blocks.{i}"
+    sd.update(_norm(f"{p}.norm1", blk.norm1))
+    sd[f"{p}.attn.qkv.weight"] = _np(blk.attn.qkv.kernel).T.copy()
+    if blk.attn.q_bias is not None:
+      sd[f"{p}.attn.q_bias"] = _np(blk.attn.q_bias).copy()
+      sd[f"{p}.attn.v_bias"] = _np(blk.attn.v_bias).copy()
+    if blk.attn.relative_position_bias_table is not None:
+      sd[f"{p}.attn.relative_position_bias_table"] = _np(blk.attn.relative_position_bias_table).copy()
+    sd.update(_linear(f"{p}.attn.proj", blk.attn.proj))
+    sd.update(_norm(f"{p}.norm2", blk.norm2))
+    sd.update(_linear(f"{p}.mlp.fc1", blk.mlp.fc1))
+    sd.update(_linear(f"{p}.mlp.fc2", blk.mlp.fc2))
+    if blk.gamma_1 is not None:
+      sd[f"{p}.gamma_1"] = _np(blk.gamma_1).copy()
+      sd[f"{p}.gamma_2"] = _np(blk.gamma_2).copy()
+  if encoder.norm is not None:
+    sd.update(_norm("norm", encoder.norm))
+  return sd
+
+
+def _patch_conv(encoder, in_chans_out):
+  spec = encoder.spec
+  conv = patch_kernel_to_conv(_np(encoder.patch_embed.proj.kernel), spec.patch_size, spec.in_chans)
+  if in_chans_out is not None and in_chans_out != spec.in_chans:
+    if spec.in_chans != 1:
+      raise ValueError(f"only a 1-channel model can be exported as {in_chans_out}-channel")
+    conv = np.repeat(conv, in_chans_out, axis=1) / in_chans_out
+  return conv
 
 
 def mae_state_dict(model, *, in_chans_out: int | None = None) -> dict[str, np.ndarray]:
@@ -156,7 +198,7 @@ HEAD_KINDS = ("classifier", "linear_probe")
 
 
 def _model_kind(model) -> str:
-  if isinstance(model, vit.Encoder):
+  if isinstance(model, ENCODERS):
     return "encoder"
   if hasattr(model, "head"):
     if not hasattr(model, "encoder"):
@@ -205,7 +247,7 @@ def probe_head_spec(model) -> dict[str, Any]:
 
 
 def _encoder_of(model):
-  return model if isinstance(model, vit.Encoder) else model.encoder
+  return model if isinstance(model, ENCODERS) else model.encoder
 
 
 def check_format(fmt: str, kind: str, *, in_chans: int, in_chans_out: int | None) -> None:
@@ -228,11 +270,21 @@ def check_format(fmt: str, kind: str, *, in_chans: int, in_chans_out: int | None
 
 
 def timm_config(spec: vit.ViTSpec, *, in_chans: int | None = None, num_classes: int = 0,
-                global_pool: str = "token") -> dict[str, Any]:
+                global_pool: str = "token", encoder=None) -> dict[str, Any]:
   """{'model_name', 'kwargs'} for `timm.create_model(model_name, pretrained=False, **kwargs)`.
 
-  Every architecture argument is explicit, so a non-standard size loads through any ViT name.
+  Every architecture argument is explicit, so a non-standard size loads through any ViT name. A
+  `beit.Encoder` gives timm's `Beit` (USFM's backbone) instead.
   """
+  if isinstance(encoder, beit.Encoder):
+    shared = encoder.rel_pos_bias is not None
+    return {"model_name": "beit_base_patch16_224", "kwargs": dict(
+        img_size=spec.image_size, patch_size=spec.patch_size,
+        in_chans=spec.in_chans if in_chans is None else in_chans, embed_dim=spec.width,
+        depth=spec.depth, num_heads=spec.num_heads, mlp_ratio=float(spec.mlp_ratio),
+        qkv_bias=encoder.options.qkv_bias, init_values=encoder.options.init_values or None,
+        use_abs_pos_emb=False, use_rel_pos_bias=not shared, use_shared_rel_pos_bias=shared,
+        global_pool=global_pool, use_fc_norm=global_pool == "avg", num_classes=num_classes)}
   name = _TIMM_NAMES.get((spec.width, spec.depth, spec.num_heads, spec.patch_size))
   kwargs = dict(
       img_size=spec.image_size, patch_size=spec.patch_size,
@@ -522,6 +574,9 @@ def state_dict_for(model, fmt: str, *, in_chans_out: int | None = None,
   """The exported tensors of `model` in `fmt` (no files, no checks beyond the format's)."""
   kind = _model_kind(model)
   check_format(fmt, kind, in_chans=_encoder_of(model).spec.in_chans, in_chans_out=in_chans_out)
+  if fmt != "timm" and isinstance(_encoder_of(model), beit.Encoder):
+    raise ValueError(f"format {fmt!r} is facebookresearch/mae's ViT; this model has the BEiT backbone "
+                     "(USFM's): use format 'timm' (timm's Beit, the key names USFM's code loads)")
   if fmt == "mae-full":
     return mae_state_dict(model)
   if kind in HEAD_KINDS:
@@ -558,11 +613,12 @@ def export_model(model, config, fmt: str, out: str, *, in_chans_out: int | None 
     if kind in HEAD_KINDS:
       pool = global_pool_of(model)
       timm_cfg = timm_config(spec, in_chans=in_chans_out,
-                             num_classes=int(np.shape(model.head.kernel[...])[1]), global_pool=pool)
+                             num_classes=int(np.shape(model.head.kernel[...])[1]), global_pool=pool,
+                             encoder=_encoder_of(model))
       if kind == "linear_probe":
         timm_cfg["head"] = probe_head_spec(model)
     else:
-      timm_cfg = timm_config(spec, in_chans=in_chans_out)
+      timm_cfg = timm_config(spec, in_chans=in_chans_out, encoder=_encoder_of(model))
     info["timm"] = timm_cfg
   if fmt != "timm":
     decoder = None

@@ -10,9 +10,13 @@ An experiment lives in `configs/experiments/<name>.py` as `get_experiment()` ret
   title:      the table's caption
   reference:  the label of the row the others are t-tested against (Welch, two-sided, over seeds)
   rows:       list of {'label': {column: text, ...},
-                       'pretrain': (config name, ARGS),    # configs/<name>.py:ARGS
-                       'transfer': (config name, ARGS)}    # configs/finetune.py etc., or enhance.py
-  metrics:    (optional) the test metrics in the table, the first one t-tested; default METRICS
+                       'pretrain': (config name, ARGS),    # configs/<name>.py:ARGS; None: no
+                                                           # pretraining (the transfer sets scratch=)
+                       'transfer': (config name, ARGS)}    # configs/finetune.py, segment.py, enhance.py
+  references: optional {'classify': label, 'segment': label}: the reference row per kind of
+              transfer (segmentation rows report Dice / IoU / HD95 and are t-tested on Dice)
+  metrics:    (optional) the test metrics in the table for every row, the first one t-tested;
+              default by the transfer's kind (KIND_METRICS)
   after:      (optional) `after(results, root)` once the table is written
 
 Scales: `tiny` prefixes every ARGS with `smoke` (micro ViT, 32 px; a table of ~10 rows takes
@@ -46,6 +50,20 @@ log = logging.getLogger("mae_jax")
 
 SCALES = ("tiny", "paper")
 METRICS = ("macro_f1", "accuracy", "auroc")
+SEG_METRICS = ("dice", "iou", "hd95")  # segmentation rows (configs/segment.py transfers)
+OPTIONAL = ("f1_positive",)  # shown when the runs report it (paper=deblur: the positive class's F1)
+ENH_METRICS = ("ssim", "lncc", "nmi_sym", "nmi")  # enhancement rows (configs/enhance.py transfers)
+KIND_METRICS = {"classify": METRICS, "segment": SEG_METRICS, "enhance": ENH_METRICS}
+
+
+def row_metrics(exp: dict, kind: str) -> tuple[str, ...]:
+  """A row's table columns: the experiment's `metrics`, else those of its transfer's kind; the
+  first is the one its t-test compares."""
+  return tuple(exp.get("metrics") or KIND_METRICS[kind])
+
+
+def main_metric(exp: dict, kind: str) -> str:
+  return row_metrics(exp, kind)[0]
 EXPERIMENTS_DIR = os.path.join(config_files.CONFIG_DIR, "experiments")
 
 
@@ -66,8 +84,10 @@ def get_experiment(name: str) -> dict:
   labels = [_label_text(r["label"]) for r in exp["rows"]]
   if len(set(labels)) != len(labels):
     raise ValueError(f"experiment {name!r}: two rows share a label")
-  if exp.get("reference") is not None and exp["reference"] not in labels:
-    raise ValueError(f"experiment {name!r}: reference {exp['reference']!r} is not a row label")
+  refs = [exp.get("reference")] + list((exp.get("references") or {}).values())
+  for ref in refs:
+    if ref is not None and ref not in labels:
+      raise ValueError(f"experiment {name!r}: reference {ref!r} is not a row label")
   return exp
 
 
@@ -122,14 +142,20 @@ def plan(exp: dict, root: str, *, seeds, scale: str) -> list[dict]:
   """Every (row, seed) with its pretraining and transfer workdirs (shared where specs repeat)."""
   out = []
   for row in exp["rows"]:
-    p_name, p_args = row["pretrain"]
     t_name, t_args = row["transfer"]
-    p_args, t_args = scaled_args(p_args, scale), scaled_args(t_args, scale)
+    t_args = scaled_args(t_args, scale)
+    kind = t_name if t_name in ("segment", "enhance") else "classify"
     for seed in seeds:
-      pre = os.path.join(root, "pretrain", f"{_slug(p_name, p_args)}__seed{seed}")
-      ft = os.path.join(root, "transfer", f"{_slug(p_name, p_args)}__{_slug(t_name, t_args)}__seed{seed}")
+      if row.get("pretrain") is None:  # a baseline without pretraining
+        pre, stem, p_name, p_args = None, "scratch", None, None
+      else:
+        p_name, p_args = row["pretrain"]
+        p_args = scaled_args(p_args, scale)
+        stem = _slug(p_name, p_args)
+        pre = os.path.join(root, "pretrain", f"{stem}__seed{seed}")
+      ft = os.path.join(root, "transfer", f"{stem}__{_slug(t_name, t_args)}__seed{seed}")
       out.append({"label": row["label"], "seed": seed, "pretrain": (p_name, p_args, pre),
-                  "transfer": (t_name, t_args, ft)})
+                  "transfer": (t_name, t_args, ft), "kind": kind})
   return out
 
 
@@ -158,17 +184,20 @@ def _pretrain(name, args, workdir, seed, overrides):
 def _transfer(name, args, workdir, pre, seed, overrides) -> dict:
   path = os.path.join(workdir, "results.json")
   if not os.path.exists(path):
-    from mae_jax.train import finetune
-    config = load_config(name, args, {**overrides, "seed": seed, "init_from": pre})
-    job_run = finetune.run
+    from mae_jax.train import finetune, segment
+    config = load_config(name, args, {**overrides, "seed": seed, **({"init_from": pre} if pre else {})})
     if config.job == "enhance":  # image enhancement (USFM Table 4)
       from mae_jax.train import enhance
-      job_run = enhance.run
-    elif config.job not in finetune.JOBS:
+      job = enhance.run
+    elif config.job in finetune.JOBS + ("segment",):
+      job = segment.run if config.job == "segment" else finetune.run
+    else:
       raise ValueError(f"configs/{name}.py is a {config.job!r} job: sweeps run classification "
-                       f"transfer ({finetune.JOBS}) or enhancement")
+                       f"({finetune.JOBS}), segmentation or enhancement transfer")
+    if pre is None and not config.get("scratch"):
+      raise ValueError(f"a row without pretraining needs scratch=NAME in its transfer ARGS ({args!r})")
     log.info("sweep: %s configs/%s.py:%s seed %d -> %s", config.job, name, args, seed, workdir)
-    _stop_if_preempted(job_run(config, workdir), config.job, workdir)
+    _stop_if_preempted(job(config, workdir), config.job, workdir)
   with open(path) as f:
     return json.load(f)
 
@@ -195,43 +224,54 @@ def _run_sweep(exp, root, *, seeds, scale, pretrain_overrides, transfer_override
   for i, job in enumerate(jobs):
     p_name, p_args, pre = job["pretrain"]
     t_name, t_args, ft = job["transfer"]
-    if pre not in done_pre:
+    if pre is not None and pre not in done_pre:
       pretrain_fn(p_name, p_args, pre, job["seed"], dict(pretrain_overrides or {}))
       done_pre.add(pre)
     if ft not in done_ft:
       done_ft[ft] = transfer_fn(t_name, t_args, ft, pre, job["seed"], dict(transfer_overrides or {}))
     res = done_ft[ft]
     key = _label_text(job["label"])
+    names = row_metrics(exp, job["kind"]) + tuple(m for m in OPTIONAL if m in res["test"])
     entry = per_row.setdefault(key, {"label": job["label"], "seeds": [], "workdirs": [],
-                                     **{m: [] for m in metrics}})
+                                     "kind": job["kind"], **{m: [] for m in names}})
     entry["seeds"].append(job["seed"])
     entry["workdirs"].append(ft)
-    for m in metrics:
+    for m in names:
       v = res["test"][m]["value"]
-      entry[m].append(float("nan") if v is None else float(v))
+      entry.setdefault(m, []).append(float("nan") if v is None else float(v))
+    main = main_metric(exp, job["kind"])
     log.info("sweep %s: %d/%d done (%s, seed %d: %s %.4f) after %.0fs", name, i + 1, len(jobs),
-             key, job["seed"], metrics[0], entry[metrics[0]][-1], time.perf_counter() - t0)
+             key, job["seed"], main, entry[main][-1], time.perf_counter() - t0)
 
   ref = exp.get("reference")
+  refs = {"classify": ref, **(exp.get("references") or {})}
   rows = []
   for key, e in per_row.items():
     row = {k: str(v) for k, v in e["label"].items()}
-    row.update({m: list(e[m]) for m in metrics})
-    if ref is not None and len(e["seeds"]) >= 2:
-      if key == ref:
+    names = row_metrics(exp, e["kind"]) + tuple(m for m in OPTIONAL if m in e)
+    row.update({m: list(e[m]) for m in names})
+    r = refs.get(e["kind"])
+    if r is not None and len(e["seeds"]) >= 2 and per_row[r]["kind"] == e["kind"]:
+      main = main_metric(exp, e["kind"])
+      if key == r:
         row["p (vs ref)"] = "ref"
       else:
-        _, p = evaluate.ttest(e[metrics[0]], per_row[ref][metrics[0]])
+        _, p = evaluate.ttest(e[main], per_row[r][main])
         row["p (vs ref)"] = "nan" if not np.isfinite(p) else f"{p:.3g}"
     rows.append(row)
+  metrics = []
+  for kind in dict.fromkeys(e["kind"] for e in per_row.values()):
+    metrics += [m for m in row_metrics(exp, kind) if m not in metrics]
+  metrics += [m for m in OPTIONAL if any(m in e for e in per_row.values())]
   results = {"rows": rows, "title": exp.get("title", name), "scale": scale, "seeds": list(seeds),
-             "metrics": "test set; mean ± half-width of the 95% Student-t interval across seeds",
+             "metrics": "test set; mean ± sample std across seeds [95% Student-t interval of the mean]",
              "reference": ref, "runs": {k: e["workdirs"] for k, e in per_row.items()},
              "pretrain_overrides": pretrain_overrides or {}, "transfer_overrides": transfer_overrides or {}}
-  json_path, md_path = evaluate.write_results(root, name, results, metrics=list(metrics))
+  json_path, md_path = evaluate.write_results(root, name, results, metrics=metrics)
+  against = "; ".join(f"{main_metric(exp, k)} against `{v}`" for k, v in refs.items() if v is not None)
   with open(md_path, "a") as f:
-    test = f"; p: Welch two-sided t-test of {metrics[0]} against `{ref}`" if ref is not None else ""
-    f.write(f"\n{results['title']} — scale `{scale}`, seeds {list(seeds)}; {results['metrics']}{test}.\n")
+    f.write(f"\n{results['title']} — scale `{scale}`, seeds {list(seeds)}; {results['metrics']}; "
+            f"p: Welch two-sided t-test of {against or 'nothing (no reference row)'}.\n")
   log.info("sweep %s: table written to %s", name, md_path)
   if exp.get("after"):  # the experiment's own extras (e.g. Table 4's figures), from its runs
     exp["after"](results, root)
@@ -267,8 +307,9 @@ def main(argv=None) -> int:
   seeds = list(range(args.seeds))
   if args.dry_run:
     for job in plan(exp, args.root, seeds=seeds, scale=args.scale):
-      print(_label_text(job["label"]), "seed", job["seed"], "|", "configs/%s.py:%s" % job["pretrain"][:2],
-            "->", "configs/%s.py:%s" % job["transfer"][:2])
+      pre = "configs/%s.py:%s" % job["pretrain"][:2] if job["pretrain"][0] else "no pretraining"
+      print(_label_text(job["label"]), "seed", job["seed"], "|", pre, "->",
+            "configs/%s.py:%s" % job["transfer"][:2])
     return 0
   try:
     run_sweep(exp, args.root, seeds=seeds, scale=args.scale,

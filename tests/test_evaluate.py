@@ -410,7 +410,7 @@ def test_results_table_and_write(tmp_path):
   lines = table.strip().split("\n")
   assert lines[0] == "| method | fraction | accuracy | auroc |"
   assert len(lines) == 4
-  assert f"{m:.3f} ± {(hi - lo) / 2:.3f}" in lines[2]
+  assert f"{m:.3f} ± {np.std(seeds, ddof=1):.3f} [{lo:.3f}, {hi:.3f}]" in lines[2]
   assert "0.900 [0.850, 0.930]" in lines[2]
   assert "0.910 [0.880, nan]" in lines[3]
   jpath, mpath = ev.write_results(str(tmp_path / "out"), "probe", rows,

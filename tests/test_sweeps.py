@@ -15,7 +15,7 @@ def test_every_experiment_builds_its_configs(name):
   exp = sweeps.get_experiment(name)
   assert exp["rows"]
   for row in exp["rows"]:
-    for config_name, args in (row["pretrain"], row["transfer"]):
+    for config_name, args in filter(None, (row["pretrain"], row["transfer"])):
       for scale in sweeps.SCALES:
         sweeps.load_config(config_name, sweeps.scaled_args(args, scale))
 
@@ -45,7 +45,7 @@ def test_d2mae_table3_sweep_writes_every_row(tmp_path):
   assert md.count("\n| (") == 12
   row = next(r for r in res["rows"] if r["setting"] == "s=3")
   mean, lo, hi = evaluate.seed_ci(row["macro_f1"])
-  assert f"{mean:.4f} ± {(hi - lo) / 2:.4f}" in md
+  assert f"{mean:.4f} ± {np.std(row['macro_f1'], ddof=1):.4f} [{lo:.4f}, {hi:.4f}]" in md
   blob = json.loads((tmp_path / "t3.json").read_text())
   assert blob["scale"] == "tiny" and blob["seeds"] == [0, 1, 2]
   assert next(r for r in blob["rows"] if r["setting"] == "with OBS")["p (vs ref)"] == "ref"
@@ -113,3 +113,47 @@ def test_deblurring_tables_train_the_ultrasound_mae_baseline_in_pixel_space():
       for scale in sweeps.SCALES:
         c = sweeps.load_config(row["pretrain"][0], sweeps.scaled_args(row["pretrain"][1], scale))
         assert c.model.norm_pix_loss is False, (name, row["label"])
+
+
+def test_usfm_ablation_covers_segmentation_and_baselines(tmp_path):
+  """Classification and segmentation rows, each t-tested against its own USFM row; rows without
+  pretraining run the transfer with scratch= and no init_from."""
+  exp = sweeps.get_experiment("usfm_ablation")
+  pretrained, transferred = [], []
+
+  def fake_pretrain(name, args, workdir, seed, overrides):
+    pretrained.append((args, seed))
+
+  def fake_transfer(name, args, workdir, pre, seed, overrides):
+    transferred.append((name, args, pre, seed))
+    v = 0.5 + 0.01 * seed + 0.001 * len(args)
+    if name == "segment":
+      return {"test": {"dice": {"value": v}, "iou": {"value": v / 2}, "hd95": {"value": 3.0 + seed}}}
+    return {"test": {"macro_f1": {"value": v}, "accuracy": {"value": 0.6}, "auroc": {"value": 0.7}}}
+
+  res = sweeps.run_sweep(exp, str(tmp_path), seeds=[0, 1], scale="tiny", name="abl",
+                         pretrain_fn=fake_pretrain, transfer_fn=fake_transfer)
+  assert len(pretrained) == 4 * 2  # USFM, woF, woS, SimMIM-US: shared by both tasks
+  assert sum(1 for n, a, pre, _ in transferred if pre is None and "scratch=usfm" in a) == 2 * 2
+  assert all("paper=usfm" in a for _, a, _, _ in transferred)
+  seg = [r for r in res["rows"] if r["task"] == "segmentation"]
+  assert len(seg) == 5 and all("dice" in r and "macro_f1" not in r for r in seg)
+  assert next(r for r in seg if r["method"] == "USFM")["p (vs ref)"] == "ref"
+  md = (tmp_path / "abl.md").read_text()
+  dice = next(r for r in seg if r["method"] == "SimMIM-US")["dice"]
+  mean, lo, hi = evaluate.seed_ci(dice)
+  assert f"{mean:.4f} ± {np.std(dice, ddof=1):.4f} [{lo:.4f}, {hi:.4f}]" in md
+  assert "dice against `segmentation / USFM`" in md
+
+
+def test_deblur_tables_use_its_protocol_and_show_the_positive_f1(tmp_path):
+  exp = sweeps.get_experiment("deblur_table1")
+  assert all("paper=deblur" in r["transfer"][1] for r in exp["rows"])
+
+  def fake_transfer(name, args, workdir, pre, seed, overrides):
+    return {"test": {m: {"value": 0.5 + 0.1 * seed} for m in sweeps.METRICS + ("f1_positive",)}}
+
+  res = sweeps.run_sweep(exp, str(tmp_path), seeds=[0, 1], scale="tiny", name="d1",
+                         pretrain_fn=lambda *a: None, transfer_fn=fake_transfer)
+  assert all(r["f1_positive"] == [0.5, 0.6] for r in res["rows"])
+  assert "f1_positive" in (tmp_path / "d1.md").read_text().split("\n")[2]

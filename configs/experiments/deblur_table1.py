@@ -18,4 +18,4 @@ def get_experiment():
       ({"method": "Deblurring MAE (SRAD)"}, ("deblur_mae", "blur=srad")),
   ]
   return {"title": "Deblurring MAE Table 1", "reference": "MAE (US)",
-          "rows": [{"label": l, "pretrain": p, "transfer": ("finetune", "")} for l, p in rows]}
+          "rows": [{"label": l, "pretrain": p, "transfer": ("finetune", "paper=deblur")} for l, p in rows]}

@@ -27,4 +27,4 @@ def get_experiment():
   rows += [({"ablation": "Gaussian σ", "setting": s}, ("deblur_mae", _blur_args("gaussian", s)))
            for s in SIGMAS]
   return {"title": "Deblurring MAE Table 2 (blur methods, σ)", "reference": "baseline / MAE (US)",
-          "rows": [{"label": l, "pretrain": p, "transfer": ("finetune", "")} for l, p in rows]}
+          "rows": [{"label": l, "pretrain": p, "transfer": ("finetune", "paper=deblur")} for l, p in rows]}

@@ -6,8 +6,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mae_jax.models import beit
 from mae_jax.models import mae as mae_lib
 from mae_jax.models import vit
+
+BACKBONES = ("vit", "beit")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DTYPE_NAMES = ("auto", *DTYPES)
@@ -29,17 +32,36 @@ def vit_spec(mcfg) -> vit.ViTSpec:
                                  patch_size=mcfg.patch_size or None)
 
 
+def beit_options(mcfg) -> beit.BeitOptions:
+  return beit.BeitOptions(init_values=float(mcfg.get("layer_scale", 0.1)),
+                          shared_rel_pos=bool(mcfg.get("shared_rel_pos", True)))
+
+
+def build_encoder(mcfg, spec, *, dtype, rngs):
+  """The encoder `model.backbone` names: 'vit' (MAE's ViT, sin-cos positions) or 'beit' (USFM's
+  released backbone: relative position bias, layer scale, q/v bias; models/beit.py)."""
+  backbone = mcfg.get("backbone", "vit")
+  if backbone == "vit":
+    return None  # the model builds its own vit.Encoder (same parameter draws as always)
+  if backbone == "beit":
+    return beit.Encoder(spec, options=beit_options(mcfg), dtype=dtype, rngs=rngs)
+  raise ValueError(f"model.backbone={backbone!r}: expected one of {list(BACKBONES)}")
+
+
 def build_pretrain_model(mcfg, *, seed: int = 0):
   """The pretraining model of a config: `MAE` (path 'mae') or `SimMIM` (path 'simmim', USFM)."""
   spec = vit_spec(mcfg)
   dtype = compute_dtype(mcfg.dtype)
   rngs = nnx.Rngs(seed)
+  if mcfg.path not in ("mae", "simmim"):
+    raise ValueError(f"model.path={mcfg.path!r}: expected 'mae' or 'simmim'")
+  encoder = build_encoder(mcfg, spec, dtype=dtype, rngs=rngs)
   if mcfg.path == "mae":
     return mae_lib.MAE(spec, decoder_width=mcfg.decoder_width, decoder_depth=mcfg.decoder_depth,
                        decoder_heads=mcfg.decoder_heads, mask_ratio=mcfg.mask_ratio,
                        norm_pix_loss=mcfg.norm_pix_loss, loss_on=mcfg.loss_on,
-                       blur_embed=mcfg.blur_embed, dtype=dtype, rngs=rngs)
+                       blur_embed=mcfg.blur_embed, dtype=dtype, rngs=rngs, encoder=encoder)
   if mcfg.path == "simmim":
     return mae_lib.SimMIM(spec, ffl_weight=mcfg.ffl_weight, ffl_alpha=mcfg.ffl_alpha, dtype=dtype,
-                          rngs=rngs)
+                          rngs=rngs, encoder=encoder)
   raise ValueError(f"model.path={mcfg.path!r}: expected 'mae' or 'simmim'")

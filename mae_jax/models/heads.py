@@ -36,7 +36,10 @@ GLOBAL_POOLS = ("avg", "token")
 def copy_encoder(src: vit.Encoder, *, drop_path: float = 0.0, learnable_pos: bool = True,
                  seed: int = 0) -> vit.Encoder:
   """A fresh encoder with `src`'s weights, stochastic depth `drop_path` (linear over depth, as
-  timm) and a trainable position table (timm/MAE fine-tuning train `pos_embed`)."""
+  timm) and a trainable position table (timm/MAE fine-tuning train `pos_embed`). A BEiT encoder
+  (USFM's) copies itself with one relative position table per block (`beit.Encoder.finetune_copy`)."""
+  if hasattr(src, "finetune_copy"):
+    return src.finetune_copy(drop_path=drop_path, seed=seed)
   dst = vit.Encoder(src.spec, drop_path_rate=drop_path, learnable_pos=learnable_pos, dtype=src.dtype,
                     rngs=nnx.Rngs(seed))
   state = nnx.state(dst)

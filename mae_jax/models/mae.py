@@ -39,7 +39,7 @@ class MAE(nnx.Module):
   def __init__(self, spec: vit.ViTSpec, *, decoder_width: int = 512, decoder_depth: int = 8,
                decoder_heads: int = 16, mask_ratio: float = 0.75, norm_pix_loss: bool = False,
                loss_on: str = "masked", blur_embed: str = "none", dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, encoder=None):
     if blur_embed not in BLUR_EMBEDS:
       raise ValueError(f"model.blur_embed={blur_embed!r}: expected one of {BLUR_EMBEDS}")
     if loss_on not in LOSS_ON:
@@ -50,7 +50,11 @@ class MAE(nnx.Module):
     self.loss_on = loss_on
     self.blur_embed = blur_embed
     self.dtype = dtype
-    self.encoder = vit.Encoder(spec, dtype=dtype, rngs=rngs)
+    # `encoder`: another backbone with vit.Encoder's interface (models.beit.Encoder, USFM's).
+    self.encoder = encoder if encoder is not None else vit.Encoder(spec, dtype=dtype, rngs=rngs)
+    if blur_embed == "token" and getattr(self.encoder, "relative", False):
+      raise ValueError("model.blur_embed='token' needs absolute positions (model.backbone='vit'): the "
+                       "BEiT backbone's relative position bias has no row for a second prefix token")
     if blur_embed != "none":
       # BLU(t) = sinusoid(t) + one learnable D-vector: the paper's "768 parameters" for ViT-B.
       self.blur_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, spec.width)))
@@ -89,6 +93,8 @@ class MAE(nnx.Module):
       # The token gets a zero position row, like CLS.
       prefix.append(self.blur_embedding(blur_t)[:, None, :])
     x = jnp.concatenate(prefix + [x], axis=1)
+    if getattr(self.encoder, "relative", False):  # relative bias of the kept tokens (BEiT)
+      return self.encoder.transform(x, ids_keep=ids_keep), mask, ids_restore
     return self.encoder.transform(x), mask, ids_restore
 
   def forward_decoder(self, latent, ids_restore):
@@ -131,11 +137,11 @@ class SimMIM(nnx.Module):
   linear layer per token predicts its pixels; the loss is on the whole image (L1 + λ·FFL)."""
 
   def __init__(self, spec: vit.ViTSpec, *, ffl_weight: float = 0.4, ffl_alpha: float = 1.0,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, rngs: nnx.Rngs, encoder=None):
     self.spec = spec
     self.ffl_weight = ffl_weight
     self.ffl_alpha = ffl_alpha
-    self.encoder = vit.Encoder(spec, dtype=dtype, rngs=rngs)
+    self.encoder = encoder if encoder is not None else vit.Encoder(spec, dtype=dtype, rngs=rngs)
     self.decoder_pred = vit._dense(spec.width, spec.patch_dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, images, *, target=None, pixel_mask=None, **unused):

@@ -8,8 +8,10 @@
    `round(b · depth / 12)` (at least 1) for b in (3, 5, 7, 11), repeats allowed: the 2-block smoke
    model `micro` uses blocks (1, 1, 1, 2), a 24-block ViT-L (6, 10, 14, 22). Blocks after the last
    one used (and the encoder's final norm) are dropped from the model: they cannot reach the output.
-   Note: BEiT's mmseg configs write `out_indices=[3, 5, 7, 11]` 0-based (blocks 4, 6, 8, 12); we
-   follow USFM's text and SPEC ("3rd, 5th, 7th and 11th", 1-based). `blocks=` overrides.
+   Note: BEiT's mmseg configs and USFM's code (configs/model/Seg/Upernet.yaml) write
+   `out_indices=[3, 5, 7, 11]` 0-based (blocks 4, 6, 8, 12); the default follows USFM's text ("3rd,
+   5th, 7th and 11th", 1-based), `configs/segment.py:paper=usfm` follows its code (`blocks=4,6,8,12`,
+   plus the auxiliary `FCNHead` on the stride-16 level). `blocks=` overrides.
 2. **Necks** (BEiT's fpn1..fpn4) resample feature k to 1/4, 1/8, 1/16, 1/32 of the input side. For a
    patch p the factor is f = p / s (s = 4, 8, 16, 32): f ≥ 2 → log2(f) stride-2 2×2 transposed convs
    (D → D) with GroupNorm + GELU between them (BEiT: BatchNorm + GELU); f = 1 → identity; f < 1 →
@@ -216,6 +218,31 @@ class UperHead(nnx.Module):
     return self.cls(x)
 
 
+class FCNHead(nnx.Module):
+  """mmseg `FCNHead` as USFM's auxiliary head (configs/model/Seg/Upernet.yaml: in_index 2, channels
+  256, num_convs 1, concat_input false, dropout 0.1): 3×3 conv + norm + ReLU, channel dropout, 1×1
+  conv to the classes. Trained with its own cross-entropy (weight 0.4), unused at inference."""
+
+  def __init__(self, in_dim: int, channels: int, num_classes: int, *, groups: int = 32,
+               dropout: float = 0.1, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.conv = ConvNormAct(in_dim, channels, 3, groups=groups, dtype=dtype, rngs=rngs)
+    self.dropout = float(dropout)
+    self.cls = nnx.Conv(channels, num_classes, (1, 1), kernel_init=nnx.initializers.normal(0.01),
+                        bias_init=nnx.initializers.zeros_init(), dtype=dtype, param_dtype=jnp.float32,
+                        rngs=rngs)
+
+  def __call__(self, x, *, key=None):
+    x = self.conv(x)
+    if key is not None and self.dropout > 0:
+      keep = 1.0 - self.dropout
+      m = jax.random.bernoulli(key, keep, (x.shape[0], 1, 1, x.shape[-1]))
+      x = jnp.where(m, x / keep, 0).astype(x.dtype)
+    return self.cls(x)
+
+
+AUX_LEVEL = 2  # USFM / mmseg in_index: the third pyramid level (stride 16)
+
+
 def resize_pos_embed(table, grid_in: tuple[int, int], grid_out: tuple[int, int], num_prefix: int = 1):
   """(1, prefix + h·w, D) position table resampled to another patch grid: the prefix rows (CLS) are
   kept, the patch rows are resized bicubically on the grid (as mmseg's `resize_pos_embed` for an
@@ -233,7 +260,11 @@ def truncated_encoder(src: vit.Encoder, depth: int, *, drop_path: float, seed: i
                       image_size: int | None = None) -> vit.Encoder:
   """`src`'s embeddings and first `depth` blocks (weights copied, position table trainable and
   resized to `image_size` when that differs from the pretraining size), no final norm. Stochastic
-  depth keeps the rates of the full-depth linear ramp (timm's)."""
+  depth keeps the rates of the full-depth linear ramp (timm's). A BEiT encoder resizes its relative
+  position tables instead (`beit.Encoder.finetune_copy`)."""
+  if hasattr(src, "finetune_copy"):
+    return src.finetune_copy(drop_path=drop_path, seed=seed, depth=depth, image_size=image_size,
+                             keep_norm=False)
   image_size = int(image_size or src.spec.image_size)
   if image_size % src.spec.patch_size:
     raise ValueError(f"model.image_size={image_size} is not a multiple of the patch size "
@@ -260,7 +291,7 @@ class Segmenter(heads.BlurTokenSequence):  # the [CLS, (BLU(t)), patches] sequen
   def __init__(self, encoder: vit.Encoder, num_classes: int, *, channels: int = 512, blocks=None,
                pool_scales=POOL_SCALES, norm_groups: int = 32, drop_path: float = 0.0,
                dropout: float = 0.1, blur_embed: str = "none", blur_token=None, image_size=None,
-               seed: int = 0):
+               aux_channels: int = 0, seed: int = 0):
     if num_classes < 2:
       raise ValueError(f"num_classes must be >= 2 (background + at least one class), got {num_classes}")
     spec = encoder.spec
@@ -278,6 +309,9 @@ class Segmenter(heads.BlurTokenSequence):  # the [CLS, (BLU(t)), patches] sequen
                            for p in self.plans])
     self.head = UperHead(spec.width, channels, num_classes, pool_scales=pool_scales,
                          groups=norm_groups, dropout=dropout, dtype=dtype, rngs=rngs)
+    # USFM's auxiliary FCN head on the third pyramid level (0 = none).
+    self.aux = (FCNHead(spec.width, int(aux_channels), num_classes, groups=norm_groups, dropout=dropout,
+                        dtype=dtype, rngs=nnx.Rngs(seed + 2)) if aux_channels else None)
 
   def features(self, images, *, blur_t=None, key=None):
     """The four block outputs as (N, h, w, D) patch-grid maps, in `self.blocks` order."""
@@ -296,20 +330,30 @@ class Segmenter(heads.BlurTokenSequence):  # the [CLS, (BLU(t)), patches] sequen
   def pyramid(self, images, *, blur_t=None, key=None):
     return [neck(f) for neck, f in zip(self.necks, self.features(images, blur_t=blur_t, key=key))]
 
-  def __call__(self, images, *, blur_t=None, key=None):
-    """images: normalised NHWC. key: drop-path / dropout key (None = inference). float32 logits."""
+  def __call__(self, images, *, blur_t=None, key=None, with_aux: bool = False):
+    """images: normalised NHWC. key: drop-path / dropout key (None = inference). float32 logits;
+    with_aux: (logits, auxiliary head logits), both at the input size."""
     k_enc, k_head = jax.random.split(key) if key is not None else (None, None)
-    logits = self.head(self.pyramid(images, blur_t=blur_t, key=k_enc), key=k_head)
-    return resize_bilinear(logits.astype(jnp.float32), images.shape[1:3])
+    pyramid = self.pyramid(images, blur_t=blur_t, key=k_enc)
+    logits = self.head(pyramid, key=k_head)
+    logits = resize_bilinear(logits.astype(jnp.float32), images.shape[1:3])
+    if not with_aux:
+      return logits
+    if self.aux is None:
+      raise ValueError("this segmenter has no auxiliary head (model.aux_channels=0)")
+    k_aux = jax.random.fold_in(key, 1) if key is not None else None
+    aux = self.aux(pyramid[AUX_LEVEL], key=k_aux)
+    return logits, resize_bilinear(aux.astype(jnp.float32), images.shape[1:3])
 
 
 def from_pretrained(model, num_classes: int, *, channels: int = 512, blocks=None,
                     pool_scales=POOL_SCALES, norm_groups: int = 32, drop_path: float = 0.0,
-                    dropout: float = 0.1, image_size: int | None = None, seed: int = 0) -> Segmenter:
+                    dropout: float = 0.1, image_size: int | None = None, aux_channels: int = 0,
+                    seed: int = 0) -> Segmenter:
   """A `Segmenter` on a pretrained MAE / SimMIM model's encoder, keeping its D²MAE blurriness token."""
   blur_embed = getattr(model, "blur_embed", "none")
   blur_token = model.blur_token[...] if blur_embed != "none" else None
   return Segmenter(model.encoder, num_classes, channels=channels, blocks=blocks,
                    pool_scales=pool_scales, norm_groups=norm_groups, drop_path=drop_path,
                    dropout=dropout, blur_embed=blur_embed, blur_token=blur_token,
-                   image_size=image_size, seed=seed)
+                   image_size=image_size, aux_channels=aux_channels, seed=seed)

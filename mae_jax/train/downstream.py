@@ -135,7 +135,8 @@ def set_up(config, workdir: str):
     core.save_config(config, workdir)
   mesh = core.make_mesh(config.mesh.fsdp)
   pcfg, model, step, mean, std = obs.pretrained_for_transfer(config)
-  init_from = os.path.abspath(os.path.expanduser(config.init_from))
+  init_from = (f"scratch:{config.scratch}" if config.get("scratch")
+               else os.path.abspath(os.path.expanduser(config.init_from)))
   if is_main:
     with open(os.path.join(workdir, "data_stats.json"), "w") as f:
       json.dump({"mean": mean, "std": std, "from": init_from}, f)
@@ -307,8 +308,9 @@ def validate_steps(t, num_devices: int) -> None:
 
 def validate_common(config, num_devices: int, lr_field: str) -> None:
   """The rules every downstream config obeys; `lr_field` is the job's peak-lr field under `train`."""
-  if not config.get("init_from"):
-    fail("init_from", config.get("init_from"), "set it to a pretraining workdir")
+  if not config.get("init_from") and not config.get("scratch"):
+    fail("init_from", config.get("init_from"), "set it to a pretraining workdir (or scratch=NAME: no "
+         "pretraining)")
   if not 0.0 < config.label_fraction <= 1.0:
     fail("label_fraction", config.label_fraction, "must lie in (0, 1]")
   if not 0.0 <= config.model.drop_path < 1.0:
@@ -329,6 +331,8 @@ def validate_common(config, num_devices: int, lr_field: str) -> None:
 def result_row(config, job: str, pre: Pretrained, plan, ci: dict, metrics) -> dict:
   """The results table's row: method (recipe and OBS setting), job, label fraction, seed, CIs."""
   method = pre.config.recipe + (f" (obs={plan.settings['mode']})" if plan.settings else "")
+  if config.get("scratch"):
+    method = f"no pretraining ({pre.config.model.get('backbone', 'vit')})"
   return {"method": method, "job": job, "label_fraction": f"{config.label_fraction:g}",
           "seed": str(config.seed), **{m: ci[m] for m in metrics}}
 

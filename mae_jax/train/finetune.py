@@ -48,6 +48,28 @@ log = logging.getLogger("mae_jax")
 
 JOBS = ("finetune", "linear_probe")
 METRICS = ("accuracy", "macro_f1", "auroc", "precision", "recall", "mcc")
+# What picks the best epoch (`eval.select`): D²MAE / USFM macro-F1; Deblurring MAE accuracy (its
+# official code keeps the checkpoint of the best `acc1`).
+SELECT = {"macro_f1": "macro-F1", "accuracy": "accuracy"}
+F1_MODES = ("macro", "positive")
+
+
+def metrics_fn(config, num_classes: int):
+  """(the metrics a run reports, metric function). `eval.f1='positive'` adds `f1_positive`, the F1 of
+  class 1 on a binary task (Deblurring MAE's Table 1 F1, see docs/methods.md#presets)."""
+  positive = config.eval.get("f1", "macro") == "positive" and num_classes == 2
+
+  def fn(y, s):
+    m = evaluate.classification_metrics(y, s, num_classes)
+    if positive:
+      pred = np.argmax(np.asarray(s), axis=1) if np.ndim(s) == 2 else (np.asarray(s) > 0.5)
+      y = np.asarray(y)
+      tp = float(np.sum((pred == 1) & (y == 1)))
+      den = float(np.sum(pred == 1) + np.sum(y == 1))
+      m["f1_positive"] = 2.0 * tp / den if den else 0.0
+    return m
+
+  return (METRICS + ("f1_positive",) if positive else METRICS), fn
 # Record fields the classification steps never read.
 UNUSED = ("organ", "mask")
 
@@ -189,6 +211,12 @@ def validate_config(config, num_devices: int) -> None:
     downstream.fail("train.label_smoothing", t.label_smoothing, "must lie in [0, 1)")
   if t.mixup < 0 or t.cutmix < 0:
     downstream.fail("train.mixup", (t.mixup, t.cutmix), "mixup / cutmix α must be >= 0")
+  if config.eval.get("select", "macro_f1") not in SELECT:
+    downstream.fail("eval.select", config.eval.select, f"expected one of {sorted(SELECT)}")
+  if config.eval.get("f1", "macro") not in F1_MODES:
+    downstream.fail("eval.f1", config.eval.f1, f"expected one of {F1_MODES}")
+  if t.get("lr_batch_base", 256) <= 0:
+    downstream.fail("train.lr_batch_base", t.lr_batch_base, "must be > 0")
 
 
 # ---------------------------------------------------------------------------------- run
@@ -232,7 +260,8 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
 
   t = config.train
   steps = downstream.Steps.of(t, n_train)
-  peak_lr = t.base_lr * t.batch_size / 256
+  # base_lr · batch / 256 (MAE); USFM's code divides by 512 (train.lr_batch_base).
+  peak_lr = t.base_lr * t.batch_size / t.get("lr_batch_base", 256)
   schedule = core.warmup_cosine(peak_lr, steps.warmup, steps.total, t.min_lr)
   if probe:
     tx = lr_decay.lars(schedule, params, momentum=0.9, trust_coefficient=0.001, weight_decay=t.weight_decay)
@@ -246,7 +275,9 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   frozen = jax.device_put(frozen, frozen_sh)
 
   ckpts = downstream.Checkpoints(workdir, int(t.keep_checkpoints))
-  val = downstream.Validation("macro_f1", "macro-F1")
+  select = config.eval.get("select", "macro_f1")
+  val = downstream.Validation(select, SELECT[select])
+  reported, metric_fn = metrics_fn(config, num_classes)
   start, state, stats = ckpts.restore(val, state, shardings, stats, stats_sh)
 
   train_step, eval_step = make_steps(config, graphdef, tx, schedule, plan, num_classes, pre.mean, pre.std,
@@ -283,7 +314,7 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
       if steps.epoch_ends(step):
         epoch = steps.epoch(step)
         p = pred((state.params, stats, frozen), val_src, "validation")
-        vm = evaluate.classification_metrics(p["label"], p["probs"], num_classes)
+        vm = metric_fn(p["label"], p["probs"])
         writer.write_scalars(step, {f"val_{k}": v for k, v in vm.items()})
         improved = val.record(epoch, step, vm, state.params, stats)
         log.info("epoch %d (step %d): validation macro-F1 %.4f acc %.4f AUROC %.4f%s", epoch, step,
@@ -304,16 +335,16 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   bp = jax.device_put(val.params, shardings.params)
   bs = jax.device_put(val.stats, stats_sh)
   p = pred((bp, bs, frozen), test_src, "test")
-  test = evaluate.classification_metrics(p["label"], p["probs"], num_classes)
-  ci = evaluate.bootstrap_ci(lambda y, s: evaluate.classification_metrics(y, s, num_classes),
+  test = metric_fn(p["label"], p["probs"])
+  ci = evaluate.bootstrap_ci(metric_fn,
                              p["label"], p["probs"], n_boot=int(config.eval.n_boot),
                              alpha=float(config.eval.alpha), seed=config.seed)
   writer.write_scalars(step, {f"test_{k}": v for k, v in test.items()})
   writer.close()
   best, history = val.best, val.history
   results = {
-      "rows": [downstream.result_row(config, config.job, pre, plan, ci, METRICS)],
-      "test": downstream.ci_table(ci, METRICS),
+      "rows": [downstream.result_row(config, config.job, pre, plan, ci, reported)],
+      "test": downstream.ci_table(ci, reported),
       "test_n": int(len(p["label"])),
       "validation_best": best,
       "validation_history": history,
@@ -323,11 +354,11 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
       "ci": downstream.ci_note(config),
   }
   if is_main:
-    evaluate.write_results(workdir, "results", results, metrics=list(METRICS))
+    evaluate.write_results(workdir, "results", results, metrics=list(reported))
     np.savez(os.path.join(workdir, "predictions_test.npz"), probs=p["probs"], label=p["label"],
              index=p["index"], classes=np.array(names))
-  log.info("test (best epoch %d, validation macro-F1 %.4f): %s", best["epoch"], best["macro_f1"],
-           ", ".join(f"{m} {ci[m][0]:.4f} [{ci[m][1]:.4f}, {ci[m][2]:.4f}]" for m in METRICS))
+  log.info("test (best epoch %d, validation %s %.4f): %s", best["epoch"], val.name, best[select],
+           ", ".join(f"{m} {ci[m][0]:.4f} [{ci[m][1]:.4f}, {ci[m][2]:.4f}]" for m in reported))
   return {"test": test, "test_ci": ci, "best": best, "history": history, "step": step,
           "num_classes": num_classes, "chance_macro_f1": results["chance_macro_f1"]}
 

@@ -78,7 +78,9 @@ def weight_decay_mask(params):
 
   def decays(path, x) -> bool:
     names = _strip_encoder(_names(path))
-    return getattr(x, "ndim", 0) > 1 and not (names and names[0] in NO_DECAY)
+    # BEiT's relative position tables are position parameters like pos_embed (timm's Beit excludes them).
+    return (getattr(x, "ndim", 0) > 1 and not (names and names[0] in NO_DECAY)
+            and not (names and names[-1] == "relative_position_bias_table"))
 
   return jax.tree_util.tree_map_with_path(decays, params)
 

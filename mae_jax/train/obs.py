@@ -339,6 +339,8 @@ def pretrained_for_transfer(config):
   """(pretraining config, model, checkpoint step, mean, std) of `config.init_from`; errors name the
   field."""
   init_from = config.get("init_from") or ""
+  if config.get("scratch"):
+    return _from_scratch(config)
   if not init_from:
     raise ValueError("config.init_from is empty: set it to a pretraining workdir "
                      "(e.g. --config.init_from=/path/to/pretrain_workdir)")
@@ -354,6 +356,27 @@ def pretrained_for_transfer(config):
     raise ValueError(f"config.init_from={init_from!r}: {e}") from None
   mean, std = normalisation(config, pcfg, init_from)
   return pcfg, model, step, mean, std
+
+
+def _from_scratch(config):
+  """The baselines without pretraining (`scratch=NAME`): the encoder of configs/NAME.py (with the
+  job's `scratch_args`) at its random initialisation, seeded by the job's seed; the normalisation
+  is the job's data.mean/std or measured on its training split."""
+  from mae_jax import config_files, models
+  from mae_jax.data import pipeline, sources
+  try:
+    pcfg = config_files.load(config.scratch, config.get("scratch_args") or "")
+  except (ValueError, FileNotFoundError) as e:
+    raise ValueError(f"config.scratch={config.scratch!r}: {e}") from None
+  model = models.build_pretrain_model(pcfg.model, seed=int(config.seed))
+  d = config.data
+  if d.get("mean") is not None and d.get("std") is not None:
+    mean, std = float(d.mean), float(d.std)
+  else:
+    mean, std = pipeline.dataset_stats(sources.open_source(d, "train", task="pretrain"))
+  log.info("no pretraining: the %s encoder of configs/%s.py at its random initialisation (seed %d)",
+           pcfg.model.get("backbone", "vit"), config.scratch, int(config.seed))
+  return pcfg, model, 0, float(mean), float(std)
 
 
 def normalisation(config, pretrain_config, init_from: str) -> tuple[float, float]:

@@ -142,14 +142,26 @@ def make_steps(config, graphdef, tx, schedule, plan, num_classes: int, mean, std
     blur_t = batch["blur_t"] if plan.use_t else None
     return model((x01 - mean) / std, blur_t=blur_t, key=key)
 
+  aux_weight = float(t.get("aux_weight", 0.0)) if config.model.get("aux_channels", 0) else 0.0
+
   def loss_fn(params, rest, batch, key):
-    logits = forward(params, rest, batch, key if dropout else None)
     y = batch["mask"][..., 0].astype(jnp.int32)
+    aux = {}
+    if aux_weight:
+      model = nnx.merge(graphdef, params, rest)
+      x01 = plan.apply(batch["image"].astype(jnp.float32) / 255.0, batch["sigma"])
+      logits, aux_logits = model((x01 - mean) / std, blur_t=batch["blur_t"] if plan.use_t else None,
+                                 key=key if dropout else None, with_aux=True)
+      aux = {"aux_ce": cross_entropy(aux_logits, y)}  # USFM / mmseg: the auxiliary head's own CE
+    else:
+      logits = forward(params, rest, batch, key if dropout else None)
     ce = cross_entropy(logits, y)
     dl = dice_loss(logits, y, num_classes, float(t.dice_smooth), bool(t.dice_batch))
     loss = float(t.ce_weight) * ce + float(t.dice_weight) * dl
+    if aux_weight:
+      loss = loss + aux_weight * aux["aux_ce"]
     acc = jnp.mean(jnp.argmax(logits, -1) == y)
-    return loss, {"ce": ce, "dice_loss": dl, "pixel_acc": acc}
+    return loss, {"ce": ce, "dice_loss": dl, "pixel_acc": acc, **aux}
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -403,6 +415,9 @@ def validate_config(config, num_devices: int) -> None:
   if not scales or min(scales) < 1:
     downstream.fail("model.pool_scales", m.pool_scales, "expected positive integers, e.g. '1,2,3,6'")
   t = config.train
+  if t.get("aux_weight", 0.0) < 0 or config.model.get("aux_channels", 0) < 0:
+    downstream.fail("train.aux_weight", (t.get("aux_weight"), config.model.get("aux_channels")),
+                    "the auxiliary head's weight and channels must be >= 0")
   if t.ce_weight < 0 or t.dice_weight < 0 or t.ce_weight + t.dice_weight <= 0:
     downstream.fail("train.ce_weight", (t.ce_weight, t.dice_weight), "loss weights must be >= 0, not both 0")
 
@@ -449,7 +464,8 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   model = upernet.from_pretrained(
       pre.model, num_classes, channels=int(m.channels), blocks=parse_ints(m.blocks, "model.blocks") or None,
       pool_scales=parse_ints(m.pool_scales, "model.pool_scales"), norm_groups=int(m.norm_groups),
-      drop_path=float(m.drop_path), dropout=float(m.dropout), image_size=image_size, seed=config.seed)
+      drop_path=float(m.drop_path), dropout=float(m.dropout), image_size=image_size,
+      aux_channels=int(m.get("aux_channels", 0)), seed=config.seed)
   pre.model = None  # the segmenter holds copies of its weights: free the pretraining model's
   graphdef, params, rest = core.split_model(model)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
