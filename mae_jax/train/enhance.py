@@ -168,9 +168,12 @@ class FeatureExtractor:
   [0, 1] images → (N, gh, gw, D) patch features, stop_gradient-ed. Input: resized to the
   pretraining size, the recipe's transfer blur (Deblurring MAE), the pretraining normalisation."""
 
-  def __init__(self, pre: downstream.Pretrained):
+  def __init__(self, pre: downstream.Pretrained, native_size: int | None = None):
+    """native_size: the stored side of the enhancement images, so that a Deblurring MAE blur given
+    in stored pixels gets its meaning (σ·S/native_size); None: σ at zoom 1."""
     self.pcfg = pre.config
     self.plan = transfer.TransferPlan(pre.config, None, None)  # D²MAE: no σ* search, t unused
+    self.native_size = native_size
     self.mean, self.std = float(pre.mean), float(pre.std)
     encoder = pre.model.encoder
     self.spec = encoder.spec
@@ -188,7 +191,13 @@ class FeatureExtractor:
       x01 = jax.image.resize(x01, (x01.shape[0], s, s, x01.shape[-1]), "linear")
     if x01.shape[-1] != c:
       x01 = jnp.broadcast_to(x01[..., :1], (*x01.shape[:3], c))
-    x01 = self.plan.apply(x01, jnp.zeros((x01.shape[0],), jnp.float32))
+    n = x01.shape[0]
+    if self.plan.fixed_gaussian:  # Deblurring MAE's σ, per axis in native units
+      zoom = np.full((n, 2), s / self.native_size if self.native_size else 1.0, np.float32)
+      sigma = jnp.asarray(self.plan.lookup("test", np.zeros(n, np.int64), zoom)["sigma"])
+    else:
+      sigma = jnp.zeros((n,), jnp.float32)
+    x01 = self.plan.apply(x01, sigma)
     enc = nnx.merge(self.graphdef, weights["params"], weights["rest"])
     tokens = enc((x01 - self.mean) / self.std)[:, 1:]
     gh, gw = self.spec.grid
@@ -367,7 +376,7 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
            " (paired, trained unpaired)" if data["train"]["paired"] else " (unpaired)",
            len(data["validation"]["low"]), len(data["test"]["low"]), size)
 
-  features = FeatureExtractor(pre) if pre is not None else None
+  features = FeatureExtractor(pre, int(config.data.native_size)) if pre is not None else None
   if pre is not None:
     pre.model = None  # the extractor holds its weights
   m, t = config.model, config.train
