@@ -32,7 +32,11 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       key, value = item, True
     if key not in out:
-      raise ValueError(f"config argument {key!r} is not known; this config takes {sorted(out)}")
+      import difflib
+      close = difflib.get_close_matches(key, list(out), n=2)
+      raise ValueError(f"config argument {key!r} is not known"
+                       + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
+                       + f"; this config takes {sorted(out)}")
     default = out[key]
     if isinstance(default, bool) and isinstance(value, str):
       value = value.lower() in ("1", "true", "yes", "on")

@@ -165,8 +165,8 @@ def _downstream_args(job, pre, wd):
 
 
 def _trained_steps(log_text):
-  """The steps a run logged ('12:30:42 I step 3/16 loss ...'), in order."""
-  return [int(n) for n in re.findall(r" I step (\d+)/\d+ ", log_text)]
+  """The steps a run logged ('12:30:42 I [3] ..., loss=0.91, ...'), in order."""
+  return [int(n) for n in re.findall(r" I \[(\d+)\] .*\bloss=", log_text)]
 
 
 @pytest.mark.parametrize("job", ["pretrain", "finetune", "segment"])
