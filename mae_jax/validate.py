@@ -88,6 +88,9 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
     if c.srad_dt <= 0:
       _fail("corrupt.srad_dt", c.srad_dt, "must be > 0")
   if config.recipe == "d2mae":
+    if c.blur not in ("gaussian", "none"):  # 'none': configs saved before D²MAE said 'gaussian'
+      _fail("corrupt.blur", c.blur, "D²MAE blurs with a Gaussian of σ from corrupt.sigma_levels: "
+            "expected 'gaussian'")
     try:
       recipes.sigma_levels(c.sigma_levels)
     except ValueError as e:

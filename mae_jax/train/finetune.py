@@ -260,9 +260,9 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   it = downstream.train_iterator(config, train_src, image_size=image_size, in_chans=in_chans,
                                  start=start, with_mask=False)
   writer = writers.Monitor(workdir, t, steps.total, start, is_main)
-  log.info("%s from %s (recipe=%s %s, checkpoint step %d): %.2fM trainable params, %d classes, "
+  log.info("%s from %s (recipe=%s %s, checkpoint step %d): %s trainable params, %d classes, "
            "steps=%d (%d/epoch, warm-up %d), batch=%d, peak lr=%.3g%s, %dpx", config.job, pre.init_from,
-           pcfg.recipe, pcfg.model.variant, pre.step, n_params / 1e6, num_classes, steps.total,
+           pcfg.recipe, pcfg.model.variant, pre.step, f"{n_params:,}", num_classes, steps.total,
            steps.per_epoch, steps.warmup, t.batch_size, peak_lr,
            f", layer decay {decay}" if decay is not None else ", LARS", image_size)
 
