@@ -281,14 +281,15 @@ def run(config, workdir: str, *, checked: bool = False) -> dict:
     config.init_from = os.path.abspath(os.path.expanduser(config.init_from))
   if not checked:
     check(config)
-  from mae_jax.train import writers
-  writers.tensorflow_without_gpus()  # before anything could start TensorFlow on a GPU
   job = config.get("job", "pretrain")
   done = completed_step(config, workdir)
   if done is not None:
     log.info("already complete at step %d: %s; nothing to do", done, _where(job, workdir))
     return {"step": done, "already_complete": True}
   with _LogFile(workdir, jax.process_index() == 0):
+    log.info("%s in %s (this log also goes to log.txt there)", job, workdir)
+    from mae_jax.train import writers
+    writers.tensorflow_without_gpus()  # before anything could start TensorFlow on a GPU
     result = _dispatch(job, config, workdir)
     step = result.get("step")
     if result.get("preempted"):

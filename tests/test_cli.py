@@ -5,6 +5,7 @@ rerun of a finished run, exported files readable by everyone."""
 import json
 import os
 import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -17,9 +18,11 @@ from tests.conftest import REPO
 
 
 def _run(args, cwd, env=None, timeout=300, umask=None):
-  out = subprocess.run([sys.executable, *args], cwd=cwd, env={**H.env(), **(env or {})},
-                       capture_output=True, text=True, timeout=timeout,
-                       preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+  cmd = [sys.executable, *args]
+  if umask is not None:  # through the shell: a preexec_fn would fork this multithreaded process
+    cmd = ["sh", "-c", f"umask {umask:03o} && exec {shlex.join(cmd)}"]
+  out = subprocess.run(cmd, cwd=cwd, env={**H.env(), **(env or {})}, capture_output=True, text=True,
+                       timeout=timeout)
   return out.returncode, out.stdout, out.stderr
 
 

@@ -40,7 +40,7 @@ def test_smoke_run_then_continue(tmp_path):
   # library INFO chatter or progress bars.
   for line in out.splitlines():
     if re.match(r"\d\d:\d\d:\d\d I ", line):
-      assert re.match(r"\d\d:\d\d:\d\d I (\[\d+\] |progress: |recipe=|compiling and running|first step|"
+      assert re.match(r"\d\d:\d\d:\d\d I (pretrain in |\[\d+\] |progress: |recipe=|compiling and running|first step|"
                       r"resumed from|done: |$)", line), line
   assert "orbax" not in out.lower() and "Using custom data configuration" not in out
 

@@ -72,6 +72,7 @@ PRETRAIN_CASES = [
     ("d2mae", "corrupt.sigma_levels", "0.1:1.1:0", 1),  # empty: zero step
     ("d2mae", "corrupt.sigma_levels", "", 1),
     ("d2mae", "corrupt.sigma_levels", "0.1-1.1", 1),
+    ("d2mae", "corrupt.blur", "srad", 1),  # D²MAE's blur is a Gaussian of σ_t
     ("deblur_mae", "corrupt.blur", "bokeh", 1),
     ("deblur_mae", "corrupt.sigma", 0.0, 1),
     ("denoise_mae", "corrupt.noise_std", 0.0, 1),
@@ -226,3 +227,10 @@ def test_auto_compute_dtype_is_bfloat16_only_on_accelerators():
   assert models.compute_dtype("float32", backend="gpu") == jnp.float32
   with pytest.raises(ValueError, match="model.dtype='float16'"):
     models.compute_dtype("float16")
+
+
+def test_d2mae_config_says_its_blur_is_gaussian():
+  """config.json of a D²MAE run once said blur='none' though every image is blurred."""
+  c = _smoke("d2mae")
+  assert c.corrupt.blur == "gaussian"
+  validate.validate_pretrain(c, num_devices=1)

@@ -12,8 +12,10 @@ included, measured on the finished step, not on its asynchronous dispatch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import time
 
 import jax
@@ -24,15 +26,34 @@ log = logging.getLogger("mae_jax")
 LOG_EVERY_SECS = 60.0  # a metrics line and a progress line at least this often (train.log_every_secs)
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+  """TensorFlow's C++ start-up lines (oneDNN, CPU instruction sets) go to file descriptor 2 whatever
+  TF_CPP_MIN_LOG_LEVEL says: they are hidden while it starts (Python errors still raise)."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, "w") as null:
+      os.dup2(null.fileno(), 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
 def tensorflow_without_gpus():
   """TensorFlow for clu's summary writer, on the CPU only: left alone it would claim the GPUs' memory
-  that JAX needs."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # its C++ start-up banner (oneDNN, CPU flags)
-  import tensorflow as tf
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:  # TensorFlow already started (by the caller): its devices are set
-    pass
+  that JAX needs. Once per process (TensorFlow's devices are fixed once it has started)."""
+  if "tensorflow" in sys.modules:
+    return
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  with _quiet_stderr():
+    import tensorflow as tf
+    try:
+      tf.config.set_visible_devices([], "GPU")
+      tf.constant(0)  # starts its runtime (and prints its banner) here, on the CPU
+    except RuntimeError:  # already started by someone else: its devices are set
+      pass
 
 
 def create_writer(workdir: str, is_main: bool):
