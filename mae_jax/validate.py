@@ -138,6 +138,7 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
     _fail("train.max_bad_steps", t.max_bad_steps, "must be >= 1")
   if t.log_every <= 0:
     _fail("train.log_every", t.log_every, "must be > 0")
+  validate_progress(t)
   if t.image_every < 0:
     _fail("train.image_every", t.image_every, "must be >= 0 (0 = no image summaries)")
   if t.checkpoint_every <= 0:
@@ -153,6 +154,14 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
     _fail("data.crop_scale_min", d.crop_scale_min, "must lie in (0, 1]")
   if config.mesh.fsdp < 1 or num_devices % config.mesh.fsdp:
     _fail("mesh.fsdp", config.mesh.fsdp, f"must divide the device count ({num_devices})")
+
+
+def validate_progress(t) -> None:
+  """The progress fields of `config.train` every training job has."""
+  if t.get("log_every_secs", 60.0) <= 0:
+    _fail("train.log_every_secs", t.log_every_secs, "must be > 0 (seconds)")
+  if t.get("profile_steps", 0) < 0:
+    _fail("train.profile_steps", t.profile_steps, "must be >= 0 (0 = no profile)")
 
 
 def checkpoint_steps(workdir: str) -> list[int]:

@@ -54,6 +54,8 @@ PRETRAIN_CASES = [
     ("mae", "train.warmup_epochs", -1.0, 1),
     ("mae", "train.max_bad_steps", 0, 1),
     ("mae", "train.log_every", 0, 1),
+    ("mae", "train.log_every_secs", 0.0, 1),
+    ("mae", "train.profile_steps", -1, 1),
     ("mae", "train.image_every", -1, 1),
     ("mae", "train.checkpoint_every", 0, 1),
     ("mae", "train.keep_checkpoints", 0, 1),

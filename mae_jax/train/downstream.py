@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from mae_jax import validate
 from mae_jax.data import pipeline
 from mae_jax.train import core, lr_decay, obs
 
@@ -304,6 +305,7 @@ def validate_common(config, num_devices: int, lr_field: str) -> None:
     fail("train.epochs", t.epochs, "set train.epochs > 0 or train.total_steps > 0")
   if t[lr_field] <= 0:
     fail(f"train.{lr_field}", t[lr_field], "must be > 0")
+  validate.validate_progress(t)
   if t.layer_decay is not None and not 0.0 < t.layer_decay <= 1.0:
     fail("train.layer_decay", t.layer_decay, "must lie in (0, 1]")
   if config.data.name not in ("us_phantom", "folder"):

@@ -97,7 +97,8 @@ class Monitor:
     profile_steps = int(train_config.get("profile_steps", 0))
     if is_main and profile_steps > 0:  # a trace of `profile_steps` steps, for TensorBoard's profiler
       self.hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=profile_steps,
-                                                 first_profile=self.start + 10, every_secs=None))
+                                                 profile_duration_ms=0, first_profile=self.start + 10,
+                                                 every_secs=None))
     self.t0 = time.perf_counter()
     self._last_line = None
 
