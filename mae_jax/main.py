@@ -132,7 +132,8 @@ def check_command_line(args: list[str]) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, after our checks; every mistake exits 2 with a short message."""
   try:
-    check_command_line(argv[1:])
+    if not {"-h", "-?", "--help", "--helpshort", "--helpfull"} & set(argv[1:]):
+      check_command_line(argv[1:])
     return flags.FLAGS(argv)
   except UsageError as e:
     _reject(e, argv)
