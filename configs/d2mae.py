@@ -24,6 +24,9 @@ def get_config(arg=None):
                                fixed_sigma=0.5)
   c = config_base.base(args)
   c.recipe = "d2mae"
+  # The blur is a Gaussian of σ_t from sigma_levels (corrupt.sigma, Deblurring MAE's fixed σ, is unused):
+  # config.json says so instead of the base config's blur='none'.
+  c.corrupt.blur = "gaussian"
   c.corrupt.sigma_levels = args.range
   c.model.blur_embed = args.embed
   c.model.norm_pix_loss = False  # Eq. 3: MSE between x̂ and x

@@ -108,7 +108,10 @@ def smoke(c, probe: bool = False) -> None:
   config_base.downstream_smoke(c)
   c.train.batch_size = 32
   c.train.epochs = 30
-  c.train.base_lr = 0.5 if probe else 5e-2
+  # LARS scales each matrix's step by trust_coefficient (0.001) x |w|/|g|: the weights move by ~lr/1000
+  # of their norm per step. MAE's probe (peak lr 6.4, 7,000 steps) moves them far; a smoke run's 240
+  # steps need a peak lr of 50 (base 400 at batch 32), or only the bias learns: the majority class.
+  c.train.base_lr = 400.0 if probe else 5e-2
   c.train.log_every = 40
 
 

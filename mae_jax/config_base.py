@@ -32,7 +32,11 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       key, value = item, True
     if key not in out:
-      raise ValueError(f"config argument {key!r} is not known; this config takes {sorted(out)}")
+      import difflib
+      close = difflib.get_close_matches(key, list(out), n=2)
+      raise ValueError(f"config argument {key!r} is not known"
+                       + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
+                       + f"; this config takes {sorted(out)}")
     default = out[key]
     if isinstance(default, bool) and isinstance(value, str):
       value = value.lower() in ("1", "true", "yes", "on")
@@ -136,6 +140,8 @@ def base(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.grad_clip = 0.0  # 0 = off (MAE pretraining does not clip)
   c.train.max_bad_steps = 10  # consecutive non-finite steps before the run stops
   c.train.log_every = 50
+  c.train.log_every_secs = 60.0  # a metrics and a progress line at least this often, however slow the steps
+  c.train.profile_steps = 0  # > 0: a profiler trace of that many steps from step 10 (TensorBoard's profile tab)
   c.train.image_every = 1000
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
@@ -220,6 +226,8 @@ def downstream(args: ml_collections.ConfigDict, job: str) -> ml_collections.Conf
   c.train.grad_clip = 0.0
   c.train.max_bad_steps = 10
   c.train.log_every = 50
+  c.train.log_every_secs = 60.0
+  c.train.profile_steps = 0
   c.train.keep_checkpoints = 1
 
   # D²MAE optimal blurriness search; unset fields come from the pretraining config's `obs`.

@@ -539,12 +539,13 @@ def recipe_extras(model, config, *, fmt: str, in_chans_out: int | None = None,
         "in_weights": "not in the exported state dict: timm and the official MAE have no such token",
     }
   if fmt == "mae-full" and blur_embed != "none":
-    info["warning"] = ("the official MaskedAutoencoderViT has no blurriness token: it loads these "
-                       "weights but reconstructs without BLU(t); add blur_token as described here")
+    info["warning"] = ("the official MaskedAutoencoderViT has no blurriness token: it loads {weights} "
+                       "but reconstructs without BLU(t); add blur_token as described under blur_token "
+                       "in {extras}")
   if kind in HEAD_KINDS and blur_embed != "none":
     info["warning"] = ("this classifier was trained with the D²MAE blurriness token, which timm and "
-                       "the official MAE lack: they load these weights but compute different logits "
-                       "unless BLU(t*) is inserted as described under blur_token")
+                       "the official MAE lack: they load {weights} but compute different logits "
+                       "unless BLU(t*) is inserted as described under blur_token in {extras}")
   if kind == "simmim":
     arrays.update(_linear("decoder_pred", model.decoder_pred))
     info["simmim"] = {
@@ -607,6 +608,9 @@ def export_model(model, config, fmt: str, out: str, *, in_chans_out: int | None 
   info.update(_plain(extras))
   paths = output_paths(fmt, out, with_arrays=bool(arrays))
   _check_free(paths, overwrite)
+  if "warning" in info:  # printed on its own by the CLI: it names the files it is about
+    info["warning"] = info["warning"].format(weights=os.path.basename(paths["weights"]),
+                                             extras=os.path.basename(paths["extras_json"]))
 
   timm_cfg = None
   if fmt in ("timm", "mae-finetune"):
@@ -651,6 +655,8 @@ def export_model(model, config, fmt: str, out: str, *, in_chans_out: int | None 
                                 paths["extras_arrays"])
   with open(paths["extras_json"], "w") as f:
     json.dump(info, f, indent=2, sort_keys=True)
+  for p in paths.values():  # readable by everyone whatever the umask (and torch.save's temp file)
+    os.chmod(p, 0o644)
   return paths
 
 
@@ -681,6 +687,7 @@ def export_workdir(workdir: str, fmt: str, out: str, *, step: int | None = None,
   A pretraining workdir exports its encoder (or the whole MAE); a 'finetune' / 'linear_probe'
   workdir exports its classifier (`export_downstream_workdir`)."""
   from mae_jax.train import core
+  workdir = os.path.abspath(os.path.expanduser(workdir))  # orbax takes absolute paths only
   if not os.path.isdir(workdir):
     raise ValueError(f"workdir {workdir!r} does not exist")
   config = core.load_config(workdir)
@@ -761,6 +768,7 @@ def export_downstream_workdir(workdir: str, fmt: str, out: str, *, step: int | N
   pretraining workdir `config.init_from` at the step the run used."""
   from mae_jax.models import heads
   from mae_jax.train import core
+  workdir = os.path.abspath(os.path.expanduser(workdir))  # orbax takes absolute paths only
   if config is None:
     if not os.path.isdir(workdir):
       raise ValueError(f"workdir {workdir!r} does not exist")

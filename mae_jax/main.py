@@ -1,41 +1,220 @@
 """Command line: `python -m mae_jax.main --config=configs/NAME.py[:ARGS] --workdir=DIR`.
 
-`--config.a.b=value` overrides any field; an unknown field or a wrong type is an error before
-anything runs. The job (pretrain, finetune, linear_probe, segment, obs, enhance) comes from `config.job`.
+`--config.a.b=value` overrides any field. The job (pretrain, finetune, linear_probe, segment, obs,
+enhance)
+comes from `config.job`. Relative paths (the workdir, `init_from`) are relative to the current
+directory, and are written absolute into the workdir's config.json.
+
+A mistake on the command line or in the config (an unknown field or config file, a wrong type, a bad
+ARGS item, a value the job rejects) prints one or two lines and exits with status 2 before anything
+is created; `--verbose` (or the environment variable MAE_JAX_VERBOSE=1) adds the traceback.
+
+Every workdir gets `log.txt`: the console lines of every run in it, appended. The last line says
+where the results are; a run that is already complete says so and exits 0 without doing anything.
 """
 
 from __future__ import annotations
 
+import difflib
+import glob
+import json
 import logging
 import os
 import sys
+import traceback
 
-from absl import app, flags
-from ml_collections import config_flags
+# TensorFlow (behind clu's TensorBoard writer) prints a C++ banner at import unless told not to.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, with :ARGS.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs, figures and results go.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_bool("verbose", False, "With a rejected command line or config, print the traceback too "
+                  "(also: environment variable MAE_JAX_VERBOSE=1).")
 
 log = logging.getLogger("mae_jax")
 
+EXIT_USAGE = 2
+JOBS = ("pretrain", "finetune", "linear_probe", "segment", "obs", "enhance")
 
-class _QuietLibraries(logging.Filter):
-  """Our progress lines and every library's warnings, minus the routine chatter of the TFDS builder
-  behind the built-in dataset (it logs each config at WARNING level)."""
+
+# ------------------------------------------------------------------------------------ mistakes
+
+
+class UsageError(ValueError):
+  """A rejected command line: `lines` (one or two) are all the user sees."""
+
+  def __init__(self, *lines: str):
+    super().__init__(lines[0])
+    self.lines = [line for line in lines if line]
+
+
+def _verbose(argv=()) -> bool:
+  return os.environ.get("MAE_JAX_VERBOSE", "") not in ("", "0") or "--verbose" in argv
+
+
+def _reject(error: Exception, argv=()) -> None:
+  if _verbose(argv):
+    traceback.print_exc()
+  lines = error.lines if isinstance(error, UsageError) else [str(error)]
+  if len(lines) == 1 and not _verbose(argv):
+    lines = lines + ["(the traceback: add --verbose, or set MAE_JAX_VERBOSE=1)"]
+  print(f"mae_jax.main: error: {lines[0]}", file=sys.stderr)
+  for line in lines[1:]:
+    print(f"  {line}", file=sys.stderr)
+  sys.exit(EXIT_USAGE)
+
+
+def _closest(word: str, names, n: int = 3) -> str:
+  close = difflib.get_close_matches(word, list(names), n=n, cutoff=0.5)
+  return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def _config_files() -> list[str]:
+  from mae_jax import config_files
+  return sorted(os.path.relpath(p, config_files.REPO) for p in glob.glob(os.path.join(config_files.CONFIG_DIR, "*.py")))
+
+
+def _flag_value(args: list[str], name: str) -> str | None:
+  for i, a in enumerate(args):
+    if a.startswith(f"--{name}="):
+      return a.split("=", 1)[1]
+    if a == f"--{name}" and i + 1 < len(args):
+      return args[i + 1]
+  return None
+
+
+def _fields(config, prefix: str = "") -> list[str]:
+  import ml_collections
+  out = []
+  for k in config.keys():
+    v = config[k]
+    out.append(prefix + k)
+    if isinstance(v, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+      out += _fields(v, prefix + k + ".")
+  return out
+
+
+def check_command_line(args: list[str]) -> None:
+  """The config file, its ARGS and the names of the `--config.a.b` overrides, before absl parses
+  them (its own errors are tracebacks): UsageError on a mistake."""
+  spec = _flag_value(args, "config")
+  if spec is None:
+    raise UsageError("--config is required: --config=configs/NAME.py[:ARGS] --workdir=DIR",
+                     "config files: " + ", ".join(_config_files()))
+  if _flag_value(args, "workdir") is None:
+    raise UsageError("--workdir is required: --workdir=DIR (created if missing; relative to the "
+                     "current directory)")
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    names = _config_files()
+    raise UsageError(f"no config file {path!r}{_closest(path, names, n=2)}",
+                     "config files: " + ", ".join(names))
+  from mae_jax import config_files
+  try:
+    config = config_files.load_module(path).get_config(arg or None)
+  except (ValueError, TypeError, KeyError) as e:
+    raise UsageError(f"--config={spec}: {e}") from e
+  fields = _fields(config)
+  for a in args:
+    if not a.startswith("--config."):
+      continue
+    key = a[len("--config."):].split("=", 1)[0]
+    if key not in fields:
+      parent = key.rpartition(".")[0]
+      here = [f for f in fields if f.rpartition(".")[0] == parent]
+      raise UsageError(f"--config.{key}: {path} has no field {key!r}{_closest(key, fields)}",
+                       f"fields{' under ' + parent if parent else ''}: {', '.join(here)}" if len(here) <= 40
+                       else "")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, after our checks; every mistake exits 2 with a short message."""
+  try:
+    if not {"-h", "-?", "--help", "--helpshort", "--helpfull"} & set(argv[1:]):
+      check_command_line(argv[1:])
+    return flags.FLAGS(argv)
+  except UsageError as e:
+    _reject(e, argv)
+  except flags.Error as e:  # a value of the wrong type, an unknown flag
+    _reject(UsageError(str(e)), argv)
+
+
+def check(config) -> None:
+  """The job's config checks (the same the job makes first), here before the workdir exists: a
+  rejected run creates nothing. ValueError names the field."""
+  import jax
+
+  from mae_jax import validate
+  job = config.get("job", "pretrain")
+  n = jax.device_count()
+  if job == "pretrain":
+    validate.validate_pretrain(config, num_devices=n, process_count=jax.process_count())
+    return
+  if job not in JOBS:
+    raise ValueError(f"config.job={job!r}: expected one of {', '.join(JOBS)}")
+  if job == "enhance":  # init_from is optional: without it, plain CycleGAN
+    from mae_jax.train import enhance
+    enhance.validate_config(config, n)
+    return
+  if job in ("finetune", "linear_probe"):
+    from mae_jax.train import finetune
+    finetune.validate_config(config, n)
+  elif job == "segment":
+    from mae_jax.train import segment
+    segment.validate_config(config, n)
+  elif not config.get("init_from"):
+    raise ValueError("config.init_from is empty: set it to a D²MAE pretraining workdir")
+  validate.validate_transfer(config)
+
+
+# ------------------------------------------------------------------------------------ logging
+
+
+class _Console(logging.Filter):
+  """Our lines, clu's (metrics, progress, parameter table) and every library's warnings, each
+  warning once, minus the routine chatter of the TFDS builder behind the built-in dataset (it logs
+  each config at WARNING level) and the INFO lines of orbax and grain (absl INFO)."""
+
+  def __init__(self):
+    super().__init__()
+    self._warned = set()
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.ERROR or "tensorflow_datasets" not in record.pathname
+    if record.levelno >= logging.ERROR:
+      return True
+    if "tensorflow_datasets" in record.pathname:
+      return False
+    if record.name == "absl" and record.levelno < logging.WARNING:
+      if f"{os.sep}clu{os.sep}" not in record.pathname:
+        return False
+      if record.msg == "Setting work unit notes: %s":  # ReportProgress's line, said plainly
+        record.msg = "progress: %s"
+      # ReportProgress also writes steps/s and uptime as scalars: TensorBoard's, the line above has them.
+      if record.msg == "[%d]%s %s" and str(record.args[-1]).startswith(("steps_per_sec=", "uptime=")):
+        return False
+    if record.levelno == logging.WARNING and record.name != "mae_jax":
+      key = (record.name, record.getMessage())
+      if key in self._warned:
+        return False
+      self._warned.add(key)
+    return True
+
+
+_FORMAT = logging.Formatter("%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
 
 
 def _setup_logging():
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s",
-                      datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+  logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True)
   for handler in logging.getLogger().handlers:
-    handler.addFilter(_QuietLibraries())
-  # orbax, grain and TFDS log through absl at INFO on every save and read.
-  for noisy in ("absl", "orbax", "jax._src", "grain", "tensorflow_datasets"):
+    handler.setFormatter(_FORMAT)
+    handler.addFilter(_Console())
+  logging.captureWarnings(True)  # Python warnings through the same filter: once each
+  for noisy in ("orbax", "jax._src", "grain", "tensorflow_datasets"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  logging.getLogger("absl").setLevel(logging.INFO)  # clu logs through absl; the filter keeps only clu
   try:  # progress bars of the one-time build of the built-in dataset
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
@@ -43,10 +222,91 @@ def _setup_logging():
     pass
 
 
-def run(config, workdir: str):
+class _LogFile:
+  """`workdir/log.txt`: the console lines, appended (never rewritten), on process 0."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.handler = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self.handler = logging.FileHandler(os.path.join(workdir, "log.txt"), mode="a", encoding="utf-8")
+      self.handler.setFormatter(_FORMAT)
+      self.handler.addFilter(_Console())
+
+  def __enter__(self):
+    if self.handler is not None:
+      logging.getLogger().addHandler(self.handler)
+    return self
+
+  def __exit__(self, *exc):
+    if self.handler is not None:
+      logging.getLogger().removeHandler(self.handler)
+      self.handler.close()
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+def _results_path(job: str, workdir: str) -> str:
+  return os.path.join(workdir, "train_done.json" if job == "pretrain" else "results.md")
+
+
+def _where(job: str, workdir: str) -> str:
+  if job == "pretrain":
+    return (f"checkpoints in {os.path.join(workdir, 'checkpoints')}, log and metrics in {workdir} "
+            f"(tensorboard --logdir {workdir})")
+  return f"results in {os.path.join(workdir, 'results.md')} (and results.json)"
+
+
+def completed_step(config, workdir: str) -> int | None:
+  """The final step of a finished run of this very config in `workdir` (same config.json, results
+  written), else None: a changed config (more steps, say) runs and resumes."""
+  from mae_jax import validate
+  job = config.get("job", "pretrain")
+  saved = os.path.join(workdir, "config.json")
+  if not (os.path.exists(saved) and os.path.exists(_results_path(job, workdir))):
+    return None
+  with open(saved) as f:
+    if json.load(f) != json.loads(config.to_json_best_effort()):
+      return None
+  if job == "pretrain":
+    with open(_results_path(job, workdir)) as f:
+      return int(json.load(f)["step"])
+  steps = validate.checkpoint_steps(workdir)
+  return steps[-1] if steps else 0
+
+
+def run(config, workdir: str, *, checked: bool = False) -> dict:
+  """Runs `config.job` in `workdir`: the config checks (unless `checked`), then the job, with the
+  console lines also in `workdir/log.txt`; a finished run of the same config is not run again."""
   from mae_jax import distributed
   distributed.maybe_initialize()
+  import jax
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if config.get("init_from"):  # the workdir's config.json must not depend on where it ran from
+    config.init_from = os.path.abspath(os.path.expanduser(config.init_from))
+  if not checked:
+    check(config)
   job = config.get("job", "pretrain")
+  done = completed_step(config, workdir)
+  if done is not None:
+    log.info("already complete at step %d: %s; nothing to do", done, _where(job, workdir))
+    return {"step": done, "already_complete": True}
+  with _LogFile(workdir, jax.process_index() == 0):
+    log.info("%s in %s (this log also goes to log.txt there)", job, workdir)
+    from mae_jax.train import writers
+    writers.tensorflow_without_gpus()  # before anything could start TensorFlow on a GPU
+    result = _dispatch(job, config, workdir)
+    step = result.get("step")
+    if result.get("preempted"):
+      log.warning("stopped by SIGTERM at step %s: run the same command again to resume", step)
+    else:
+      log.info("done: %s finished%s; %s", job, f" at step {step}" if step is not None else "",
+               _where(job, workdir))
+  return result
+
+
+def _dispatch(job: str, config, workdir: str) -> dict:
   if job == "pretrain":
     from mae_jax.train import pretrain
     return pretrain.train(config, workdir)
@@ -68,13 +328,26 @@ def run(config, workdir: str):
 def main(argv):
   del argv
   _setup_logging()
+  from mae_jax import distributed
+  distributed.maybe_initialize()
+  try:
+    config = _CONFIG.value
+    if config.get("init_from"):
+      config.init_from = os.path.abspath(os.path.expanduser(config.init_from))
+    check(config)
+  except ValueError as e:
+    _reject(e, sys.argv)
   from mae_jax.train import workdir_lock
   try:
-    run(_CONFIG.value, os.path.expanduser(_WORKDIR.value))
+    run(config, _WORKDIR.value, checked=True)
   except workdir_lock.RunStopped as e:  # a busy workdir, no readable checkpoint, a failed save
     print(f"mae_jax: {e}", file=sys.stderr, flush=True)
     sys.exit(e.exit_code)
 
 
+def cli():
+  app.run(main, flags_parser=_parse_flags)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli()

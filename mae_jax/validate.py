@@ -97,6 +97,9 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
     if c.srad_dt <= 0:
       _fail("corrupt.srad_dt", c.srad_dt, "must be > 0")
   if config.recipe == "d2mae":
+    if c.blur not in ("gaussian", "none"):  # 'none': configs saved before D²MAE said 'gaussian'
+      _fail("corrupt.blur", c.blur, "D²MAE blurs with a Gaussian of σ from corrupt.sigma_levels: "
+            "expected 'gaussian'")
     try:
       recipes.sigma_levels(c.sigma_levels)
     except ValueError as e:
@@ -144,6 +147,7 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
     _fail("train.max_bad_steps", t.max_bad_steps, "must be >= 1")
   if t.log_every <= 0:
     _fail("train.log_every", t.log_every, "must be > 0")
+  validate_progress(t)
   if t.image_every < 0:
     _fail("train.image_every", t.image_every, "must be >= 0 (0 = no image summaries)")
   if t.checkpoint_every <= 0:
@@ -178,6 +182,14 @@ def validate_augment(a) -> None:
   if not 0.0 < a.blur_sigma_min <= a.blur_sigma_max:
     _fail("augment.blur_sigma_min", a.blur_sigma_min,
           f"needs 0 < blur_sigma_min <= blur_sigma_max ({a.blur_sigma_max})")
+
+
+def validate_progress(t) -> None:
+  """The progress fields of `config.train` every training job has."""
+  if t.get("log_every_secs", 60.0) <= 0:
+    _fail("train.log_every_secs", t.log_every_secs, "must be > 0 (seconds)")
+  if t.get("profile_steps", 0) < 0:
+    _fail("train.profile_steps", t.profile_steps, "must be >= 0 (0 = no profile)")
 
 
 def checkpoint_steps(workdir: str) -> list[int]:

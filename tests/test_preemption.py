@@ -165,8 +165,8 @@ def _downstream_args(job, pre, wd):
 
 
 def _trained_steps(log_text):
-  """The steps a run logged ('12:30:42 I step 3/16 loss ...'), in order."""
-  return [int(n) for n in re.findall(r" I step (\d+)/\d+ ", log_text)]
+  """The steps a run logged ('12:30:42 I [3] ..., loss=0.91, ...'), in order."""
+  return [int(n) for n in re.findall(r" I \[(\d+)\] .*\bloss=", log_text)]
 
 
 @pytest.mark.parametrize("job", ["pretrain", "finetune", "segment"])
@@ -203,7 +203,8 @@ def test_preempted_downstream_run_resumes_to_the_uninterrupted_result(job, per_e
   assert rc == 0, out
   assert _trained_steps(out) == list(range(1, total + 1))
 
-  rc, out = _run(_downstream_args(job, mae_pretrain, wd), tmp_path / "first.log", when=stop)
+  # SIGTERM while batch stop + 1 is read: the run stops before dispatching step stop + 1.
+  rc, out = _run(_downstream_args(job, mae_pretrain, wd), tmp_path / "first.log", when=stop + 1)
   assert rc == 0, out
   assert f"preempted: checkpoint at step {stop} saved" in out, out
   assert _trained_steps(out) == list(range(1, stop + 1))
@@ -231,3 +232,62 @@ def test_preempted_downstream_run_resumes_to_the_uninterrupted_result(job, per_e
   p, q = np.load(ref / "predictions_test.npz"), np.load(wd / "predictions_test.npz")
   for k in p.files:
     np.testing.assert_array_equal(p[k], q[k])
+
+
+# --------------------------------------------------------------- a SIGTERM during a step
+
+# The SIGTERM comes from inside the jitted step whose state.step is argv[1] (a host callback), after
+# a pause that leaves the loop time to queue the next step if it does not wait: the run must stop
+# once that step has finished, without running another.
+_SIGTERM_IN_STEP = """
+import os
+import signal
+import sys
+import time
+import jax
+from absl import app
+from mae_jax import main
+from mae_jax.train import finetune, pretrain
+
+at = int(sys.argv.pop(1))
+
+def sigterm_at(step):
+  if int(step) == at:
+    time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+def signalling(step_fn):
+  def wrapped(state, *args):
+    jax.debug.callback(sigterm_at, state.step)
+    return step_fn(state, *args)
+  return wrapped
+
+real_pretrain, real_finetune = pretrain.make_train_step, finetune.make_steps
+pretrain.make_train_step = lambda *a, **k: signalling(real_pretrain(*a, **k))
+
+def make_steps(*a, **k):
+  train_step, eval_step = real_finetune(*a, **k)
+  return signalling(train_step), eval_step
+
+finetune.make_steps = make_steps
+sys.argv = ["mae_jax.main"] + sys.argv[1:]
+app.run(main.main)
+"""
+
+
+@pytest.mark.parametrize("job", ["pretrain", "finetune"])
+def test_sigterm_during_a_step_stops_after_that_step(job, mae_pretrain, tmp_path):
+  at = 4  # the signal comes during step 5 (state.step 4 -> 5)
+  wd, log = tmp_path / "w", tmp_path / "run.log"
+  if job == "pretrain":
+    args = H.cli(wd, "--config.train.total_steps=1000", "--config.train.checkpoint_every=1000",
+                 "--config.train.image_every=0")[3:]
+  else:
+    args = [f"--config={REPO / 'configs' / 'finetune.py'}:smoke,init_from={mae_pretrain}", f"--workdir={wd}",
+            "--config.train.epochs=3"]
+  cmd = [sys.executable, "-c", textwrap.dedent(_SIGTERM_IN_STEP), str(at), *args]
+  rc, out = H.run(cmd, log, timeout=240)
+  assert rc == 0, out
+  assert "SIGTERM received" in out and f"preempted: checkpoint at step {at + 1} saved" in out, out
+  # Steps run after the signal: the one it interrupted, none queued behind it.
+  assert validate.checkpoint_steps(str(wd)) == [at + 1], out

@@ -32,19 +32,23 @@ def test_smoke_run_then_continue(tmp_path):
   assert json.loads((wd / "config.json").read_text())["train"]["total_steps"] == 60
   assert glob.glob(str(wd / "events.out.tfevents.*"))
   assert json.loads((wd / "train_done.json").read_text())["step"] == 60
-  assert "step 60/60 loss" in out and "img/s ETA" in out
+  assert re.search(r" I \[60\] .*loss=", out) and "(60/60), ETA: " in out
+  assert "done: pretrain finished at step 60" in out.splitlines()[-1]
+  assert (wd / "log.txt").read_text().splitlines()[-1] == out.splitlines()[-1]
 
-  # Quiet: our own lines and warnings only, no library INFO chatter or progress bars.
+  # Quiet: our own lines, clu's (metrics, progress, the parameter table) and warnings only, no
+  # library INFO chatter or progress bars.
   for line in out.splitlines():
     if re.match(r"\d\d:\d\d:\d\d I ", line):
-      assert re.match(r"\d\d:\d\d:\d\d I (step \d+/\d+ |recipe=|first step|resumed from)", line), line
+      assert re.match(r"\d\d:\d\d:\d\d I (pretrain in |\[\d+\] |progress: |recipe=|compiling and running|first step|"
+                      r"resumed from|done: |$)", line), line
   assert "orbax" not in out.lower() and "Using custom data configuration" not in out
 
   rc, out = H.run(H.cli(wd, "--config.train.log_every=1", "--config.train.total_steps=70"),
                   tmp_path / "run2.log")
   assert rc == 0, out
   assert "resumed from the checkpoint at step 60" in out
-  assert "step 61/70" in out and "step 1/" not in out
+  assert "(62/70)" in out and "[1] " not in out
   assert [r["step"] for r in pretrain.read_metrics(str(wd))] == list(range(1, 71))
   assert H.committed_steps(wd)[-1] == 70
   assert json.loads((wd / "train_done.json").read_text())["step"] == 70

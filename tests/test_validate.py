@@ -54,6 +54,8 @@ PRETRAIN_CASES = [
     ("mae", "train.warmup_epochs", -1.0, 1),
     ("mae", "train.max_bad_steps", 0, 1),
     ("mae", "train.log_every", 0, 1),
+    ("mae", "train.log_every_secs", 0.0, 1),
+    ("mae", "train.profile_steps", -1, 1),
     ("mae", "train.image_every", -1, 1),
     ("mae", "train.checkpoint_every", 0, 1),
     ("mae", "train.keep_checkpoints", 0, 1),
@@ -72,6 +74,7 @@ PRETRAIN_CASES = [
     ("d2mae", "corrupt.sigma_levels", "0.1:1.1:0", 1),  # empty: zero step
     ("d2mae", "corrupt.sigma_levels", "", 1),
     ("d2mae", "corrupt.sigma_levels", "0.1-1.1", 1),
+    ("d2mae", "corrupt.blur", "srad", 1),  # D²MAE's blur is a Gaussian of σ_t
     ("deblur_mae", "corrupt.blur", "bokeh", 1),
     ("deblur_mae", "corrupt.sigma", 0.0, 1),
     ("denoise_mae", "corrupt.noise_std", 0.0, 1),
@@ -226,3 +229,10 @@ def test_auto_compute_dtype_is_bfloat16_only_on_accelerators():
   assert models.compute_dtype("float32", backend="gpu") == jnp.float32
   with pytest.raises(ValueError, match="model.dtype='float16'"):
     models.compute_dtype("float16")
+
+
+def test_d2mae_config_says_its_blur_is_gaussian():
+  """config.json of a D²MAE run once said blur='none' though every image is blurred."""
+  c = _smoke("d2mae")
+  assert c.corrupt.blur == "gaussian"
+  validate.validate_pretrain(c, num_devices=1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import logging
 import multiprocessing
 import os
 from typing import Any, Iterator
@@ -136,6 +137,17 @@ class UsPhantom(tfds.core.GeneratorBasedBuilder):
     # TFDS 4.9.10's default imports the `importlib_resources` backport, which it declares as
     # a dependency only on Python < 3.9, so it fails on 3.12 for builders inside a package.
     return epath.Path(__file__)
+
+  # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded and
+  # prepared" for every builder: nothing is downloaded here, so say what happens, in the log.
+  def _log_download_bytes(self) -> None:
+    c = self.builder_config
+    logging.getLogger("mae_jax").info(
+        "simulating the built-in dataset once (%d train, %d validation, %d test images, %d px) into %s",
+        c.num_train, c.num_validation, c.num_test, c.image_size, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.getLogger("mae_jax").info("built-in dataset ready in %s", self.data_dir)
 
   def __init__(self, *, num_workers: int | None = None, **kwargs):
     self._num_workers = _default_workers() if num_workers is None else max(1, int(num_workers))

@@ -1,5 +1,5 @@
 """What every training job shares: the mesh and shardings, the optimizer and its schedule, the
-train state, checkpoints, and the per-step bookkeeping (throughput, ETA).
+train state and checkpoints (progress and metrics: `writers.py`).
 
 Shardings are decided here and nowhere else: the batch is split over every device along
 ('data', 'fsdp'); parameters and optimizer state are replicated, or split over 'fsdp' when
@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import sys
-import time
 from typing import Any
 
 import jax
@@ -494,32 +493,6 @@ def load_config(workdir: str):
     raise ValueError(f"{workdir!r} holds no config.json: is it a mae_jax workdir?")
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
-
-
-class Throughput:
-  """steps/s, images/s and ETA over the last logging interval (compile time excluded)."""
-
-  def __init__(self, total_steps: int, batch_size: int, start_step: int):
-    self.total, self.batch = total_steps, batch_size
-    self.t0, self.s0 = None, start_step
-
-  def mark(self, step: int) -> dict:
-    now = time.perf_counter()
-    if self.t0 is None:
-      self.t0, self.s0 = now, step
-      return {}
-    dt, ds = now - self.t0, step - self.s0
-    self.t0, self.s0 = now, step
-    if ds <= 0 or dt <= 0:
-      return {}
-    sps = ds / dt
-    return {"steps_per_sec": sps, "images_per_sec": sps * self.batch,
-            "eta_seconds": (self.total - step) / sps}
-
-  def exclude(self, seconds: float) -> None:
-    """Leaves `seconds` of occasional work (an image summary and its first compile) out of the rate."""
-    if self.t0 is not None:
-      self.t0 += seconds
 
 
 def steps_from_epochs(epochs: float, num_examples: int, batch_size: int) -> int:

@@ -14,14 +14,14 @@ import json
 import logging
 import math
 import os
-import time
 from typing import Any
 
 import jax
 import numpy as np
 
+from mae_jax import validate
 from mae_jax.data import pipeline
-from mae_jax.train import core, lr_decay, obs, writers
+from mae_jax.train import core, lr_decay, obs
 
 log = logging.getLogger("mae_jax")
 
@@ -256,35 +256,29 @@ class Checkpoints:
       mngr.close()
 
 
-def progress(m: dict) -> str:
-  """Throughput, ETA and skipped non-finite steps, as the end of a step's log line."""
-  rate = (f" {m['images_per_sec']:.1f} img/s ETA {writers.format_eta(m['eta_seconds'])}"
-          if "images_per_sec" in m else "")
-  return rate + (f" skipped {int(m['skipped_total'])}" if m["skipped_total"] else "")
-
-
 class StepLog:
-  """After every step: the first step's compile time; every `train.log_every` steps (and the last)
-  the metrics to TensorBoard and the log (`describe(metrics)` is the job's part of the line); and
-  `train.max_bad_steps` non-finite steps in a row stop the run, pointing at `lr_field`."""
+  """Around every step: before it, the SIGTERM check (the step in flight finishes first, so the run
+  stops within the step running at the signal); after it, the first step's time, the metrics lines
+  and TensorBoard (`writers.Monitor`), and `train.max_bad_steps` non-finite steps in a row stop the
+  run, pointing at `lr_field`."""
 
-  def __init__(self, config, steps: Steps, start: int, writer, describe, lr_field: str):
-    self.t, self.steps, self.start, self.writer = config.train, steps, start, writer
-    self.describe, self.lr_field = describe, lr_field
-    self.tp = core.Throughput(steps.total, config.train.batch_size, start)
-    self.t0 = time.perf_counter()
+  def __init__(self, config, start: int, monitor, lr_field: str):
+    self.t, self.start, self.monitor, self.lr_field = config.train, start, monitor, lr_field
+
+  def stop_before(self, step: int, metrics, preempt, save) -> bool:
+    """True when the loop must end before dispatching the step after `step` (`metrics`: that step's
+    outputs; `save()` writes the checkpoint at `step`)."""
+    if step == self.start:
+      if preempt.before_first_step(step):
+        return True
+      self.monitor.before_first_step()
+      return False
+    jax.block_until_ready(metrics)
+    return preempt.stop_before(step, save)
 
   def after(self, step: int, metrics) -> None:
-    if step == self.start + 1:
-      log.info("first step compiled and ran in %.1fs", time.perf_counter() - self.t0)
-      self.tp.mark(step)
-    if step % self.t.log_every and step != self.steps.total:
-      return
-    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    m.update(self.tp.mark(step))
-    self.writer.write_scalars(step, m)
-    log.info("step %d/%d %s%s", step, self.steps.total, self.describe(m), progress(m))
-    if int(m["bad_streak"]) >= self.t.max_bad_steps:
+    m = self.monitor.after_step(step, metrics)
+    if m is not None and int(m["bad_streak"]) >= self.t.max_bad_steps:
       raise RuntimeError(f"{int(m['bad_streak'])} consecutive non-finite steps at step {step} "
                          f"(train.max_bad_steps={self.t.max_bad_steps}): lower {self.lr_field}")
 
@@ -319,6 +313,7 @@ def validate_common(config, num_devices: int, lr_field: str) -> None:
   validate_steps(t, num_devices)
   if t[lr_field] <= 0:
     fail(f"train.{lr_field}", t[lr_field], "must be > 0")
+  validate.validate_progress(t)
   if t.layer_decay is not None and not 0.0 < t.layer_decay <= 1.0:
     fail("train.layer_decay", t.layer_decay, "must lie in (0, 1]")
   if config.data.name not in ("us_phantom", "folder"):

@@ -290,10 +290,10 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
 
   it = downstream.train_iterator(config, train_src, image_size=image_size, in_chans=in_chans,
                                  start=start, with_mask=False)
-  writer = writers.TensorBoardWriter(workdir) if is_main else writers.NullWriter()
-  log.info("%s from %s (recipe=%s %s, checkpoint step %d): %.2fM trainable params, %d classes, "
+  writer = writers.Monitor(workdir, t, steps.total, start, is_main)
+  log.info("%s from %s (recipe=%s %s, checkpoint step %d): %s trainable params, %d classes, "
            "steps=%d (%d/epoch, warm-up %d), batch=%d, peak lr=%.3g%s, %dpx", config.job, pre.init_from,
-           pcfg.recipe, pcfg.model.variant, pre.step, n_params / 1e6, num_classes, steps.total,
+           pcfg.recipe, pcfg.model.variant, pre.step, f"{n_params:,}", num_classes, steps.total,
            steps.per_epoch, steps.warmup, t.batch_size, peak_lr,
            f", layer decay {decay}" if decay is not None else ", LARS", image_size)
 
@@ -301,13 +301,13 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   test_src = downstream.Positional(full["test"])
   pred = functools.partial(downstream.predict, eval_fn, plan=plan, config=config, image_size=image_size,
                            in_chans=in_chans, mesh=mesh, with_mask=False, unused=UNUSED)
-  steplog = downstream.StepLog(config, steps, start, writer, _describe, "train.base_lr")
-  step = start
+  steplog = downstream.StepLog(config, start, writer, "train.base_lr")
+  step, metrics = start, None
   try:
     while step < steps.total:
-      if step == start and preempt.before_first_step(step):
-        break
       batch = downstream.next_train_batch(it, plan, UNUSED, mesh)
+      if steplog.stop_before(step, metrics, preempt, functools.partial(ckpts.save, step, state, stats, val)):
+        break
       state, stats, metrics = step_fn(state, stats, frozen, batch)
       step += 1
       steplog.after(step, metrics)
@@ -361,10 +361,6 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
            ", ".join(f"{m} {ci[m][0]:.4f} [{ci[m][1]:.4f}, {ci[m][2]:.4f}]" for m in reported))
   return {"test": test, "test_ci": ci, "best": best, "history": history, "step": step,
           "num_classes": num_classes, "chance_macro_f1": results["chance_macro_f1"]}
-
-
-def _describe(m: dict) -> str:
-  return f"loss {m['loss']:.4f} acc {m['train_acc']:.3f} lr {m['lr']:.3g}"
 
 
 def chance_macro_f1(labels, num_classes: int) -> float:

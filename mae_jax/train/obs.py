@@ -429,4 +429,10 @@ def _run(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     with open(os.path.join(cache_dir(workdir), "summary.json"), "w") as f:
       json.dump({"meta": meta, "splits": summary}, f, indent=2)
+    # results.md / results.json like every job's: per split, how many images got each σ*.
+    rows = [{"split": split, "images": str(v["n"]),
+             **{f"σ*={k} (images)": str(c) for k, c in v["counts"].items()}, "mean σ*": v["mean_sigma"]}
+            for split, v in summary.items()]
+    from mae_jax import evaluate
+    evaluate.write_results(workdir, "results", {"rows": rows, "meta": meta}, metrics=["mean σ*"])
   return {"meta": meta, "splits": summary, "results": res}

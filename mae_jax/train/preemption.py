@@ -63,6 +63,17 @@ class Preemption:
     log_saved(step)
     return True
 
+  def stop_before(self, step: int, save) -> bool:
+    """Called before dispatching the step after `step`, once `step` has finished: at a SIGTERM that
+    came during it, `save()` (the checkpoint at `step`) and True, for the loop to end, so the run
+    stops within the step that was running. Single-process only in effect: with several processes
+    `requested` changes only in `poll`, where they agree on the step."""
+    if not self.requested:
+      return False
+    save()
+    log_saved(step)
+    return True
+
   def before_first_step(self, step: int) -> bool:
     """Called once, before the first step (and so before the step compiles): True, with the reason
     in the log, when a signal came during the set-up and the job must stop without training."""

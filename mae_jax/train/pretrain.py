@@ -19,7 +19,6 @@ import functools
 import json
 import logging
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -188,53 +187,50 @@ def _train(config, workdir: str, preempt: preemption.Preemption) -> dict:
   # Every process computes the preview (the params are global arrays); only process 0 writes it.
   preview = _preview_batch(config, mean, std) if config.train.image_every > 0 else None
 
-  writer = writers.TensorBoardWriter(workdir) if is_main else writers.NullWriter()
+  monitor = writers.Monitor(workdir, config.train, steps, start, is_main)
   if is_main and start == 0:
-    writer.write_scalars(0, {"params_millions": n_params / 1e6})
+    monitor.write_scalars(0, {"params_millions": n_params / 1e6})
   log.info("recipe=%s model=%s (%.2fM params, %s compute) devices=%d processes=%d steps=%d "
            "(warm-up %d) global batch=%d (%d micro-batches) peak lr=%.3g, images %dpx", config.recipe,
            config.model.variant, n_params / 1e6, jnp.dtype(models.compute_dtype(config.model.dtype)).name, jax.device_count(), jax.process_count(), steps, warmup,
            config.train.batch_size, grad_accum_steps(config.train, jax.device_count(), jax.default_backend()),
            peak_lr, config.model.image_size)
+  if start == 0:
+    writers.log_parameters(params, f"{config.model.variant} {config.recipe} parameters")
 
-  tp = core.Throughput(steps, config.train.batch_size, start)
   metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start) if is_main else None
   history, last, pending = [], {}, None
-  t_start = time.perf_counter()
   step = start
   try:
     while step < steps:
-      if step == start and preempt.before_first_step(step):
-        break
+      if step == start:
+        if preempt.before_first_step(step):
+          break
+        monitor.before_first_step()
       batch = core.global_batch(next(it), mesh)
+      # Wait for the step in flight (and check its loss) before dispatching the next: a SIGTERM that
+      # came during it then stops the run right there, instead of after one more queued step.
+      if pending is not None:
+        _check_finite(config, *pending, mngr)
+        pending = None
+      if step > start and preempt.stop_before(step, functools.partial(_save, mngr, step, state, final=True,
+                                                                      preempted=True)):
+        break
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = step_fn(state, rest, {"image": batch["image"], "zoom": batch["zoom"]})
       step += 1
-      # Read the previous step's metrics after dispatching this one: the host never stalls the device.
-      if pending is not None:
-        _check_finite(config, *pending, mngr)
       pending = (step, metrics)
-      if step == start + 1:
-        log.info("first step compiled and ran in %.1fs", time.perf_counter() - t_start)
-        tp.mark(step)
-      if step % config.train.log_every == 0 or step == steps:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        m.update(tp.mark(step))
-        history.append((step, m["loss"]))
+      m = monitor.after_step(step, metrics)
+      if m is not None:
         last = m
-        writer.write_scalars(step, m)
-        if metrics_log is not None:
-          metrics_log.write(step, m)
-        log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f %s%s", step, steps, m["loss"], m["lr"],
-                 m["grad_norm"],
-                 f"{m['images_per_sec']:.1f} img/s ETA {writers.format_eta(m['eta_seconds'])}"
-                 if "images_per_sec" in m else "",
-                 f" skipped {int(m['skipped_total'])}" if m["skipped_total"] else "")
+        if monitor.scheduled(step):
+          history.append((step, m["loss"]))
+          if metrics_log is not None:
+            metrics_log.write(step, m)
       if preview is not None and (step % config.train.image_every == 0 or step == steps):
-        t_image = time.perf_counter()
-        writer.write_images(step, {"reconstruction": _preview_image(config, graphdef, state, rest,
-                                                                    preview, mean, std)})
-        tp.exclude(time.perf_counter() - t_image)
+        with monitor.timed("images"):
+          monitor.write_images(step, {"reconstruction": _preview_image(config, graphdef, state, rest,
+                                                                       preview, mean, std)})
       preempt.poll(step)
       final = step == steps or preempt.requested
       if final or step % config.train.checkpoint_every == 0:
@@ -248,10 +244,10 @@ def _train(config, workdir: str, preempt: preemption.Preemption) -> dict:
     # An exception must not lose the checkpoint being written in the background.
     mngr.wait_until_finished()
     mngr.close()
-    writer.flush()
+    monitor.flush()
     if metrics_log is not None:
       metrics_log.close()
-  writer.close()
+  monitor.close()
   with open(os.path.join(workdir, "train_done.json") if step >= steps else os.devnull, "w") as f:
     json.dump({"step": step, "loss": last.get("loss")}, f)
   return {"step": step, "history": history, "preempted": preempt.requested, **last}

@@ -496,7 +496,7 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
 
   it = downstream.train_iterator(config, train_src, image_size=image_size, in_chans=in_chans,
                                  start=start, with_mask=True)
-  writer = writers.TensorBoardWriter(workdir) if is_main else writers.NullWriter()
+  writer = writers.Monitor(workdir, t, steps.total, start, is_main)
   log.info("segment from %s (recipe=%s %s, checkpoint step %d): UperNet on blocks %s, %d channels; "
            "%.2fM params (%.2fM necks + head), %d classes, steps=%d (%d/epoch, warm-up %d), batch=%d, "
            "lr=%.3g, layer decay %g, %dpx", pre.init_from, pcfg.recipe, pcfg.model.variant, pre.step,
@@ -511,13 +511,14 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
     return downstream.predict(eval_fn, args, src, split, plan, config=config, image_size=image_size,
                               in_chans=in_chans, mesh=mesh, with_mask=False, unused=UNUSED,
                               host_fn=functools.partial(native_predictions, source=src.source))
-  steplog = downstream.StepLog(config, steps, start, writer, _describe, "train.lr")
-  step = start
+  steplog = downstream.StepLog(config, start, writer, "train.lr")
+  step, metrics = start, None
   try:
     while step < steps.total:
-      if step == start and preempt.before_first_step(step):
+      batch = downstream.next_train_batch(it, plan, UNUSED, mesh)
+      if steplog.stop_before(step, metrics, preempt, functools.partial(ckpts.save, step, state, {}, val)):
         break
-      state, metrics = step_fn(state, rest, downstream.next_train_batch(it, plan, UNUSED, mesh))
+      state, metrics = step_fn(state, rest, batch)
       step += 1
       steplog.after(step, metrics)
       if steps.epoch_ends(step):
@@ -594,8 +595,3 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   return {"test": {k: ci[k][0] for k in METRICS}, "test_ci": ci, "per_image": per,
           "baselines_dice": baselines, "best": best, "history": history, "step": step,
           "num_classes": num_classes, "classes": names}
-
-
-def _describe(m: dict) -> str:
-  return (f"loss {m['loss']:.4f} (ce {m['ce']:.4f}, dice {m['dice_loss']:.4f}) pixel acc "
-          f"{m['pixel_acc']:.3f} lr {m['lr']:.3g}")
