@@ -152,11 +152,18 @@ def augment_and_corrupt(config, key, x01, zoom=None):
   """(clean01, inputs01, model_kwargs): the recipe's augmentation (`config.augment`, on for USFM),
   then its corruption of the augmented image. The loss target is clean01. Without augmentation the
   key and the result equal `corrupt(config, key, x01, zoom)`'s (runs without it are unchanged)."""
+  x01 = augment(config, key, x01)
+  inputs01, kwargs = corrupt(config, key, x01, zoom)
+  return x01, inputs01, kwargs
+
+
+def augment(config, key, x01):
+  """The augmentation `augment_and_corrupt` applies with the same `key` (the corruption's key; the
+  augmentation draws from fold_in(key, 7)); x01 unchanged when `config.augment` is off or absent."""
   acfg = config.get("augment")
   if acfg is not None and acfg.enabled:
     x01 = augment_lib.augment(jax.random.fold_in(key, 7), x01, **augment_lib.params(acfg))
-  inputs01, kwargs = corrupt(config, key, x01, zoom)
-  return x01, inputs01, kwargs
+  return x01
 
 
 def transfer_blur(config, x01, sigma=None, *, zoom=None, data_cfg=None, kernel_size=None):

@@ -198,13 +198,18 @@ def log_amplitude(images) -> np.ndarray:
 # ------------------------------------------------------------------------------ model and images
 
 
-def corrupt_for_figure(config, key, x01, *, sigma=None, t=None, noise_std=None, spatial_ratio=None):
+def corrupt_for_figure(config, key, x01, *, zoom=None, sigma=None, t=None, noise_std=None,
+                       spatial_ratio=None):
   """`recipes.corrupt` with what the figures need besides: returns (inputs01, model_kwargs, info).
 
-  Without overrides the inputs equal `recipes.corrupt(config, key, x01)` (tested). info holds
-  D²MAE's per-image t and σ_t, USFM's (N, H, W) band-stop mask, the fixed blur or noise. Overrides
-  (the notebook's sliders): sigma (Deblurring MAE, Gaussian blur), t (D²MAE level, 1-based),
-  noise_std (Denoising MAE), spatial_ratio (USFM)."""
+  zoom: the batch's (N, 2) model pixels per stored pixel (`load_batch`, the data pipeline's
+  `zoom`); with σ in stored pixels (`corrupt.sigma_units='native'`) the Gaussian blurs run with
+  σ·zoom per axis, as in training; None means 1. Without overrides the inputs equal
+  `recipes.corrupt(config, key, x01, zoom)` (tested). The clean images are taken as given: the
+  recipe's augmentation (USFM) is `reconstruct`'s step before this one. info holds D²MAE's
+  per-image t and σ_t (in the config's σ units), USFM's (N, H, W) band-stop mask, the fixed blur or
+  noise. Overrides (the notebook's sliders): sigma (Deblurring MAE, Gaussian blur), t (D²MAE level,
+  1-based), noise_std (Denoising MAE), spatial_ratio (USFM)."""
   recipe, c = config.recipe, config.corrupt
   x01 = jnp.asarray(x01, jnp.float32)
   n, h, w, _ = x01.shape
@@ -217,7 +222,8 @@ def corrupt_for_figure(config, key, x01, *, sigma=None, t=None, noise_std=None, 
       if int(t.min()) < 1 or int(t.max()) > len(levels):
         raise ValueError(f"t must lie in 1..{len(levels)} (corrupt.sigma_levels={c.sigma_levels!r})")
     sig = jnp.asarray(levels)[t - 1]
-    xb = blur_lib.gaussian_blur(x01, sig, kernel_size=blur_lib.gaussian_kernel_size(float(levels.max())))
+    # G_{σ_t} with the recipe's σ units and kernel size (recipes.corrupt's D²MAE blur at a given t).
+    xb = recipes.transfer_blur(config, x01, sig, zoom=zoom)
     kwargs = {"blur_t": t} if config.model.blur_embed != "none" else {}
     return xb, kwargs, {"t": np.asarray(t), "sigma": np.asarray(sig)}
   if recipe == "usfm":
@@ -244,7 +250,7 @@ def corrupt_for_figure(config, key, x01, *, sigma=None, t=None, noise_std=None, 
       if recipe != "denoise":
         raise ValueError(f"noise_std= is for Denoising MAE configs (this one: recipe={recipe!r})")
       cfg.corrupt.noise_std = float(noise_std)
-  inputs, kwargs = recipes.corrupt(cfg, key, x01)
+  inputs, kwargs = recipes.corrupt(cfg, key, x01, zoom)
   info = {}
   if recipe == "deblur":
     info = {"blur": cfg.corrupt.blur, **recipes.blur_params(cfg.corrupt)}
@@ -289,16 +295,24 @@ def _forward(model, x01, inputs01, noise, mean, std, model_kwargs, mask_ratio, s
                        pixel_mask=model_kwargs.get("pixel_mask"))
 
 
-def reconstruct(model, config, x01, mean: float, std: float, *, seed: int = 0, mask_ratio=None,
-                stats: str = "local", step: int | None = None, **overrides) -> Reconstruction:
-  """Corrupts `x01` (N, H, W, C) in [0, 1] as the config's recipe does (key from `seed`, split like
-  the training step's), runs the model and returns the figure material. mask_ratio overrides the
-  model's (MAE path); overrides go to `corrupt_for_figure` (sigma, t, noise_std, spatial_ratio)."""
+def reconstruct(model, config, x01, mean: float, std: float, *, zoom=None, seed: int = 0,
+                mask_ratio=None, stats: str = "local", step: int | None = None, augment: bool = True,
+                **overrides) -> Reconstruction:
+  """Augments and corrupts `x01` (N, H, W, C) in [0, 1] as the training step does
+  (`recipes.augment_and_corrupt`, key from `seed`, split like the training step's), runs the model
+  and returns the figure material; the original column is then the augmented image, the one the
+  loss compares with. zoom: the batch's (N, 2) model pixels per stored pixel (see
+  `corrupt_for_figure`). augment=False skips the recipe's augmentation (USFM) to show the images as
+  loaded. mask_ratio overrides the model's (MAE path); overrides go to `corrupt_for_figure` (sigma,
+  t, noise_std, spatial_ratio)."""
   if stats not in STATS:
     raise ValueError(f"stats={stats!r}: expected one of {STATS}")
   x01 = jnp.asarray(np.asarray(x01, np.float32))
   k_corrupt, k_mask = jax.random.split(jax.random.key(seed))
-  inputs01, kwargs, info = corrupt_for_figure(config, k_corrupt, x01, **overrides)
+  x01 = jnp.asarray(x01, jnp.float32)
+  if augment:  # augment_and_corrupt's first half, same key
+    x01 = recipes.augment(config, k_corrupt, x01)
+  inputs01, kwargs, info = corrupt_for_figure(config, k_corrupt, x01, zoom=zoom, **overrides)
   noise = masking.random_mask_from_key(k_mask, x01.shape[0], model.spec.num_patches)
   if mask_ratio is not None:
     mask_ratio = round(float(mask_ratio), 4)  # static: one compilation per distinct ratio
@@ -326,9 +340,12 @@ class ObsCurve:
   deblurred: np.ndarray  # (K, H, W, C): the model's output for each (mask ratio 0, token t)
 
 
-def obs_curve(model, config, x01, mean: float, std: float, *, step: int | None = None) -> ObsCurve:
+def obs_curve(model, config, x01, mean: float, std: float, *, zoom=None,
+              step: int | None = None) -> ObsCurve:
   """The OBS loss against σ for every level (the curve) and σ* as `mae_jax.train.obs.search` picks
-  it with search step `step` (default: the pretraining config's `obs.step`, else 2)."""
+  it with search step `step` (default: the pretraining config's `obs.step`, else 2). zoom: the
+  batch's (N, 2) model pixels per stored pixel, passed to the search (σ in stored pixels: σ·zoom
+  per axis; None means 1)."""
   from mae_jax.train import obs  # lazy: visualize is imported by the trainer
 
   if config.recipe != "d2mae":
@@ -337,15 +354,21 @@ def obs_curve(model, config, x01, mean: float, std: float, *, step: int | None =
     step = int((config.get("obs") or {}).get("step") or 2)
   x = np.asarray(x01, np.float32)
   levels = obs.levels_of(config)
-  _, _, all_losses = obs.search(model, config, x, mean, std, 1)
+  _, _, all_losses = obs.search(model, config, x, mean, std, 1, zoom=zoom)
   # σ* as the search with step s picks it: argmin over its levels, ties to the smallest t (the same
   # numbers as obs.search(..., step), checked in the tests; one model pass instead of two).
   ts = obs.searched_t(len(levels), step)
   t_star = ts[np.argmin(all_losses[:, ts - 1], axis=1)]
   sigma_star = levels[t_star - 1]
-  # Image 0 at every searched level, exactly as the search feeds it (mask ratio 0, token t).
+  # Image 0 at every searched level, exactly as obs.search(..., step, zoom) feeds it (σ_t·zoom_0
+  # per axis in native units, the search's kernel for this batch; mask ratio 0, token t).
+  sigmas = levels[ts - 1]
+  zoom, ksize = obs.search_blur(config, sigmas, zoom, x.shape[0])
+  sig = jnp.asarray(sigmas)
+  if zoom is not None:
+    sig = blur_lib.per_axis_sigma(sig, jnp.broadcast_to(jnp.asarray(zoom[:1]), (len(ts), 2)))
   x0 = jnp.broadcast_to(jnp.asarray(x[:1]), (len(ts),) + x.shape[1:])
-  xb = blur_lib.gaussian_blur(x0, jnp.asarray(levels[ts - 1]), kernel_size=obs.kernel_size(levels))
+  xb = blur_lib.gaussian_blur(x0, sig, kernel_size=ksize)
   kwargs = {"blur_t": jnp.asarray(ts)} if getattr(model, "blur_embed", "none") != "none" else {}
   noise = jnp.zeros((len(ts), model.spec.num_patches), jnp.float32)
   out = jax.device_get(_forward(model, x0, xb, noise, jnp.float32(mean), jnp.float32(std), kwargs,
@@ -559,24 +582,28 @@ def load(workdir: str, step: int | None = None) -> Pretrained:
   return Pretrained(config, model, int(ckpt), mean, std, workdir)
 
 
-def load_images(config, images=4, *, split: str = "validation") -> np.ndarray:
-  """(N, S, S, C) float32 in [0, 1] at the model's resolution: the first `images` records of
-  `split` of the config's dataset, or the image files given as a list of paths."""
+def load_batch(config, images=4, *, split: str = "validation") -> tuple[np.ndarray, np.ndarray]:
+  """(x01, zoom): x01 (N, S, S, C) float32 in [0, 1] at the model's resolution, the first `images`
+  records of `split` of the config's dataset (the evaluation stream, whole images resized), or the
+  image files given as a list of paths (resized the same way); zoom (N, 2) float32, model pixels
+  per stored pixel along (H, W), (S / H, S / W) of each stored image, which σ in stored pixels
+  needs (`corrupt_for_figure`, `obs_curve`)."""
   size, chans = int(config.model.image_size), int(config.model.in_chans)
   if isinstance(images, (list, tuple)):
     from PIL import Image
-    out = []
+    out, zoom = [], []
     for p in images:
       if not os.path.isfile(p):
         raise ValueError(f"--images: {p!r} is not a file")
       try:
         with Image.open(p) as im:
+          zoom.append((size / im.height, size / im.width))
           im = im.convert("L" if chans == 1 else "RGB").resize((size, size), Image.BICUBIC)
           a = np.asarray(im, np.float32) / 255.0
       except OSError as e:
         raise ValueError(f"--images: cannot read {p!r} as an image ({e})") from None
       out.append(a.reshape(size, size, chans))
-    return np.stack(out)
+    return np.stack(out), np.asarray(zoom, np.float32)
   from mae_jax.data import pipeline, sources
   n = int(images)
   if n < 1:
@@ -585,7 +612,13 @@ def load_images(config, images=4, *, split: str = "validation") -> np.ndarray:
   n = min(n, len(src))
   batch = next(iter(pipeline.eval_iterator(src, batch_size=n, image_size=size, in_chans=chans,
                                            with_mask=False)))
-  return np.asarray(batch["image"][:n], np.float32) / 255.0
+  return (np.asarray(batch["image"][:n], np.float32) / 255.0,
+          np.asarray(batch["zoom"][:n], np.float32))
+
+
+def load_images(config, images=4, *, split: str = "validation") -> np.ndarray:
+  """`load_batch` without the zoom (figures from these treat the images as stored pixels)."""
+  return load_batch(config, images, split=split)[0]
 
 
 def suffixed(out: str, suffix: str) -> str:
@@ -593,16 +626,18 @@ def suffixed(out: str, suffix: str) -> str:
   return f"{root}_{suffix}{ext or '.png'}"
 
 
-def figures(pre: Pretrained, x01, *, seed: int = 0, mask_ratio=None, stats: str = "local",
-            obs_step: int | None = None) -> dict:
-  """Every figure for one model: {'reconstruction': Figure, 'spectrum'?: ..., 'obs'?: ...}."""
-  rec = reconstruct(pre.model, pre.config, x01, pre.mean, pre.std, seed=seed, mask_ratio=mask_ratio,
-                    stats=stats, step=pre.step)
+def figures(pre: Pretrained, x01, *, zoom=None, seed: int = 0, mask_ratio=None,
+            stats: str = "local", obs_step: int | None = None) -> dict:
+  """Every figure for one model: {'reconstruction': Figure, 'spectrum'?: ..., 'obs'?: ...}.
+  zoom: the batch's (N, 2) model pixels per stored pixel (`load_batch`)."""
+  rec = reconstruct(pre.model, pre.config, x01, pre.mean, pre.std, zoom=zoom, seed=seed,
+                    mask_ratio=mask_ratio, stats=stats, step=pre.step)
   figs = {"reconstruction": reconstruction_figure(rec)}
   if pre.config.recipe == "usfm":
     figs["spectrum"] = spectrum_figure(rec)
   if pre.config.recipe == "d2mae":
-    figs["obs"] = obs_figure(obs_curve(pre.model, pre.config, x01, pre.mean, pre.std, step=obs_step))
+    figs["obs"] = obs_figure(obs_curve(pre.model, pre.config, x01, pre.mean, pre.std, zoom=zoom,
+                                       step=obs_step))
   return figs
 
 
@@ -611,9 +646,10 @@ def write_figures(workdir: str, out: str, *, images=4, split: str = "validation"
   """The CLI: loads `workdir`, draws its figures, writes OUT (reconstruction), OUT_spectrum (USFM)
   and OUT_obs (D²MAE). Returns the paths written."""
   pre = load(workdir, step)
-  x01 = load_images(pre.config, images, split=split)
+  x01, zoom = load_batch(pre.config, images, split=split)
   paths = []
-  for name, fig in figures(pre, x01, seed=seed, mask_ratio=mask_ratio, stats=stats).items():
+  for name, fig in figures(pre, x01, zoom=zoom, seed=seed, mask_ratio=mask_ratio,
+                           stats=stats).items():
     paths.append(save(fig, out if name == "reconstruction" else suffixed(out, name)))
   return paths
 
@@ -653,10 +689,10 @@ def pretrain_demo(recipe: str, workdir: str, *, steps: int = 40, arg: str = "smo
   return workdir
 
 
-def explorer(pre: Pretrained, x01, *, seed: int = 0, stats: str = "local"):
+def explorer(pre: Pretrained, x01, *, zoom=None, seed: int = 0, stats: str = "local"):
   """An ipywidgets slider panel: mask ratio (MAE path), and σ (Deblurring MAE, Gaussian), the level t
-  (D²MAE), the noise std (Denoising MAE) or the spatial mask ratio (USFM). Returns the widget, or
-  None (with a note) when ipywidgets is not installed."""
+  (D²MAE), the noise std (Denoising MAE) or the spatial mask ratio (USFM). zoom: the batch's (see
+  `reconstruct`). Returns the widget, or None (with a note) when ipywidgets is not installed."""
   try:
     import ipywidgets as widgets
     from IPython.display import display
@@ -684,8 +720,8 @@ def explorer(pre: Pretrained, x01, *, seed: int = 0, stats: str = "local"):
   out = widgets.Output()
 
   def redraw(**values):
-    rec = reconstruct(pre.model, config, x01, pre.mean, pre.std, seed=seed, stats=stats,
-                      step=pre.step, **values)
+    rec = reconstruct(pre.model, config, x01, pre.mean, pre.std, zoom=zoom, seed=seed,
+                      stats=stats, step=pre.step, **values)
     out.clear_output(wait=True)
     with out:
       display(reconstruction_figure(rec))

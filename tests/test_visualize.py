@@ -182,14 +182,37 @@ def test_reconstruction_columns_is_jittable_for_the_trainer_preview():
 # ---------------------------------------------------------------------------- corruption, spectra
 
 
+# Model pixels per stored pixel, per axis, not 1 and not square (a non-square crop), up to the smoke
+# configs' zoom bound (1.28) and one beyond it (the kernel is then truncated, as in training).
+ZOOM = np.array([[1.25, 0.5], [0.75, 1.0], [2.0, 1.5]], np.float32)
+
+
+def _cv2_blur(img, sigma_yx, ksize):
+  """OpenCV reference: cv2.GaussianBlur with an explicit ksize and per-axis σ, reflect-101."""
+  import cv2
+  return cv2.GaussianBlur(np.asarray(img, np.float32)[..., 0], (ksize, ksize), sigmaX=float(sigma_yx[1]),
+                          sigmaY=float(sigma_yx[0]), borderType=cv2.BORDER_REFLECT_101)[..., None]
+
+
+@pytest.mark.parametrize("zoom", [None, ZOOM], ids=["no-zoom", "zoom"])
 @pytest.mark.parametrize("recipe", smoke_runs.RECIPES)
-def test_figure_corruption_is_the_recipes(recipe):
+def test_figure_corruption_is_the_recipes(recipe, zoom):
   config = visualize.get_config(recipe)
+  assert config.corrupt.sigma_units == "native"  # the default, which reads the zoom
   x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 1))
   key = jax.random.key(7)
-  want, want_kw = recipes.corrupt(config, key, x)
-  got, kw, info = visualize.corrupt_for_figure(config, key, x)
+  want, want_kw = recipes.corrupt(config, key, x, zoom)
+  got, kw, info = visualize.corrupt_for_figure(config, key, x, zoom=zoom)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  if zoom is not None and recipe in ("deblur", "d2mae"):
+    # σ in stored pixels: each image blurred with σ·zoom per axis by the recipe's kernel (OpenCV).
+    if recipe == "deblur":
+      sig, sig_max = np.full(3, config.corrupt.sigma), config.corrupt.sigma
+    else:
+      sig, sig_max = info["sigma"], recipes.sigma_levels(config.corrupt.sigma_levels).max()
+    ksize = recipes.gaussian_size(sig_max, recipes.zoom_bound(config.corrupt, config.data, 32))
+    for i in range(3):
+      np.testing.assert_allclose(np.asarray(got[i]), _cv2_blur(x[i], sig[i] * zoom[i], ksize), atol=2e-6)
   assert sorted(kw) == sorted(want_kw)
   for k in kw:
     np.testing.assert_array_equal(np.asarray(kw[k]), np.asarray(want_kw[k]))
@@ -220,6 +243,30 @@ def test_figure_corruption_overrides():
   a, _, info = visualize.corrupt_for_figure(de, jax.random.key(0), x, noise_std=0.0)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(x))
   assert info == {"noise_std": 0.0}
+  # A level override blurs with σ_t·zoom per axis too, with the recipe's kernel.
+  xb, _, _ = visualize.corrupt_for_figure(d2, jax.random.key(0), x, t=11, zoom=ZOOM[:2])
+  ksize = recipes.gaussian_size(1.1, recipes.zoom_bound(d2.corrupt, d2.data, 32))
+  for i in range(2):
+    np.testing.assert_allclose(np.asarray(xb[i]), _cv2_blur(x[i], 1.1 * ZOOM[i], ksize), atol=2e-6)
+
+
+def test_reconstruct_augments_and_corrupts_like_the_training_step():
+  """USFM augments on device: the figure's original is the augmented image, and its input is that
+  image's corruption, both as `recipes.augment_and_corrupt` makes them with the figure's key."""
+  config = visualize.get_config("usfm")
+  assert config.augment.enabled
+  spec = vit.ViTSpec(image_size=32, patch_size=4, in_chans=1, width=16, depth=1, num_heads=2)
+  model = mae_lib.SimMIM(spec, rngs=nnx.Rngs(0))
+  x = np.asarray(jax.random.uniform(jax.random.key(0), (2, 32, 32, 1)))
+  k_corrupt, _ = jax.random.split(jax.random.key(5))  # reconstruct's split of key(seed)
+  clean, inputs, kw = recipes.augment_and_corrupt(config, k_corrupt, jnp.asarray(x), ZOOM[:2])
+  assert not np.allclose(np.asarray(clean), x)  # the augmentation changed the images
+  rec = visualize.reconstruct(model, config, x, 0.4, 0.2, zoom=ZOOM[:2], seed=5)
+  np.testing.assert_allclose(rec.original, np.asarray(clean), atol=1e-6)
+  np.testing.assert_allclose(rec.model_input, np.asarray(inputs), atol=1e-6)
+  np.testing.assert_array_equal(rec.pixel_mask, np.asarray(kw["pixel_mask"], np.float32))
+  plain = visualize.reconstruct(model, config, x, 0.4, 0.2, zoom=ZOOM[:2], seed=5, augment=False)
+  np.testing.assert_array_equal(plain.original, x)
 
 
 def test_log_amplitude_closed_form():
@@ -337,3 +384,24 @@ def test_obs_curve_agrees_with_the_search(smoke_root):
   np.testing.assert_allclose(curve.sigma_star, sigma_star)
   assert curve.blurred.shape == curve.deblurred.shape == (6, 32, 32, 1)
   assert np.isfinite(curve.deblurred).all()
+
+
+def test_obs_curve_blurs_in_stored_pixels_with_the_batch_zoom(smoke_root):
+  """σ in stored pixels: the curve is obs.search(..., zoom)'s, and image 0's strip is G_{σ_t·zoom_0}
+  per axis with the search's kernel for the batch (OpenCV reference)."""
+  from mae_jax.train import obs
+  pre = visualize.load(smoke_runs.smoke_workdir(smoke_root, "d2mae"))
+  assert pre.config.corrupt.sigma_units == "native"
+  x, zoom = visualize.load_batch(pre.config, 3)
+  np.testing.assert_array_equal(zoom.shape, (3, 2))
+  curve = visualize.obs_curve(pre.model, pre.config, x, pre.mean, pre.std, zoom=ZOOM, step=2)
+  t_star, sigma_star, per = obs.search(pre.model, pre.config, x, pre.mean, pre.std, 2, zoom=ZOOM)
+  np.testing.assert_allclose(curve.losses[:, curve.searched_t - 1], per, rtol=1e-4)
+  np.testing.assert_array_equal(curve.t_star, t_star)
+  np.testing.assert_allclose(curve.sigma_star, sigma_star)
+  _, _, per1 = obs.search(pre.model, pre.config, x, pre.mean, pre.std, 2)
+  assert not np.allclose(per, per1, rtol=1e-3)  # the zoom changes what the search sees
+  sigmas = curve.sigmas[curve.searched_t - 1]
+  ksize = int(round(float(sigmas.max() * ZOOM.max()) * 6 + 1)) | 1  # OpenCV's size for the largest σ
+  for c, s in enumerate(sigmas):
+    np.testing.assert_allclose(curve.blurred[c], _cv2_blur(x[0], s * ZOOM[0], ksize), atol=2e-6)

@@ -71,6 +71,17 @@ def kernel_size(levels: np.ndarray, extra_sigma: float = 0.0) -> int:
   return blur_lib.gaussian_kernel_size(max(float(np.max(levels)), float(extra_sigma)))
 
 
+def search_blur(config, sigmas, zoom, n: int):
+  """(zoom, kernel size) the search blurs a batch of n images with at levels σ = `sigmas`: in native
+  units zoom as given (None: ones) and the kernel for this batch's largest σ·zoom (the zoom is
+  concrete here, so the kernel fits it exactly); in model units zoom None and the kernel
+  pretraining used for its largest σ."""
+  if recipes.native_units(config.corrupt):
+    zoom = np.ones((n, 2), np.float32) if zoom is None else np.asarray(zoom, np.float32)
+    return zoom, blur_lib.gaussian_kernel_size(float(np.max(sigmas)) * float(np.max(zoom)))
+  return None, kernel_size(levels_of(config))
+
+
 def _per_image_losses_fn(apply, spec, *, ts, sigmas, ksize, mean, std, norm_pix, use_t):
   """jit(state, x01 (N,H,W,C) in [0,1], zoom (N, 2) or None) -> (N, K) per-image reconstruction MSE
   per searched level; with zoom, level j blurs image i with σ_j·zoom_i per axis."""
@@ -129,12 +140,7 @@ def search(model, config, images01, mean: float, std: float, step: int, zoom=Non
     raise ValueError(f"images01 must be (N, H, W, C), got shape {x.shape}")
   use_t = getattr(model, "blur_embed", "none") != "none"
   norm_pix = bool(getattr(model, "norm_pix_loss", False))
-  if recipes.native_units(config.corrupt):
-    zoom = np.ones((x.shape[0], 2), np.float32) if zoom is None else np.asarray(zoom, np.float32)
-    # The zoom is concrete here: the kernel fits this batch's largest σ·zoom exactly.
-    ksize = blur_lib.gaussian_kernel_size(float(np.max(sigmas)) * float(np.max(zoom)))
-  else:
-    zoom, ksize = None, kernel_size(levels)
+  zoom, ksize = search_blur(config, sigmas, zoom, x.shape[0])
   if isinstance(model, nnx.Module):
     graphdef, state = nnx.split(model)
     key = (graphdef, tuple(ts.tolist()), tuple(sigmas.tolist()), ksize, float(mean), float(std),
