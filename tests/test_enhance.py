@@ -193,7 +193,7 @@ def test_preempted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch
   real = enhance.train_batch
 
   def sigterm_at_step_6(data, cfg, step, mesh):
-    if step == 5:  # while drawing the 6th batch: the run stops after step 6
+    if step == 6:  # while drawing the 7th batch, after step 6: the run stops before dispatching it
       os.kill(os.getpid(), signal.SIGTERM)
     return real(data, cfg, step, mesh)
 

@@ -409,7 +409,7 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   eval_bs = int(t.eval_batch_size or t.batch_size)
   enhance = functools.partial(enhance_split, eval_fn, frozen=frozen, batch_size=eval_bs, mesh=mesh)
 
-  writer = writers.TensorBoardWriter(workdir) if is_main else writers.NullWriter()
+  writer = writers.Monitor(workdir, t, steps.total, start, is_main)
   log.info("%s: G %.3fM + %.3fM, D %.3fM + %.3fM params (ngf %d, %d blocks, %d×%d PatchGAN)%s; steps=%d "
            "(%d/epoch), batch=%d, lr=%.3g decaying over the last %.0f%%", method_name(pre),
            *(n_params[k] / 1e6 for k in ("G_A", "G_B", "D_A", "D_B")), m.ngf, m.n_blocks,
@@ -417,14 +417,15 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
            f"; frozen {pre.config.recipe} encoder from {pre.init_from} (step {pre.step}, width {features.dim})"
            if pre else "", steps.total, steps.per_epoch, t.batch_size, t.lr, 100 * t.decay_fraction)
 
-  steplog = downstream.StepLog(config, steps, start, writer, _describe, "train.lr")
+  steplog = downstream.StepLog(config, start, writer, "train.lr")
   history = []  # (step, cycle loss, generator GAN loss, discriminator loss) at the log steps
-  step = start
+  step, metrics = start, None
   try:
     while step < steps.total:
-      if step == start and preempt.before_first_step(step):
+      batch = train_batch(data["train"], config, step, mesh)
+      if steplog.stop_before(step, metrics, preempt, functools.partial(ckpts.save, step, state, pool, val)):
         break
-      state, pool, metrics = step_fn(state, pool, frozen, train_batch(data["train"], config, step, mesh))
+      state, pool, metrics = step_fn(state, pool, frozen, batch)
       step += 1
       steplog.after(step, metrics)
       if step % int(t.log_every) == 0 or step == steps.total or step == start + 1:
@@ -515,9 +516,4 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   return {"test": {k: v["mean"] for k, v in summ.items()}, "identity": {k: v["mean"] for k, v in base.items()},
           "per_image": per, "loss_history": history, "best": val.best, "step": step,
           "frozen": core.host_gather(frozen), "method": method_name(pre)}
-
-
-def _describe(m: dict) -> str:
-  return (f"G {m['g_loss']:.4f} (gan {m['g_gan']:.4f}, cycle {m['cycle']:.4f}, identity "
-          f"{m['identity']:.4f}) D {m['d_loss']:.4f} lr {m['lr']:.3g}")
 
