@@ -49,7 +49,7 @@ HEADLINE = PEERS["official"]
 def is_torch(name: str) -> bool:
   return name in PEERS.values()
 # The plain step of each recipe's model: its overhead (corruption, extra tokens, loss) is measured
-# against this. USFM's SimMIM model encodes all tokens (SPEC §4), so MAE is not its plain step.
+# against this. USFM's SimMIM model encodes all tokens (docs/methods.md#usfm), so MAE is not its plain step.
 PLAIN = {"mae": "mae", "deblur": "mae", "denoise": "mae", "d2mae": "mae", "usfm": "simmim",
          "simmim": "simmim"}
 

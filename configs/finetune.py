@@ -1,4 +1,4 @@
-"""Fine-tuning (and, with `probe`, linear probing) from a pretraining workdir (SPEC §5).
+"""Fine-tuning (and, with `probe`, linear probing) from a pretraining workdir (docs/methods.md#downstream).
 
 The encoder, the recipe, the transfer blur, the D²MAE σ levels and token, and the normalisation
 all come from the `config.json` of `init_from`; this file only holds the downstream recipe.

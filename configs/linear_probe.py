@@ -1,4 +1,4 @@
-"""Linear probing (MAE main_linprobe.py; SPEC §5): frozen encoder, the CLS token after the final
+"""Linear probing (MAE main_linprobe.py; docs/methods.md#downstream): frozen encoder, the CLS token after the final
 norm (`pool=avg`: the mean patch token through a frozen fc_norm, main_linprobe.py --global_pool),
 BatchNorm without affine (eps 1e-6) + Linear, LARS (trust 0.001, momentum 0.9), base lr 0.1 ×
 batch/256, no weight decay, 90 epochs with 10 warm-up. The same arguments as configs/finetune.py.

@@ -1,4 +1,4 @@
-"""D²MAE optimal blurriness search on its own (SPEC §3): σ* per image of train / validation /
+"""D²MAE optimal blurriness search on its own (docs/methods.md#d2mae): σ* per image of train / validation /
 test as JSON, and a histogram figure per organ, in WORKDIR/obs/. Fine-tuning runs the same search
 (and caches it in its own workdir), so this job is for inspecting σ* distributions (paper Fig. 3b).
 

@@ -1,4 +1,4 @@
-"""Segmentation fine-tuning: UperNet on the pretrained ViT (USFM §4.1.2; SPEC §5), from any
+"""Segmentation fine-tuning: UperNet on the pretrained ViT (USFM §4.1.2; docs/methods.md#downstream), from any
 pretraining workdir of any recipe. The encoder, the recipe (transfer blur, D²MAE σ* and token) and
 the normalisation come from `init_from`'s config.json.
 

@@ -2,7 +2,7 @@
 
 numpy/scipy only, so the package never depends on scikit-learn (which the tests use as reference).
 
-Conventions (see SPEC §5):
+Conventions (see docs/methods.md#downstream):
 
 Classification (`classification_metrics`)
   * Predictions are the argmax of `probs` (first index wins ties). A 1-D `probs` is the

@@ -430,7 +430,7 @@ def parse_sigma_levels(text: str) -> list[float] | None:
 
 
 def transfer_corruption(config) -> dict[str, Any]:
-  """The blur that fine-tuning, probing and evaluation must apply (SPEC §2, §3): the pretraining blur,
+  """The blur that fine-tuning, probing and evaluation must apply (docs/methods.md#deblurring-mae and docs/methods.md#d2mae): the pretraining blur,
   as `mae_jax.corrupt.blur.apply_blur(method, key, images, **params)` takes it."""
   where = ("on [0, 1] intensities at model resolution, before normalisation, to train, validation "
            "and test images alike")

@@ -1,4 +1,4 @@
-"""Export to PyTorch, checked numerically against timm and transformers (SPEC §6, issue 5)."""
+"""Export to PyTorch, checked numerically against timm and transformers (docs/methods.md#export, issue 5)."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Downstream transfer (SPEC §5): the heads, mixup/cutmix, recipe-aware transfer, and end to end —
+"""Downstream transfer (docs/methods.md#downstream): the heads, mixup/cutmix, recipe-aware transfer, and end to end —
 smoke pretraining, then fine-tuning beats chance on the built-in dataset with a bootstrap CI, and
 the linear probe runs. One pretraining workdir is shared by the session (tests/downstream_runs.py)."""
 

@@ -1,4 +1,4 @@
-"""Layer-wise lr decay and the fine-tuning weight-decay mask (SPEC §5), against MAE's formula.
+"""Layer-wise lr decay and the fine-tuning weight-decay mask (docs/methods.md#downstream), against MAE's formula.
 
 MAE's `param_groups_lrd` counts `num_layers = depth + 1` (len(blocks) + 1) and gives a parameter the
 layer id 0 (cls_token, pos_embed, patch_embed.*), i + 1 (blocks.i.*) or num_layers (everything

@@ -1,4 +1,4 @@
-"""D²MAE optimal blurriness search (SPEC §3, d2mae.txt Algorithm 1): the argmin, mask ratio 0, the
+"""D²MAE optimal blurriness search (docs/methods.md#d2mae, d2mae.txt Algorithm 1): the argmin, mask ratio 0, the
 blur (checked against OpenCV), and once per image — not per epoch — when fine-tuning runs it."""
 
 import json

@@ -122,7 +122,7 @@ _SPLIT_ALIASES = {
 _IMAGE_DIRS = ("images", "image")
 _MASK_DIRS = ("masks", "mask")
 _MASK_STEM = re.compile(r"^(?P<base>.+)_mask(?:_\d+)?$", re.IGNORECASE)
-_UNSPECIFIED = "unspecified"
+_NO_GROUP = "unspecified"
 _MAX_MASK_CLASSES = 64
 _BUILD_KEYS = ("root", "task", "image_size", "split_seed", "split_ratio", "min_size", "binarize_masks")
 
@@ -354,7 +354,7 @@ def _discover_labelled(sub: pathlib.Path, root, split, task, skipped) -> list[_I
       if task == "classify":
         skipped.append({"path": rel, "reason": "not inside a class folder"})
         continue
-      group = _UNSPECIFIED
+      group = _NO_GROUP
     else:
       group = parts[0]
     items.append(_Item(p, rel, group, split))
@@ -751,7 +751,7 @@ def build_folder_dataset(
   std = float(np.sqrt(max(sums[1] / sums[2] - mean**2, 0.0)))
   counts = {s: len(per_split[s]) for s in SPLITS}
   per_group = {
-      s: dict(sorted(Counter(it.group or _UNSPECIFIED for it in per_split[s]).items())) for s in SPLITS
+      s: dict(sorted(Counter(it.group or _NO_GROUP for it in per_split[s]).items())) for s in SPLITS
   }
   meta = {
       "format": FORMAT,

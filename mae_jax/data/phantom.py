@@ -32,7 +32,7 @@ from scipy import fft as sfft
 from scipy import ndimage
 
 ORGANS: tuple[str, ...] = ("thyroid", "breast", "liver", "kidney", "fetal_head")
-# Deliberately unequal, so that organ-balanced sampling (SPEC §4) has something to balance.
+# Deliberately unequal, so that organ-balanced sampling (docs/methods.md#usfm) has something to balance.
 ORGAN_WEIGHTS: tuple[float, ...] = (0.40, 0.25, 0.18, 0.12, 0.05)
 CLASSES: tuple[str, ...] = ("normal", "benign", "malignant")
 CLASS_WEIGHTS: tuple[float, ...] = (0.4, 0.3, 0.3)

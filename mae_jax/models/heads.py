@@ -1,4 +1,4 @@
-"""Downstream heads on a pretrained ViT encoder (SPEC §5).
+"""Downstream heads on a pretrained ViT encoder (docs/methods.md#downstream).
 
 `Classifier` is MAE's fine-tuning model (facebookresearch/mae `models_vit.py` with
 `global_pool=True`): the blocks run without the encoder's final norm, the patch tokens are averaged

@@ -1,4 +1,4 @@
-"""UperNet on a pretrained ViT encoder (USFM §4.1.2, as BEiT / mmseg build it; SPEC §5).
+"""UperNet on a pretrained ViT encoder (USFM §4.1.2, as BEiT / mmseg build it; docs/methods.md#downstream).
 
 `Segmenter` = the pretrained encoder + four resampling necks + `UperHead`:
 

@@ -1,4 +1,4 @@
-"""Fine-tuning and linear probing from a pretraining workdir (SPEC §5), with recipe-aware transfer.
+"""Fine-tuning and linear probing from a pretraining workdir (docs/methods.md#downstream), with recipe-aware transfer.
 
 `run(config, workdir)` for `config.job` in {'finetune', 'linear_probe'}:
 

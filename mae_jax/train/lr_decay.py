@@ -1,4 +1,4 @@
-"""Layer-wise learning-rate decay and the fine-tuning weight-decay mask (SPEC §5), as MAE's
+"""Layer-wise learning-rate decay and the fine-tuning weight-decay mask (docs/methods.md#downstream), as MAE's
 `util/lr_decay.py` (`param_groups_lrd` + `get_layer_id_for_vit`) defines them.
 
 With a ViT of `depth` blocks MAE sets `num_layers = depth + 1` and gives each parameter a layer id:
@@ -128,7 +128,7 @@ def lars(schedule, params, *, momentum: float = 0.9, trust_coefficient: float = 
 
 
 def layer_decay_for(config, pretrain_config) -> float:
-  """`config.train.layer_decay`, or SPEC §5's default for the pretrained size: 0.65 for ViT-B,
+  """`config.train.layer_decay`, or the default for the pretrained size (docs/methods.md#fine-tuning): 0.65 for ViT-B,
   0.75 otherwise (MAE uses 0.75 for L/H)."""
   if config.train.layer_decay is not None:
     return float(config.train.layer_decay)

@@ -1,4 +1,4 @@
-"""Segmentation fine-tuning from a pretraining workdir: UperNet on the ViT (USFM §4.1.2, SPEC §5).
+"""Segmentation fine-tuning from a pretraining workdir: UperNet on the ViT (USFM §4.1.2, docs/methods.md#downstream).
 
 `run(config, workdir)` for `config.job == 'segment'`:
 
