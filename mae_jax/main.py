@@ -292,7 +292,10 @@ def run(config, workdir: str, *, checked: bool = False) -> dict:
   if done is not None:
     log.info("already complete at step %d: %s; nothing to do", done, _where(job, workdir))
     return {"step": done, "already_complete": True}
-  with _LogFile(workdir, jax.process_index() == 0):
+  from mae_jax.train import workdir_lock
+  # The lock first: a second run on a live workdir stops with its one line before it writes a
+  # line to the console or to the owner's log.txt (the job takes it again, re-entrantly).
+  with workdir_lock.hold(workdir), _LogFile(workdir, jax.process_index() == 0):
     log.info("%s in %s (this log also goes to log.txt there)", job, workdir)
     from mae_jax.train import writers
     writers.tensorflow_without_gpus()  # before anything could start TensorFlow on a GPU

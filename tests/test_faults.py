@@ -169,7 +169,10 @@ def reference(tmp_path_factory):
 
 
 def copy_run(reference, dest) -> pathlib.Path:
+  """The reference workdir as a run stopped after its last checkpoint and before it finished
+  (without train_done.json; else the rerun is "already complete" and restores nothing)."""
   shutil.copytree(reference["dir"], dest, symlinks=True)
+  (pathlib.Path(dest) / "train_done.json").unlink()
   return pathlib.Path(dest)
 
 

@@ -39,7 +39,7 @@ def nan_run(tmp_path_factory):
     image = np.asarray(local["image"], np.float32)  # a float batch can carry the NaN into the step
     if len(draws) in SINGLE | STREAK:
       image[0] = np.nan
-    return real_batch({"image": image}, mesh)
+    return real_batch({**local, "image": image}, mesh)
 
   def spy_save(mngr, step, state, **kw):  # sees the state of every step (checkpoint_every=1)
     states[step] = _host(state)

@@ -57,8 +57,15 @@ def test_profile_steps_write_a_trace(tmp_path):
 
 
 def test_parameter_table(caplog):
-  with caplog.at_level(logging.INFO):
-    writers.log_parameters({"blocks": {0: {"kernel": jnp.zeros((3, 4))}}, "bias": jnp.zeros(4)}, "toy")
+  # clu logs through absl's logger, which stops propagating to the root (where caplog listens) once
+  # an absl app has run in this process (another test may have): listen on it directly.
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addHandler(caplog.handler)
+  try:
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="absl"):
+      writers.log_parameters({"blocks": {0: {"kernel": jnp.zeros((3, 4))}}, "bias": jnp.zeros(4)}, "toy")
+  finally:
+    absl_logger.removeHandler(caplog.handler)
   text = "\n".join(r.getMessage() for r in caplog.records)
   assert "blocks/0/kernel" in text and "(3, 4)" in text and "Total: 16" in text
 
