@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import sys
+import traceback
 from typing import Any
 
 import jax
@@ -236,8 +237,18 @@ class _QuietWriteErrors(logging.Filter):
       return True
     exc = record.exc_info[1] if record.exc_info else None
     refused = _write_error_text(text) or (exc is not None and _write_error(exc))
-    about_checkpoint = "checkpoint" in text.lower() or (exc is not None and "checkpoint" in str(exc).lower())
+    about_checkpoint = ("checkpoint" in text.lower() or (exc is not None and "checkpoint" in str(exc).lower())
+                        or _from_orbax(record))
     return not (refused and about_checkpoint)
+
+
+def _from_orbax(record: logging.LogRecord) -> bool:
+  """Whether orbax logged the record or raised its exception (its save threads say 'No space left'
+  without naming the checkpoint)."""
+  if f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
+    return True
+  tb = record.exc_info[2] if record.exc_info else None
+  return tb is not None and any(f"{os.sep}orbax{os.sep}" in f.filename for f in traceback.extract_tb(tb))
 
 
 def _quiet_save_errors() -> None:
@@ -331,10 +342,22 @@ class Restored:
   data: dict
 
 
+class _QuietAbandonedReads(logging.Filter):
+  """asyncio's 'Future exception was never retrieved' records for the reads of a checkpoint whose
+  restore already failed (and was reported in one line): the same error once per array."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (isinstance(record.msg, str) and record.msg.startswith("Future exception was never retrieved"))
+
+
 def _quiet_closed_loops() -> None:
   """A failed restore leaves tensorstore reads in flight; each one that completes later calls back
   into orbax's closed asyncio loop, and Python prints an 'Event loop is closed' traceback for
-  every such callback (hundreds, seconds after the error). They are harmless: filter exactly those."""
+  every such callback (hundreds, seconds after the error), and asyncio logs each read's error as a
+  future nobody retrieved. They are harmless: filter exactly those."""
+  asyncio_logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _QuietAbandonedReads) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_QuietAbandonedReads())
   if getattr(sys.unraisablehook, "_mae_jax", False):
     return
   previous = sys.unraisablehook

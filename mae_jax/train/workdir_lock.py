@@ -157,11 +157,12 @@ def hold(workdir: str):
     except RunStopped as e:
       error = e
   _agree(error, workdir)
-  if f is not None:
-    _held[key] = [f, 1]
+  # Every process records the hold (the others with no file), so that a nested hold is re-entrant
+  # on all of them alike: a nested `_agree` on some processes only would wait forever.
+  _held[key] = [f, 1]
   try:
     yield
   finally:
+    del _held[key]
     if f is not None:
-      del _held[key]
       _release(f, workdir, created)
