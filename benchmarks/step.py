@@ -23,8 +23,8 @@ Threads: `--threads N` (default: all cores this process may use, `nproc`) pins t
 cores before JAX and torch start, sets torch's intra-op threads to N, and lets XLA:CPU size its
 intra-op pool from the same affinity mask, so both sides get the same N cores.
 
-Pseudo-recipe `simmim`: USFM's model (all tokens, linear decoder, L1 + FFL) with no corruption,
-to separate USFM's model cost from its corruption cost.
+Pseudo-recipe `simmim`: USFM's model (all tokens, linear decoder, L1 + FFL) with no corruption and
+no augmentation, to separate USFM's model cost from what its recipe adds (augmentation, masking).
 """
 
 from __future__ import annotations
@@ -79,6 +79,10 @@ def parse_args(argv=None):
                  help="torch AdamW implementation (default: torch's choice, as the official MAE)")
   p.add_argument("--no-donate", action="store_true",
                  help="do not donate the train state to the step (the trainer donates it)")
+  p.add_argument("--host-malloc", default="keep", choices=("keep", "system"),
+                 help="keep: freed host memory stays in malloc's heap for the next step, as the "
+                      "trainer sets it (mae_jax.host_memory); system: glibc's defaults. Applies to "
+                      "every side (one process)")
   p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before JAX starts")
   p.add_argument("--matmul-precision", default="", help="jax_default_matmul_precision (e.g. highest)")
   p.add_argument("--corruption", action="store_true",
@@ -103,6 +107,12 @@ def parse_args(argv=None):
   return args
 
 
+def apply_host_malloc(setting: str) -> str:
+  """The trainer's host allocator setting (mae_jax.host_memory), before JAX/torch allocate."""
+  from mae_jax import host_memory
+  return host_memory.apply(setting)
+
+
 def setup_threads(n: int) -> int:
   """Pins this process to n of its usable cores (before JAX/torch create their pools)."""
   usable = sorted(os.sched_getaffinity(0))
@@ -123,7 +133,8 @@ def load_config(recipe: str, args):
   words = ",".join(filter(None, [args.variant, args.config_args if recipe != "simmim" else ""]))
   c = config_files.load(CONFIG_FILES[recipe], words)
   if recipe == "simmim":
-    c.recipe = "mae"  # no corruption; the model path stays 'simmim'
+    c.recipe = "mae"  # no corruption and no augmentation; the model path stays 'simmim'
+    c.augment.enabled = False
   c.model.image_size = args.image_size
   c.model.in_chans = args.channels
   c.model.patch_size = args.patch
@@ -131,6 +142,12 @@ def load_config(recipe: str, args):
       args.dec_width, args.dec_depth, args.dec_heads)
   c.model.dtype = args.dtype
   c.train.batch_size = args.batch
+  for key, value in getattr(args, "config_overrides", {}).items():  # benchmarks.levers
+    node, *path = key.split(".")
+    target = c[node]
+    for k in path[:-1]:
+      target = target[k]
+    target[path[-1]] = value
   return c
 
 
@@ -196,7 +213,8 @@ class JaxSide:
     # The trainer donates the state (pretrain.train); --no-donate measures that lever.
     jitted = jax.jit(step, donate_argnums=() if getattr(args, "no_donate", False) else (0,))
     t0 = time.perf_counter()
-    self.compiled = jitted.lower(state, rest, self.batch_dev).compile()
+    options = getattr(args, "compiler_options", None)  # benchmarks.levers: XLA options, this step only
+    self.compiled = jitted.lower(state, rest, self.batch_dev).compile(options or None)
     self.compile_s = time.perf_counter() - t0
     self.state = state
     self.memory = _memory_analysis(self.compiled)
@@ -343,7 +361,8 @@ def warm_up(side, steps: int, on_gpu: bool) -> dict:
 
 
 def time_corruption(config, images_u8, steps: int) -> float:
-  """Median seconds of the recipe's corruption alone (uint8 -> float, corrupt), jitted, forward."""
+  """Median seconds of the recipe's corruption alone (uint8 -> float, USFM's augmentation where the
+  config has it, corrupt), jitted, forward."""
   import jax
   import jax.numpy as jnp
   from mae_jax import recipes
@@ -351,8 +370,7 @@ def time_corruption(config, images_u8, steps: int) -> float:
   @jax.jit
   def fn(key, images):
     x01 = images.astype(jnp.float32) / 255.0
-    out, kwargs = recipes.corrupt(config, key, x01)
-    return out, kwargs
+    return recipes.augment_and_corrupt(config, key, x01)
 
   images = jax.device_put(jnp.asarray(images_u8))
   key = jax.random.key(0)
@@ -532,6 +550,7 @@ def _cpu_name() -> str:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   threads = setup_threads(args.threads)
+  host_malloc = apply_host_malloc(args.host_malloc)
   if args.xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
   import jax
@@ -548,7 +567,9 @@ def main(argv=None) -> dict:
   images = rng.integers(0, 256, size=(args.batch, args.image_size, args.image_size, args.channels),
                         dtype=np.uint8)
   env = environment(threads)
+  env["host_malloc"] = host_malloc
   print(f"# {env['cpu']} | {env['device']} ({env['platform']}) | threads {threads}/{env['nproc']} "
+        f"| host malloc {host_malloc} "
         f"| load avg {env['load_avg'][0]:.2f} {env['load_avg'][1]:.2f} {env['load_avg'][2]:.2f}")
   print(f"# jax {env['jax']} torch {env.get('torch', '-')} transformers {env.get('transformers', '-')} "
         f"| XLA_FLAGS={env['XLA_FLAGS']!r}", flush=True)

@@ -139,3 +139,41 @@ def test_input_pipeline_cli_micro(tmp_path):
         "--batches", "2", "--warmup", "1", "--json", str(path)], tmp_path)
   res = json.loads(path.read_text())
   assert res["images_per_s"] > 0 and res["images_per_s_per_core"] > 0
+
+
+def test_levers_cli_micro(tmp_path):
+  stdout = _run(["benchmarks.levers", "--levers", "attention_autodiff,bf16", "--variant", "micro",
+                 "--decoder", "16x1x2", "--image-size", "32", "--patch", "8", "--batch", "4",
+                 "--steps", "1", "--warmup", "1"], tmp_path)
+  for lever in ("attention_autodiff", "bf16"):
+    assert f"\n{lever} " in stdout and "changed is" in stdout.split(f"\n{lever} ")[1].splitlines()[0]
+
+
+@pytest.mark.parametrize("lever", ["attention_autodiff", "attention_dpa", "gelu_autodiff",
+                                   "layer_norm_autodiff", "remat", "bf16", "onednn_dots", "no_ynn"])
+def test_each_lever_changes_the_program_and_exact_ones_keep_the_loss(lever):
+  """A lever that compiled to the committed program would measure nothing; every lever but bf16
+  changes only how the step is computed, so one step from the same state gives the same loss."""
+  from benchmarks import levers
+  args = levers.parse_args(["--variant", "micro", "--decoder", "16x1x2", "--image-size", "32",
+                            "--patch", "8", "--batch", "4"])
+  images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  base, other = levers.build(args, images, None), levers.build(args, images, lever)
+  assert base.compiled.as_text() != other.compiled.as_text()
+  lb, lo = base.loss(), other.loss()
+  if lever == "bf16":
+    assert abs(lb - lo) < 0.05 * abs(lb)
+  else:
+    np.testing.assert_allclose(lo, lb, rtol=2e-5)
+
+
+def test_scaling_cli_micro(tmp_path):
+  path = tmp_path / "scaling.json"
+  stdout = _run(["benchmarks.scaling", "--batches", "2,4", "--variants", "micro", "--base-variant", "micro",
+                 "--base-batch", "4", "--recipes", "mae,d2mae", "--image-size", "32", "--patch", "8",
+                 "--decoder", "16x1x2", "--steps", "1", "--warmup", "1", "--json", str(path)], tmp_path)
+  res = json.loads(path.read_text())
+  # batch 2 and 4 rows (the variant row is batch 4 again, not repeated) and the overhead row.
+  assert set(res) == {"ViT-MICRO batch 2", "ViT-MICRO batch 4", "recipes"}
+  assert "| ViT-MICRO batch 2 |" in stdout and "| d2mae (vs mae) |" in stdout
+  assert res["ViT-MICRO batch 4"]["results"]["torch-official"]["images_per_s"] > 0

@@ -67,6 +67,18 @@ def test_attention_matches_torch_sdpa(b, t, h, hd):
   np.testing.assert_allclose(np.asarray(g), tqkv.grad.numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_attention_in_bfloat16_follows_float32():
+  """The written-out backward keeps the input dtype for the gradient and float32 inside."""
+  rng = np.random.default_rng(2)
+  qkv = rng.normal(size=(2, 13, 3, 2, 8)).astype(np.float32)
+  dy = rng.normal(size=(2, 13, 2, 8)).astype(np.float32)
+  f = lambda a: jnp.sum(vit.attention(a).astype(jnp.float32) * dy)
+  g32 = jax.grad(f)(jnp.asarray(qkv))
+  g16 = jax.grad(f)(jnp.asarray(qkv, jnp.bfloat16))
+  assert g16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(g16, np.float32), np.asarray(g32), atol=0.06, rtol=0.05)
+
+
 def test_matmul_2d_equals_dot_general():
   x = jax.random.normal(jax.random.key(0), (2, 3, 5, 4))
   w = jax.random.normal(jax.random.key(1), (4, 6))

@@ -250,13 +250,10 @@ def attention(qkv):
   """Multi-head softmax(q·kᵀ/√hd)·v of a fused projection qkv (B, T, 3, H, hd) -> (B, T, H, hd).
 
   On GPU: `jax.nn.dot_product_attention` (cuDNN's fused flash attention for 16-bit inputs).
-  Elsewhere an explicit form that XLA:CPU runs faster than the XLA path of
-  `jax.nn.dot_product_attention` (~0.8x the time for forward + backward of a ViT-S MAE decoder
-  attention with its projections on one core; the whole issue-9 step is ~9% slower with the
-  latter, docs/benchmarks.md): q, k, v each copied once to head-major (B, H, T, hd), the
-  1/√hd scale folded into that copy of q (T·hd values, not T·T), and the softmax normalisation
-  applied to the (T, hd) output instead of the (T, T) probabilities. The logits, softmax and its
-  sums are float32 for any compute dtype.
+  Elsewhere `_attention_core`, an explicit form with a written-out backward that XLA:CPU runs
+  faster than autodiff or the XLA path of `jax.nn.dot_product_attention` (docs/benchmarks.md):
+  q, k, v each copied once to head-major (B, H, T, hd), the 1/√hd scale folded into that copy of q
+  (T·hd values, not T·T). The logits, softmax and its sums are float32 for any compute dtype.
   """
   if jax.default_backend() == "gpu":
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -271,12 +268,50 @@ def attention(qkv):
   q = jnp.transpose(qkv[:, :, 0], (0, 2, 1, 3)) * scale  # (B, H, T, hd), one strided copy each
   k = jnp.transpose(qkv[:, :, 1], (0, 2, 1, 3))
   v = jnp.transpose(qkv[:, :, 2], (0, 2, 1, 3))
+  return jnp.transpose(_attention_core(q, k, v), (0, 2, 1, 3))
+
+
+@jax.custom_vjp
+def _attention_core(q, k, v):
+  """softmax(q·kᵀ)·v on head-major (B, H, T, hd) inputs, q already scaled."""
+  return _attention_core_fwd(q, k, v)[0]
+
+
+def _attention_core_fwd(q, k, v):
   logits = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
   # Any per-row constant cancels in the softmax; subtracting the max only guards exp's range.
-  e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
-  out = jnp.einsum("bhts,bhsd->bhtd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  out = out / jnp.sum(e, axis=-1, keepdims=True)
-  return jnp.transpose(out, (0, 2, 1, 3)).astype(v.dtype)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  e = jnp.exp(logits - m)
+  denom = jnp.sum(e, axis=-1, keepdims=True)
+  # Normalised on the (T, hd) output instead of the (T, T) probabilities.
+  out = jnp.einsum("bhts,bhsd->bhtd", e.astype(v.dtype), v, preferred_element_type=jnp.float32) / denom
+  out = out.astype(v.dtype)
+  return out, (q, k, v, out, m, denom)
+
+
+def _attention_core_bwd(res, dout):
+  """The softmax backward, with every matmul in the operand layout XLA:CPU's fast (YNNPACK) dots
+  take: a dot whose left operand is contracted over a non-minor axis (pᵀ·dout, dsᵀ·q in the
+  textbook form) falls back to a generic kernel ~5x slower, so dv and dk are computed transposed,
+  (doutᵀ·p)ᵀ and (qᵀ·ds)ᵀ, transposing the small (T, hd) operands instead of the (T, T) ones.
+  p is recomputed from q and k (XLA shares it with the forward's when both are in one program)."""
+  q, k, v, out, m, denom = res
+  f32 = jnp.float32
+  logits = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=f32)
+  p = jnp.exp(logits - m) / denom
+  dout32 = dout.astype(f32)
+  dp = jnp.einsum("bhtd,bhsd->bhts", dout, v, preferred_element_type=f32)
+  delta = jnp.sum(dout32 * out.astype(f32), axis=-1, keepdims=True)  # rowsum(p·dp) = rowsum(dout·out)
+  ds = p * (dp - delta)
+  dq = jnp.einsum("bhts,bhsd->bhtd", ds.astype(k.dtype), k, preferred_element_type=f32)
+  dk_t = jnp.einsum("bhdt,bhts->bhds", jnp.swapaxes(q, 2, 3), ds.astype(q.dtype), preferred_element_type=f32)
+  dv_t = jnp.einsum("bhdt,bhts->bhds", jnp.swapaxes(dout, 2, 3), p.astype(dout.dtype),
+                    preferred_element_type=f32)
+  return (dq.astype(q.dtype), jnp.swapaxes(dk_t, 2, 3).astype(k.dtype),
+          jnp.swapaxes(dv_t, 2, 3).astype(v.dtype))
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 class Mlp(nnx.Module):

@@ -1,0 +1,190 @@
+"""One lever at a time: the MAE train step as committed vs the same step with one lever changed.
+
+Both variants are compiled in one process and stepped in turns (A B B A ...), so that load from
+other processes hits both alike; the table gives wall and CPU medians and the change. A lever is
+either a different model function patched in while the variant is traced, a config change, or
+XLA compiler options for that one compilation (no process-wide XLA_FLAGS needed).
+
+  python -m benchmarks.levers                          # every lever below, issue-9 configuration
+  python -m benchmarks.levers --levers attention_autodiff,bf16 --steps 8
+  python -m benchmarks.levers --variant micro --image-size 32 --batch 4 --steps 1   # smoke (tests)
+
+The allocator lever (`mae_jax.host_memory`) is process-wide: `python -m benchmarks.step
+--host-malloc system` against the default measures it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+
+def _attention_autodiff():
+  """The explicit attention differentiated by JAX (no written-out backward)."""
+  import jax
+  import jax.numpy as jnp
+  from mae_jax.models import vit
+
+  def core(q, k, v):
+    logits = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
+    e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    out = jnp.einsum("bhts,bhsd->bhtd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype)
+
+  return _patched(vit, "_attention_core", core)
+
+
+def _attention_dpa():
+  """`jax.nn.dot_product_attention` (its XLA path on CPU)."""
+  import jax
+  from mae_jax.models import vit
+
+  def attention(qkv):
+    return jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+
+  return _patched(vit, "attention", attention)
+
+
+def _gelu_autodiff():
+  """GELU by JAX's own `jax.nn.gelu(approximate=False)` (erfc form, autodiff)."""
+  import jax
+  from mae_jax.models import vit
+  return _patched(vit, "gelu_exact", lambda x: jax.nn.gelu(x, approximate=False))
+
+
+def _layer_norm_autodiff():
+  """LayerNorm differentiated by JAX instead of the written-out backward."""
+  import jax
+  import jax.numpy as jnp
+  from mae_jax.models import vit
+
+  def layer_norm(x, scale, bias, eps):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    xc = x32 - mean
+    y = xc * jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps) * scale + bias
+    return y.astype(x.dtype)
+
+  return _patched(vit, "layer_norm", layer_norm)
+
+
+def _remat():
+  """Each transformer block recomputed in the backward (activation memory for compute)."""
+  from flax import nnx
+  from mae_jax.models import vit
+  call = vit.Block.__call__
+  remat_call = nnx.remat(lambda blk, x, key: call(blk, x, key))
+  return _patched(vit.Block, "__call__", lambda self, x, key=None: remat_call(self, x, key))
+
+
+@contextlib.contextmanager
+def _patched(module, name, value):
+  old = getattr(module, name)
+  setattr(module, name, value)
+  try:
+    yield
+  finally:
+    setattr(module, name, old)
+
+
+# name -> (what the changed variant does, context manager factory or None, config words, XLA options)
+LEVERS = {
+    "attention_autodiff": ("attention backward by autodiff (dv = pᵀ·dout, dk = dsᵀ·q as written)",
+                           _attention_autodiff, {}, None),
+    "attention_dpa": ("jax.nn.dot_product_attention instead of the explicit attention",
+                      _attention_dpa, {}, None),
+    "gelu_autodiff": ("jax.nn.gelu(approximate=False) by autodiff", _gelu_autodiff, {}, None),
+    "layer_norm_autodiff": ("LayerNorm by autodiff", _layer_norm_autodiff, {}, None),
+    "bf16": ("bfloat16 compute (float32 parameters, softmax and loss)", None,
+             {"model.dtype": "bfloat16"}, None),
+    "remat": ("every block rematerialised in the backward (nnx.remat, nothing saved)", _remat, {},
+              None),
+    "onednn_dots": ("XLA:CPU dots through oneDNN fusions", None, {},
+                    {"xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}),
+    "xnnpack_dots": ("XLA:CPU dots through XNNPACK fusions (YNNPACK off)", None, {},
+                     {"xla_cpu_use_xnnpack": True,
+                      "xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
+                      "xla_cpu_experimental_ynn_fusion_type": ""}),
+    "no_ynn": ("XLA:CPU without YNNPACK fusions (dots on Eigen)", None, {},
+               {"xla_cpu_experimental_ynn_fusion_type": ""}),
+}
+
+
+def parse_args(argv=None):
+  from benchmarks import step
+  p = argparse.ArgumentParser(prog="python -m benchmarks.levers", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--levers", default=",".join(LEVERS), help=f"comma list of {', '.join(LEVERS)}")
+  argv = list(argv or [])
+  ours, rest = p.parse_known_args(argv)
+  args = step.parse_args(["--no-torch"] + rest)
+  args.levers = [lv for lv in ours.levers.split(",") if lv]
+  for lv in args.levers:
+    if lv not in LEVERS:
+      raise SystemExit(f"--levers: unknown lever {lv!r}; expected some of {sorted(LEVERS)}")
+  return args
+
+
+def build(args, images, lever: str | None):
+  """The MAE JaxSide as committed (lever None) or with `lever` changed."""
+  import copy
+
+  import jax
+  from benchmarks import step
+
+  if lever is None:
+    side = step.JaxSide("mae", args, images)
+    side.name = "as committed"
+    return side
+  _, patch, words, options = LEVERS[lever]
+  a = copy.copy(args)
+  a.config_overrides = dict(words)
+  a.compiler_options = options
+  with (patch() if patch else contextlib.nullcontext()):
+    jax.clear_caches()  # re-trace with the patched function
+    side = step.JaxSide("mae", a, images)
+  side.name = lever
+  return side
+
+
+def main(argv=None):
+  import sys
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  from benchmarks import step
+  threads = step.setup_threads(args.threads)
+  step.apply_host_malloc(args.host_malloc)
+  import numpy as np
+  rng = np.random.default_rng(args.seed)
+  images = rng.integers(0, 256, size=(args.batch, args.image_size, args.image_size, args.channels),
+                        dtype=np.uint8)
+  env = step.environment(threads)
+  print(f"# {env['cpu']} | threads {threads}/{env['nproc']} | load avg {env['load_avg'][0]:.2f} "
+        f"| host malloc {args.host_malloc}", flush=True)
+  base = build(args, images, None)
+  rows = []
+  for lever in args.levers:
+    try:
+      other = build(args, images, lever)
+    except Exception as e:  # a lever this jax/XLA cannot build: say so, go on with the others
+      print(f"{lever}: could not build ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
+      continue
+    for s in (base, other):
+      for _ in range(max(args.warmup, 1)):
+        s.step()
+    times, cpu = step.time_sides([base, other], args.steps)
+    b, o = statistics.median(times[base.name]), statistics.median(times[lever])
+    bc, oc = statistics.median(cpu[base.name]), statistics.median(cpu[lever])
+    temp = lambda s: s.memory.get("temp_size_in_bytes", 0) / 2**20
+    rows.append((lever, LEVERS[lever][0], b, o, bc, oc, temp(base), temp(other)))
+    print(f"{lever:20s} committed {1e3 * b:7.0f} ms / cpu {1e3 * bc:7.0f} | changed {1e3 * o:7.0f} ms / "
+          f"cpu {1e3 * oc:7.0f} | changed is {100 * (o / b - 1):+5.1f}% wall, {100 * (oc / bc - 1):+5.1f}% cpu "
+          f"| XLA temp {temp(base):.0f} vs {temp(other):.0f} MiB", flush=True)
+    del other
+  print(f"# load avg at the end {step.os.getloadavg()[0]:.2f}")
+  return rows
+
+
+if __name__ == "__main__":
+  main()
