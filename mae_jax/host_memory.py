@@ -51,7 +51,7 @@ def keep_freed_memory() -> bool:
     logging.info("host memory: not glibc, leaving malloc as it is")
     return False
   ok = (bool(libc.mallopt(_M_ARENA_MAX, 1)) and bool(libc.mallopt(_M_MMAP_MAX, 0))
-        and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)))
+        and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1)))  # -1: never trim (mallopt(3))
   if ok:
     _state["mode"] = "keep"
   return ok
