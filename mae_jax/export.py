@@ -69,7 +69,6 @@ def encoder_state_dict(encoder, *, in_chans_out: int | None = None) -> dict[str,
   """
   if isinstance(encoder, beit.Encoder):
     return beit_encoder_state_dict(encoder, in_chans_out=in_chans_out)
-  spec = encoder.spec
   conv = _patch_conv(encoder, in_chans_out)
   sd = {
       "cls_token": _np(encoder.cls_token).copy(),

@@ -1,7 +1,8 @@
 """mae_jax.host_memory: with `keep`, a large block freed and requested again comes back without a
 page fault; with glibc's defaults the same request faults on every page (the closed form: one fault
 per 4 KiB page of a fresh mmap). Each case runs in its own interpreter, since the setting is
-process-wide and must come before threads exist."""
+process-wide and must come before threads exist. Elsewhere than Linux/glibc `keep` is a no-op, and
+the first test checks it reports so."""
 
 import os
 import platform
@@ -34,14 +35,15 @@ def _probe(mode: str):
   return applied, int(faults), int(pages)
 
 
-@pytest.mark.skipif(platform.system() != "Linux", reason="glibc's mallopt")
 def test_keep_reuses_a_freed_block_without_page_faults():
   applied, faults, pages = _probe("keep")
+  if platform.system() != "Linux":  # not glibc: `keep` must say it did nothing
+    assert applied == "system"
+    return
   assert applied == "keep"
   assert faults < pages // 100, (faults, pages)
 
 
-@pytest.mark.skipif(platform.system() != "Linux", reason="glibc's mallopt")
 def test_system_default_faults_on_every_page_again():
   applied, faults, pages = _probe("system")
   assert applied == "system"

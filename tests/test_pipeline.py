@@ -229,7 +229,7 @@ def test_worker_processes_give_the_same_stream():
 
 
 def test_us_phantom_source(tmp_path):
-  us_phantom = pytest.importorskip("mae_jax.data.us_phantom")
+  from mae_jax.data import us_phantom
   kw = dict(num_train=12, num_validation=4, num_test=4, image_size=64, seed=0)
   train = us_phantom.data_source(str(tmp_path), "train", **kw)
   it = P.train_iterator(train, global_batch=4, image_size=S, seed=0, sampler="balanced")

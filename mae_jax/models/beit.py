@@ -258,20 +258,12 @@ class Encoder(nnx.Module):
     shared = None
     if self.rel_pos_bias is not None:
       shared = relative_bias(self.rel_pos_bias[...], self.spec.grid, positions)
-    feats = []
-    keys = jax.random.split(key, len(self.blocks)) if key is not None else [None] * len(self.blocks)
-    for blk, k in zip(self.blocks, keys):
-      x = blk(x, k, shared, positions)
-      if return_intermediates:
-        feats.append(x)
+    x, feats = vit.run_blocks(self.blocks, x, key, shared, positions)
     if self.norm is not None:
       x = self.norm(x)
     return (x, feats) if return_intermediates else x
 
-  def __call__(self, images, *, key=None, return_intermediates: bool = False):
-    x = self.embed(images)
-    x = jnp.concatenate([self.cls(x.shape[0]), x], axis=1)
-    return self.transform(x, key=key, return_intermediates=return_intermediates)
+  __call__ = vit.Encoder.__call__  # [CLS, patches] -> transform, through this class's embed/cls/transform
 
   def finetune_copy(self, *, drop_path: float = 0.0, seed: int = 0, depth: int | None = None,
                     image_size: int | None = None, keep_norm: bool = True) -> Encoder:
@@ -280,11 +272,7 @@ class Encoder(nnx.Module):
     full-depth linear ramp), optionally only the first `depth` blocks (segmentation) and another
     image size (each table resized by `resize_relative_table`)."""
     depth = self.spec.depth if depth is None else int(depth)
-    image_size = int(image_size or self.spec.image_size)
-    if image_size % self.spec.patch_size:
-      raise ValueError(f"model.image_size={image_size} is not a multiple of the patch size "
-                       f"{self.spec.patch_size}")
-    spec = dataclasses.replace(self.spec, depth=depth, image_size=image_size)
+    spec = vit.downstream_spec(self.spec, depth, image_size)
     opts = dataclasses.replace(self.options, shared_rel_pos=False)
     dst = Encoder(spec, options=opts, dtype=self.dtype, rngs=nnx.Rngs(seed))
     src = nnx.to_pure_dict(nnx.state(self))
@@ -300,10 +288,4 @@ class Encoder(nnx.Module):
     if not keep_norm:
       src.pop("norm", None)
       dst.norm = None
-    state = nnx.state(dst)
-    nnx.replace_by_pure_dict(state, src)
-    nnx.update(dst, state)
-    rates = np.linspace(0, drop_path, self.spec.depth) if self.spec.depth else []
-    for blk, r in zip(dst.blocks, rates):
-      blk.drop_path_rate = float(r)
-    return dst
+    return vit.load_weights(dst, src, drop_path=drop_path, full_depth=self.spec.depth)

@@ -265,24 +265,14 @@ def truncated_encoder(src: vit.Encoder, depth: int, *, drop_path: float, seed: i
   if hasattr(src, "finetune_copy"):
     return src.finetune_copy(drop_path=drop_path, seed=seed, depth=depth, image_size=image_size,
                              keep_norm=False)
-  image_size = int(image_size or src.spec.image_size)
-  if image_size % src.spec.patch_size:
-    raise ValueError(f"model.image_size={image_size} is not a multiple of the patch size "
-                     f"{src.spec.patch_size}")
-  spec = dataclasses.replace(src.spec, depth=depth, image_size=image_size)
+  spec = vit.downstream_spec(src.spec, depth, image_size)
   dst = vit.Encoder(spec, learnable_pos=True, dtype=src.dtype, rngs=nnx.Rngs(seed))
   full = nnx.to_pure_dict(nnx.state(src))
   full["pos_embed"] = resize_pos_embed(full["pos_embed"], src.spec.grid, spec.grid)
   full["blocks"] = {k: v for k, v in full["blocks"].items() if int(k) < depth}
   full.pop("norm", None)
   dst.norm = None
-  state = nnx.state(dst)
-  nnx.replace_by_pure_dict(state, full)
-  nnx.update(dst, state)
-  rates = np.linspace(0, drop_path, src.spec.depth) if src.spec.depth else []
-  for blk, r in zip(dst.blocks, rates):
-    blk.drop_path_rate = float(r)
-  return dst
+  return vit.load_weights(dst, full, drop_path=drop_path, full_depth=src.spec.depth)
 
 
 class Segmenter(heads.BlurTokenSequence):  # the [CLS, (BLU(t)), patches] sequence of fine-tuning

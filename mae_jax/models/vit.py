@@ -394,12 +394,7 @@ class Encoder(nnx.Module):
 
   def transform(self, x, *, key=None, return_intermediates: bool = False):
     """Runs the blocks and the final norm. Intermediates are the block outputs (before norm)."""
-    feats = []
-    keys = jax.random.split(key, len(self.blocks)) if key is not None else [None] * len(self.blocks)
-    for blk, k in zip(self.blocks, keys):
-      x = blk(x, k)
-      if return_intermediates:
-        feats.append(x)
+    x, feats = run_blocks(self.blocks, x, key)
     x = self.norm(x)
     return (x, feats) if return_intermediates else x
 
@@ -408,3 +403,35 @@ class Encoder(nnx.Module):
     x = self.embed(images)
     x = jnp.concatenate([self.cls(x.shape[0]), x], axis=1)
     return self.transform(x, key=key, return_intermediates=return_intermediates)
+
+
+def run_blocks(blocks, x, key, *block_args):
+  """x through every block (`blk(x, key_i, *block_args)`, one stochastic-depth key each): the last
+  output and every block's output (the intermediates probes and UperNet read)."""
+  feats = []
+  keys = jax.random.split(key, len(blocks)) if key is not None else [None] * len(blocks)
+  for blk, k in zip(blocks, keys):
+    x = blk(x, k, *block_args)
+    feats.append(x)
+  return x, feats
+
+
+def downstream_spec(spec: ViTSpec, depth: int, image_size: int | None) -> ViTSpec:
+  """`spec` with `depth` blocks at `image_size` (default: the pretraining size), for a downstream copy."""
+  image_size = int(image_size or spec.image_size)
+  if image_size % spec.patch_size:
+    raise ValueError(f"model.image_size={image_size} is not a multiple of the patch size {spec.patch_size}")
+  return dataclasses.replace(spec, depth=int(depth), image_size=image_size)
+
+
+def load_weights(dst, pure: dict, *, drop_path: float, full_depth: int):
+  """Writes `pure` (an `nnx.to_pure_dict` of a pretrained encoder, already cut and resized to dst's
+  shapes) into `dst`, and gives dst's blocks the stochastic-depth rates of timm's linear ramp over
+  the full pretrained depth (a truncated copy keeps the rates of its first blocks)."""
+  state = nnx.state(dst)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(dst, state)
+  rates = np.linspace(0, drop_path, full_depth) if full_depth else []
+  for blk, r in zip(dst.blocks, rates):
+    blk.drop_path_rate = float(r)
+  return dst

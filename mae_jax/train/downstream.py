@@ -205,6 +205,20 @@ class Validation:
       self.unsaved = True
     return improved
 
+  def best_params(self, workdir: str):
+    """The best epoch's parameters (host copy), which the test split is evaluated with."""
+    if self.params is None:  # resumed after the last step with no best checkpoint left
+      raise RuntimeError(f"no best checkpoint in {workdir}/best: delete the workdir and run again")
+    return self.params
+
+
+def preempted(preempt, writer, step: int) -> dict | None:
+  """The result of a training loop that stopped at SIGTERM (writer closed), else None."""
+  if not preempt.requested:
+    return None
+  writer.close()
+  return {"preempted": True, "step": step}
+
 
 class Checkpoints:
   """`workdir/checkpoints`: the latest train state (and non-trained `stats`), the data position and

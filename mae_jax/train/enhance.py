@@ -446,14 +446,10 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   finally:
     ckpts.close()
     writer.flush()
-  if preempt.requested:
-    writer.close()
-    return {"preempted": True, "step": step}
-
-  if val.params is None:
-    raise RuntimeError(f"no best checkpoint in {workdir}/best: delete the workdir and run again")
+  if (stopped := downstream.preempted(preempt, writer, step)) is not None:
+    return stopped
   test = data["test"]
-  out = enhance(jax.device_put(val.params, shardings.params), low=test["low"])
+  out = enhance(jax.device_put(val.best_params(workdir), shardings.params), low=test["low"])
   high01, low01 = test["high"] / 255.0, test["low"] / 255.0
   per = image_quality.per_image(out, high01)
   ident = image_quality.per_image(low01, high01)

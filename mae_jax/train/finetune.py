@@ -326,13 +326,9 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   finally:
     ckpts.close()
     writer.flush()
-  if preempt.requested:
-    writer.close()
-    return {"preempted": True, "step": step}
-
-  if val.params is None:  # resumed after the last step: the best checkpoint is all there is
-    raise RuntimeError(f"no best checkpoint in {workdir}/best: delete the workdir and run again")
-  bp = jax.device_put(val.params, shardings.params)
+  if (stopped := downstream.preempted(preempt, writer, step)) is not None:
+    return stopped
+  bp = jax.device_put(val.best_params(workdir), shardings.params)
   bs = jax.device_put(val.stats, stats_sh)
   p = pred((bp, bs, frozen), test_src, "test")
   test = metric_fn(p["label"], p["probs"])

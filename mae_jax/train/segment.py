@@ -537,13 +537,9 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   finally:
     ckpts.close()
     writer.flush()
-  if preempt.requested:
-    writer.close()
-    return {"preempted": True, "step": step}
-
-  if val.params is None:
-    raise RuntimeError(f"no best checkpoint in {workdir}/best: delete the workdir and run again")
-  p = pred((jax.device_put(val.params, shardings.params), rest), test_src, "test")
+  if (stopped := downstream.preempted(preempt, writer, step)) is not None:
+    return stopped
+  p = pred((jax.device_put(val.best_params(workdir), shardings.params), rest), test_src, "test")
   per = per_image_metrics(p["pred"], p["mask"], num_classes)
   ci = aggregate(per, n_boot=int(config.eval.n_boot), alpha=float(config.eval.alpha), seed=config.seed)
   baselines = baseline_dice(p["mask"], num_classes)
