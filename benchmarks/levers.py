@@ -88,25 +88,53 @@ def _patched(module, name, value):
     setattr(module, name, old)
 
 
+def _no_cpu_kernels(*which):
+  """XLA's own kernels where mae_jax.cpu_kernels would take the matmuls and/or attention."""
+  from mae_jax import cpu_kernels
+  stack = contextlib.ExitStack()
+  for name in which:
+    stack.enter_context(_patched(cpu_kernels, name, lambda: False))
+  return stack
+
+
+def _and(*factories):
+  """Several patches at once (an XLA-path lever also turns off the cpu_kernels it would bypass)."""
+  def both():
+    stack = contextlib.ExitStack()
+    for f in factories:
+      stack.enter_context(f())
+    return stack
+  return both
+
+
+_XLA_ATTENTION = lambda: _no_cpu_kernels("use_for_attention")
+_XLA_DOTS = lambda: _no_cpu_kernels("use_for_matmul")
+
 # name -> (what the changed variant does, context manager factory or None, config words, XLA options)
 LEVERS = {
-    "attention_autodiff": ("attention backward by autodiff (dv = pᵀ·dout, dk = dsᵀ·q as written)",
-                           _attention_autodiff, {}, None),
-    "attention_dpa": ("jax.nn.dot_product_attention instead of the explicit attention",
-                      _attention_dpa, {}, None),
+    "no_cpu_kernels": ("XLA's kernels for the linear matmuls and attention (no mae_jax.cpu_kernels)",
+                       lambda: _no_cpu_kernels("use_for_matmul", "use_for_attention"), {}, None),
+    "no_cpu_matmul": ("XLA's dots for the linear layers (cpu_kernels attention kept)",
+                      lambda: _no_cpu_kernels("use_for_matmul"), {}, None),
+    "no_cpu_attention": ("XLA's attention (cpu_kernels matmuls kept)",
+                         lambda: _no_cpu_kernels("use_for_attention"), {}, None),
+    "attention_autodiff": ("XLA's attention with its backward by autodiff (dv = pᵀ·dout, dk = dsᵀ·q)",
+                           _and(_XLA_ATTENTION, _attention_autodiff), {}, None),
+    "attention_dpa": ("jax.nn.dot_product_attention (its XLA path) instead of the fused attention",
+                      _and(_XLA_ATTENTION, _attention_dpa), {}, None),
     "gelu_autodiff": ("jax.nn.gelu(approximate=False) by autodiff", _gelu_autodiff, {}, None),
     "layer_norm_autodiff": ("LayerNorm by autodiff", _layer_norm_autodiff, {}, None),
     "bf16": ("bfloat16 compute (float32 parameters, softmax and loss)", None,
              {"model.dtype": "bfloat16"}, None),
     "remat": ("every block rematerialised in the backward (nnx.remat, nothing saved)", _remat, {},
               None),
-    "onednn_dots": ("XLA:CPU dots through oneDNN fusions", None, {},
+    "onednn_dots": ("XLA:CPU dots through oneDNN fusions", _XLA_DOTS, {},
                     {"xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}),
-    "xnnpack_dots": ("XLA:CPU dots through XNNPACK fusions (YNNPACK off)", None, {},
+    "xnnpack_dots": ("XLA:CPU dots through XNNPACK fusions (YNNPACK off)", _XLA_DOTS, {},
                      {"xla_cpu_use_xnnpack": True,
                       "xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
                       "xla_cpu_experimental_ynn_fusion_type": ""}),
-    "no_ynn": ("XLA:CPU without YNNPACK fusions (dots on Eigen)", None, {},
+    "no_ynn": ("XLA:CPU dots on Eigen (no YNNPACK fusions)", _XLA_DOTS, {},
                {"xla_cpu_experimental_ynn_fusion_type": ""}),
 }
 

@@ -449,7 +449,8 @@ def trace_op_ms(trace_dir: str) -> dict[str, float]:
 
 
 def hlo_ops(hlo_text: str) -> dict[str, str]:
-  """Instruction name -> its op_name metadata, for the entry computation of a compiled module."""
+  """Instruction name -> its op_name metadata, for the entry computation of a compiled module; a
+  custom call's target is appended as `|target=NAME` (mae_jax.cpu_kernels' matmul and attention)."""
   import re
   entry = hlo_text[hlo_text.find("\nENTRY"):]
   ops = {}
@@ -457,17 +458,23 @@ def hlo_ops(hlo_text: str) -> dict[str, str]:
     m = re.match(r"\s+(?:ROOT )?%(\S+) = ", line)
     if m:
       meta = re.search(r'op_name="([^"]*)"', line)
-      ops[m.group(1)] = meta.group(1) if meta else ""
+      target = re.search(r'custom_call_target="([^"]*)"', line)
+      ops[m.group(1)] = (meta.group(1) if meta else "") + (f"|target={target.group(1)}" if target else "")
   return ops
 
 
 def op_category(name: str, op_name: str) -> tuple[str, str]:
   """(what, phase) of one HLO op. phase: forward / backward (transpose of the forward) / update
   (everything outside the gradient: optimizer, finite check). what: attention or MLP (from the
-  model's named scopes) or other, split into matmul and the rest."""
+  model's named scopes) or other, split into matmul and the rest; mae_jax.cpu_kernels' fused
+  attention is its own category (its matmuls and softmax are one op)."""
+  op_name, _, target = op_name.partition("|target=")
   phase = "backward" if "transpose(" in op_name else ("forward" if "jvp(" in op_name else "update")
+  if target.startswith("mae_jax_MaeAttention"):
+    return "attention fused (cpu_kernels)", "backward" if target.endswith("Bwd") else "forward"
   last = op_name.rsplit("/", 1)[-1]
-  matmul = name.startswith("dot") or "dot_general" in last or "->" in last
+  matmul = (name.startswith("dot") or "dot_general" in last or "->" in last
+            or target == "mae_jax_MaeMatmul")
   scope = "attention" if "attn" in op_name else ("mlp" if "mlp" in op_name else "other")
   if phase == "update":
     return "optimizer + finite check", phase
@@ -484,6 +491,8 @@ def jax_op_rows(per_instance: dict[str, float], hlo_text: str):
     if name not in ops:
       continue
     key = re.sub(r"(\.\d+)+$", "", name)
+    if "|target=" in ops[name]:  # custom calls by target, not all as "ffi_call"
+      key = f"{key}:{ops[name].rsplit('|target=', 1)[1]}"
     a = agg.setdefault(key, [0.0, 0])
     a[0] += ms
     a[1] += 1
@@ -526,6 +535,8 @@ def environment(threads: int) -> dict:
          "device": jax.devices()[0].device_kind, "threads": threads, "nproc": os.cpu_count(),
          "load_avg": os.getloadavg(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
          "cpu": _cpu_name()}
+  from mae_jax import cpu_kernels
+  env["cpu_kernels"] = cpu_kernels.describe()
   try:
     import torch
     import transformers
@@ -573,6 +584,7 @@ def main(argv=None) -> dict:
         f"| load avg {env['load_avg'][0]:.2f} {env['load_avg'][1]:.2f} {env['load_avg'][2]:.2f}")
   print(f"# jax {env['jax']} torch {env.get('torch', '-')} transformers {env.get('transformers', '-')} "
         f"| XLA_FLAGS={env['XLA_FLAGS']!r}", flush=True)
+  print(f"# JAX kernels: {env['cpu_kernels']}", flush=True)
 
   sides, results = [], {}
   for r in args.recipes:

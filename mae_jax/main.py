@@ -304,6 +304,9 @@ def run(config, workdir: str, *, checked: bool = False) -> dict:
   # line to the console or to the owner's log.txt (the job takes it again, re-entrantly).
   with workdir_lock.hold(workdir), _LogFile(workdir, jax.process_index() == 0):
     log.info("%s in %s (this log also goes to log.txt there)", job, workdir)
+    if jax.default_backend() == "cpu":
+      from mae_jax import cpu_kernels
+      log.info("CPU kernels: %s", cpu_kernels.describe())
     from mae_jax.train import writers
     writers.tensorflow_without_gpus()  # before anything could start TensorFlow on a GPU
     result = _dispatch(job, config, workdir)

@@ -36,7 +36,9 @@ def test_vit_b_mae_closed_form():
 
 
 def _dot_flops(jaxpr) -> float:
-  """2·(batch)·M·N·K summed over every dot_general of a (closed) jaxpr, sub-jaxprs included."""
+  """2·(batch)·M·N·K summed over every dot_general of a (closed) jaxpr, sub-jaxprs included, and
+  over mae_jax.cpu_kernels' custom calls (a matmul; attention's q·kᵀ and p·v) where the model
+  takes them on a CPU."""
   total = 0.0
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "dot_general":
@@ -44,6 +46,13 @@ def _dot_flops(jaxpr) -> float:
       lhs, rhs = (v.aval.shape for v in eqn.invars)
       out = eqn.outvars[0].aval.shape
       total += 2.0 * np.prod(out) * np.prod([lhs[d] for d in lc])
+    elif eqn.primitive.name == "ffi_call" and eqn.params["target_name"] == "mae_jax_MaeMatmul":
+      lhs = eqn.invars[0].aval.shape
+      k = lhs[0] if dict(eqn.params["attributes"])["trans_a"] else lhs[1]
+      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * k
+    elif eqn.primitive.name == "ffi_call" and eqn.params["target_name"] == "mae_jax_MaeAttentionFwd":
+      b, t, _, h, hd = eqn.invars[0].aval.shape
+      total += 2 * (2.0 * b * h * t * t * hd)
     for p in eqn.params.values():
       for sub in (p if isinstance(p, (list, tuple)) else [p]):
         if isinstance(sub, jax.extend.core.ClosedJaxpr):
@@ -53,8 +62,14 @@ def _dot_flops(jaxpr) -> float:
   return total
 
 
+@pytest.fixture(params=["on", "off"], ids=["cpu_kernels", "xla"])
+def kernels(request, monkeypatch):
+  monkeypatch.setenv("MAE_JAX_CPU_KERNELS", request.param)
+  return request.param
+
+
 @pytest.mark.parametrize("blur_embed", ["none", "token"])
-def test_formula_counts_the_traced_matmuls(blur_embed):
+def test_formula_counts_the_traced_matmuls(blur_embed, kernels):
   spec = vit.ViTSpec(image_size=32, patch_size=8, in_chans=3, width=32, depth=2, num_heads=2)
   model = mae_lib.MAE(spec, decoder_width=16, decoder_depth=1, decoder_heads=2, mask_ratio=0.75,
                       blur_embed=blur_embed, rngs=nnx.Rngs(0))
@@ -69,7 +84,7 @@ def test_formula_counts_the_traced_matmuls(blur_embed):
   assert _dot_flops(jaxpr.jaxpr) / 2 == f - saved  # / 2: a batch of two images
 
 
-def test_simmim_formula_counts_the_traced_matmuls():
+def test_simmim_formula_counts_the_traced_matmuls(kernels):
   spec = vit.ViTSpec(image_size=32, patch_size=8, in_chans=1, width=32, depth=2, num_heads=2)
   model = mae_lib.SimMIM(spec, rngs=nnx.Rngs(0))
   jaxpr = jax.make_jaxpr(lambda x: model(x)[0])(jnp.zeros((1, 32, 32, 1)))
@@ -149,7 +164,8 @@ def test_levers_cli_micro(tmp_path):
     assert f"\n{lever} " in stdout and "changed is" in stdout.split(f"\n{lever} ")[1].splitlines()[0]
 
 
-@pytest.mark.parametrize("lever", ["attention_autodiff", "attention_dpa", "gelu_autodiff",
+@pytest.mark.parametrize("lever", ["no_cpu_kernels", "no_cpu_matmul", "no_cpu_attention",
+                                   "attention_autodiff", "attention_dpa", "gelu_autodiff",
                                    "layer_norm_autodiff", "remat", "bf16", "onednn_dots", "no_ynn"])
 def test_each_lever_changes_the_program_and_exact_ones_keep_the_loss(lever):
   """A lever that compiled to the committed program would measure nothing; every lever but bf16

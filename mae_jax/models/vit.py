@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mae_jax import cpu_kernels
 from mae_jax import patches as patch_lib
 
 # (width, depth, heads, patch) of the standard ViT sizes; `tiny` and `micro` are for tests and smoke runs.
@@ -134,12 +135,16 @@ def matmul_2d(lhs, rhs, dimension_numbers, precision=None, **kwargs):
   Same products and sums, so the results do not change.
   """
   (lc, rc), (lb, rb) = dimension_numbers
-  if (lhs.ndim <= 2 or rhs.ndim != 2 or lb or rb or tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,)
+  if (lhs.ndim < 2 or rhs.ndim != 2 or lb or rb or tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,)
       or kwargs.get("out_sharding") is not None):
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
   kwargs.pop("out_sharding", None)
-  out = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())),
-                            precision=precision, **kwargs)
+  x = lhs.reshape(-1, lhs.shape[-1])
+  if (lhs.dtype == rhs.dtype == jnp.float32 and kwargs.get("preferred_element_type") in (None, jnp.float32)
+      and cpu_kernels.use_for_matmul()):
+    out = cpu_kernels.dense(x, rhs)  # sgemm by MKL/OpenBLAS on a CPU (mae_jax/cpu_kernels)
+  else:
+    out = jax.lax.dot_general(x, rhs, (((1,), (0,)), ((), ())), precision=precision, **kwargs)
   return out.reshape(*lhs.shape[:-1], rhs.shape[1])
 
 
@@ -264,6 +269,8 @@ def attention(qkv):
       except Exception:  # cuDNN missing or too old (checked while tracing): the XLA path
         pass
     return jax.nn.dot_product_attention(q, k, v)
+  if qkv.dtype == jnp.float32 and cpu_kernels.use_for_attention():
+    return cpu_kernels.attention(qkv, qkv.shape[-1] ** -0.5)
   scale = jnp.asarray(qkv.shape[-1] ** -0.5, qkv.dtype)
   q = jnp.transpose(qkv[:, :, 0], (0, 2, 1, 3)) * scale  # (B, H, T, hd), one strided copy each
   k = jnp.transpose(qkv[:, :, 1], (0, 2, 1, 3))
