@@ -120,6 +120,18 @@ def test_model_takes_the_kernels_and_matches_the_xla_path(monkeypatch):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
+def test_vmap_runs_the_kernels_per_example():
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((3, 5, 7)).astype(np.float32)
+  w = rng.standard_normal((7, 4)).astype(np.float32)
+  got = jax.vmap(cpu_kernels.dense, in_axes=(0, None))(x, w)
+  np.testing.assert_allclose(np.asarray(got), x.astype(np.float64) @ w, rtol=1e-5, atol=1e-5)
+  qkv = rng.standard_normal((2, 1, 6, 3, 2, 4)).astype(np.float32)
+  got = jax.vmap(lambda q: cpu_kernels.attention(q, 0.5))(qkv)
+  want = np.stack([_torch_attention(q, np.zeros((1, 6, 2, 4), np.float32))[0] for q in qkv])
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
 def test_bfloat16_keeps_xla_kernels():
   """Only float32 takes the custom calls (bf16 is the accelerator path)."""
   from flax import nnx

@@ -210,6 +210,11 @@ def use_for_attention() -> bool:
   return enabled()
 
 
+# Under jax.vmap a custom call runs once per example (correct, if slower); nothing in mae_jax vmaps
+# a model, this only keeps a user's vmap from failing.
+_VMAP = "sequential"
+
+
 def _require():
   reason = load()
   if reason is not None:
@@ -222,7 +227,7 @@ def matmul(a, b, *, trans_a: bool = False, trans_b: bool = False):
   m = a.shape[1] if trans_a else a.shape[0]
   n = b.shape[0] if trans_b else b.shape[1]
   out = jax.ShapeDtypeStruct((m, n), jnp.float32)
-  return jax.ffi.ffi_call("mae_jax_MaeMatmul", out)(a, b, trans_a=np.int32(trans_a),
+  return jax.ffi.ffi_call("mae_jax_MaeMatmul", out, vmap_method=_VMAP)(a, b, trans_a=np.int32(trans_a),
                                                      trans_b=np.int32(trans_b))
 
 
@@ -256,13 +261,15 @@ def _attention_fwd(qkv, scale):
   out, lse = jax.ffi.ffi_call(
       "mae_jax_MaeAttentionFwd",
       (jax.ShapeDtypeStruct((b, t, h, hd), jnp.float32), jax.ShapeDtypeStruct((b, h, t), jnp.float32)),
+      vmap_method=_VMAP,
   )(qkv, scale=np.float32(scale))
   return out, (qkv, out, lse)
 
 
 def _attention_bwd(scale, res, dout):
   qkv, out, lse = res
-  dqkv = jax.ffi.ffi_call("mae_jax_MaeAttentionBwd", jax.ShapeDtypeStruct(qkv.shape, jnp.float32))(
+  dqkv = jax.ffi.ffi_call("mae_jax_MaeAttentionBwd", jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
+                          vmap_method=_VMAP)(
       qkv, out, lse, dout, scale=np.float32(scale))
   return (dqkv,)
 
