@@ -1,9 +1,9 @@
 """CPU custom calls for the step's two heaviest kernels: Linear matmuls and multi-head attention.
 
-Why: on a CPU, XLA's matmul library (YNNPACK) runs the ViT's linear layers at ~210 GFLOP/s where an
-optimised sgemm (OpenBLAS, MKL) runs them at ~265 on the same cores, and XLA:CPU has no fused
-attention, so softmax and its backward are separate passes over the (B, H, T, T) logits
-(docs/benchmarks.md). `kernels.cc` is a small XLA FFI library: a matmul that calls sgemm, and a
+Why: on the Intel CPU measured, XLA's matmul library (YNNPACK) runs the ViT's linear layers at
+~210 GFLOP/s where MKL's sgemm runs them at ~265 on the same cores (numpy's OpenBLAS: slower than
+YNNPACK), and XLA:CPU has no fused attention, so softmax and its backward are separate passes over
+the (B, H, T, T) logits (docs/benchmarks.md). `kernels.cc` is a small XLA FFI library: a matmul that calls sgemm, and a
 forward/backward attention that works one (batch, head) at a time on qkv's own (B, T, 3, H, hd)
 layout, both parallel over XLA's intra-op thread pool.
 
