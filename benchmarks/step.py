@@ -448,9 +448,9 @@ def trace_op_ms(trace_dir: str) -> dict[str, float]:
   return agg
 
 
-def hlo_ops(hlo_text: str) -> dict[str, str]:
-  """Instruction name -> its op_name metadata, for the entry computation of a compiled module; a
-  custom call's target is appended as `|target=NAME` (mae_jax.cpu_kernels' matmul and attention)."""
+def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """Instruction name -> (its op_name metadata, its custom-call target or ""), for the entry
+  computation of a compiled module (targets: mae_jax.cpu_kernels' matmul and attention)."""
   import re
   entry = hlo_text[hlo_text.find("\nENTRY"):]
   ops = {}
@@ -459,16 +459,15 @@ def hlo_ops(hlo_text: str) -> dict[str, str]:
     if m:
       meta = re.search(r'op_name="([^"]*)"', line)
       target = re.search(r'custom_call_target="([^"]*)"', line)
-      ops[m.group(1)] = (meta.group(1) if meta else "") + (f"|target={target.group(1)}" if target else "")
+      ops[m.group(1)] = (meta.group(1) if meta else "", target.group(1) if target else "")
   return ops
 
 
-def op_category(name: str, op_name: str) -> tuple[str, str]:
+def op_category(name: str, op_name: str, target: str = "") -> tuple[str, str]:
   """(what, phase) of one HLO op. phase: forward / backward (transpose of the forward) / update
   (everything outside the gradient: optimizer, finite check). what: attention or MLP (from the
   model's named scopes) or other, split into matmul and the rest; mae_jax.cpu_kernels' fused
   attention is its own category (its matmuls and softmax are one op)."""
-  op_name, _, target = op_name.partition("|target=")
   phase = "backward" if "transpose(" in op_name else ("forward" if "jvp(" in op_name else "update")
   if target.startswith("mae_jax_MaeAttention"):
     return "attention fused (cpu_kernels)", "backward" if target.endswith("Bwd") else "forward"
@@ -491,12 +490,13 @@ def jax_op_rows(per_instance: dict[str, float], hlo_text: str):
     if name not in ops:
       continue
     key = re.sub(r"(\.\d+)+$", "", name)
-    if "|target=" in ops[name]:  # custom calls by target, not all as "ffi_call"
-      key = f"{key}:{ops[name].rsplit('|target=', 1)[1]}"
+    op_name, target = ops[name]
+    if target:  # custom calls by target, not all as "ffi_call"
+      key = f"{key}:{target}"
     a = agg.setdefault(key, [0.0, 0])
     a[0] += ms
     a[1] += 1
-    what, phase = op_category(name, ops[name])
+    what, phase = op_category(name, op_name, target)
     c = cats.setdefault(what, {"forward": 0.0, "backward": 0.0, "update": 0.0})
     c[phase] += ms
   rows = [{"op": k, "ms_per_step": v[0], "count_per_step": v[1]} for k, v in agg.items()]

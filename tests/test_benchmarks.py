@@ -193,3 +193,22 @@ def test_scaling_cli_micro(tmp_path):
   assert set(res) == {"ViT-MICRO batch 2", "ViT-MICRO batch 4", "recipes"}
   assert "| ViT-MICRO batch 2 |" in stdout and "| d2mae (vs mae) |" in stdout
   assert res["ViT-MICRO batch 4"]["results"]["torch-official"]["images_per_s"] > 0
+
+
+def test_profile_categories_name_the_cpu_kernels():
+  """The per-op tables file the custom calls by target: matmul as matmul, attention as its own."""
+  from benchmarks import step
+  hlo = (
+      "HloModule m\n\nENTRY %main {\n"
+      '  %ffi_call.1 = f32[4,8]{1,0} custom-call(%a, %b), custom_call_target="mae_jax_MaeMatmul", '
+      'metadata={op_name="jit(train_step)/jvp(mlp)/ffi_call"}\n'
+      '  %ffi_call.2 = f32[2,5,2,4]{3,2,1,0} custom-call(%c), custom_call_target="mae_jax_MaeAttentionBwd", '
+      'metadata={op_name="jit(train_step)/transpose(jvp(attn))/ffi_call"}\n'
+      '  %add_fusion.3 = f32[4,8]{1,0} fusion(%x), kind=kLoop, metadata={op_name="jit(train_step)/jvp(mlp)/add"}\n'
+      "}\n")
+  rows, cats = step.jax_op_rows({"ffi_call.1": 2.0, "ffi_call.2": 3.0, "add_fusion.3": 1.0}, hlo)
+  assert {r["op"]: r["ms_per_step"] for r in rows} == {
+      "ffi_call:mae_jax_MaeMatmul": 2.0, "ffi_call:mae_jax_MaeAttentionBwd": 3.0, "add_fusion": 1.0}
+  assert cats["mlp matmul"]["forward"] == 2.0
+  assert cats["attention fused (cpu_kernels)"]["backward"] == 3.0
+  assert cats["mlp non-matmul"]["forward"] == 1.0

@@ -92,14 +92,20 @@ def _sgemm(folder: str) -> tuple[str, int]:
   return "OpenBLAS", ctypes.cast(blas.scipy_cblas_sgemm64_, ctypes.c_void_p).value
 
 
-def _cpu_tag() -> str:
-  """What `-march=native` depends on: the CPU model and its flags."""
+@functools.cache
+def _cpuinfo() -> list[str]:
+  """The first CPU's vendor, model name and flags lines of /proc/cpuinfo (empty elsewhere)."""
   try:
     with open("/proc/cpuinfo") as f:
-      info = [l for l in f.read().splitlines() if l.startswith(("model name", "flags"))][:2]
+      lines = f.read().split("\n\n", 1)[0].splitlines()
   except OSError:
-    info = []
-  return platform.machine() + "|" + "|".join(info)
+    return []
+  return [l for l in lines if l.startswith(("vendor_id", "model name", "flags"))]
+
+
+def _cpu_tag() -> str:
+  """What `-march=native` depends on: the CPU model and its flags."""
+  return platform.machine() + "|" + "|".join(_cpuinfo())
 
 
 def _build(folder: str) -> str:
@@ -186,13 +192,8 @@ def enabled() -> bool:
   return load() is None
 
 
-@functools.cache
 def _intel() -> bool:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return "GenuineIntel" in f.read(4096)
-  except OSError:
-    return False
+  return any("GenuineIntel" in l for l in _cpuinfo())
 
 
 # What the model asks (each a function so that benchmarks/levers.py can turn one off at a time).
@@ -227,8 +228,8 @@ def matmul(a, b, *, trans_a: bool = False, trans_b: bool = False):
   m = a.shape[1] if trans_a else a.shape[0]
   n = b.shape[0] if trans_b else b.shape[1]
   out = jax.ShapeDtypeStruct((m, n), jnp.float32)
-  return jax.ffi.ffi_call("mae_jax_MaeMatmul", out, vmap_method=_VMAP)(a, b, trans_a=np.int32(trans_a),
-                                                     trans_b=np.int32(trans_b))
+  call = jax.ffi.ffi_call("mae_jax_MaeMatmul", out, vmap_method=_VMAP)
+  return call(a, b, trans_a=np.int32(trans_a), trans_b=np.int32(trans_b))
 
 
 @jax.custom_vjp
@@ -268,9 +269,9 @@ def _attention_fwd(qkv, scale):
 
 def _attention_bwd(scale, res, dout):
   qkv, out, lse = res
-  dqkv = jax.ffi.ffi_call("mae_jax_MaeAttentionBwd", jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
-                          vmap_method=_VMAP)(
-      qkv, out, lse, dout, scale=np.float32(scale))
+  call = jax.ffi.ffi_call("mae_jax_MaeAttentionBwd", jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
+                          vmap_method=_VMAP)
+  dqkv = call(qkv, out, lse, dout, scale=np.float32(scale))
   return (dqkv,)
 
 

@@ -255,7 +255,8 @@ def attention(qkv):
   """Multi-head softmax(q·kᵀ/√hd)·v of a fused projection qkv (B, T, 3, H, hd) -> (B, T, H, hd).
 
   On GPU: `jax.nn.dot_product_attention` (cuDNN's fused flash attention for 16-bit inputs).
-  Elsewhere `_attention_core`, an explicit form with a written-out backward that XLA:CPU runs
+  On a one-device CPU in float32: `cpu_kernels.attention`, one fused custom call per direction that
+  reads qkv in place. Elsewhere (bf16 on CPU, sharded CPU meshes) `_attention_core`, an explicit form with a written-out backward that XLA:CPU runs
   faster than autodiff or the XLA path of `jax.nn.dot_product_attention` (docs/benchmarks.md):
   q, k, v each copied once to head-major (B, H, T, hd), the 1/√hd scale folded into that copy of q
   (T·hd values, not T·T). The logits, softmax and its sums are float32 for any compute dtype.
