@@ -74,8 +74,9 @@ def _remat():
   from flax import nnx
   from mae_jax.models import vit
   call = vit.Block.__call__
-  remat_call = nnx.remat(lambda blk, x, key: call(blk, x, key))
-  return _patched(vit.Block, "__call__", lambda self, x, key=None: remat_call(self, x, key))
+  remat_call = nnx.remat(lambda blk, x, key, rows: call(blk, x, key, rows))
+  return _patched(vit.Block, "__call__",
+                  lambda self, x, key=None, rows=None: remat_call(self, x, key, rows))
 
 
 @contextlib.contextmanager
@@ -86,6 +87,15 @@ def _patched(module, name, value):
     yield
   finally:
     setattr(module, name, old)
+
+
+def _full_decoder_tail():
+  """The decoder's last block, norm and head on every token in the train step (not only the
+  masked ones the loss reads)."""
+  from mae_jax.models import mae
+  call = mae.MAE.__call__
+  return _patched(mae.MAE, "__call__",
+                  lambda self, *a, return_pred=True, **k: call(self, *a, return_pred=True, **k))
 
 
 def _no_cpu_kernels(*which):
@@ -118,6 +128,8 @@ LEVERS = {
                       lambda: _no_cpu_kernels("use_for_matmul"), {}, None),
     "no_cpu_attention": ("XLA's attention (cpu_kernels matmuls kept)",
                          lambda: _no_cpu_kernels("use_for_attention"), {}, None),
+    "full_decoder_tail": ("the decoder's last block and head on all tokens, not only the masked "
+                          "ones the loss reads", _full_decoder_tail, {}, None),
     "attention_autodiff": ("XLA's attention with its backward by autodiff (dv = pᵀ·dout, dk = dsᵀ·q)",
                            _and(_XLA_ATTENTION, _attention_autodiff), {}, None),
     "attention_dpa": ("jax.nn.dot_product_attention (its XLA path) instead of the fused attention",

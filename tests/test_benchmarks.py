@@ -164,7 +164,7 @@ def test_levers_cli_micro(tmp_path):
     assert f"\n{lever} " in stdout and "changed is" in stdout.split(f"\n{lever} ")[1].splitlines()[0]
 
 
-@pytest.mark.parametrize("lever", ["no_cpu_kernels", "no_cpu_matmul", "no_cpu_attention",
+@pytest.mark.parametrize("lever", ["no_cpu_kernels", "no_cpu_matmul", "no_cpu_attention", "full_decoder_tail",
                                    "attention_autodiff", "attention_dpa", "gelu_autodiff",
                                    "layer_norm_autodiff", "remat", "bf16", "onednn_dots", "no_ynn"])
 def test_each_lever_changes_the_program_and_exact_ones_keep_the_loss(lever):

@@ -122,3 +122,50 @@ def test_patch_embedding_bias_keeps_torch_conv2d_default_init(in_chans, patch):
                                   num_heads=4), rngs=nnx.Rngs(0), **DEC)
   b = np.asarray(model.encoder.patch_embed.proj.bias[...])
   assert np.count_nonzero(b) == 64 and np.abs(b).max() <= 1 / 8
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_training_form_gives_the_official_loss_and_gradients(norm_pix):
+  """`return_pred=False` (the train step's call) runs the decoder's last block, norm and head on the
+  masked tokens only; the loss and every parameter's gradient still equal the official model's
+  (benchmarks/official_mae_peer.py, timm blocks, autograd in torch)."""
+  import torch
+
+  from benchmarks.official_mae_peer import OfficialStyleMAE
+
+  spec = vit.ViTSpec(image_size=32, patch_size=8, in_chans=1, width=32, depth=2, num_heads=2)
+  model = mae_lib.MAE(spec, decoder_width=16, decoder_depth=2, decoder_heads=2, mask_ratio=0.75,
+                      norm_pix_loss=norm_pix, rngs=nnx.Rngs(3))
+  sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in export.mae_state_dict(model).items()}
+  peer = OfficialStyleMAE(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                          decoder_embed_dim=16, decoder_depth=2, decoder_num_heads=2,
+                          norm_pix_loss=norm_pix)
+  peer.load_state_dict(sd, strict=True)
+  rng = np.random.default_rng(1)
+  images = rng.normal(size=(3, 32, 32, 1)).astype(np.float32)
+  noise = rng.uniform(size=(3, spec.num_patches)).astype(np.float32)
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  def loss_fn(params, return_pred):
+    out = nnx.merge(graphdef, params, rest)(jnp.asarray(images), noise=jnp.asarray(noise),
+                                            return_pred=return_pred)
+    assert (out[1] is None) == (not return_pred)
+    return out[0]
+  loss, grads = jax.value_and_grad(loss_fn)(params, False)
+  assert abs(float(loss) - float(loss_fn(params, True))) <= 1e-6
+  # The head really runs on the 3 × 12 masked tokens: its product is (36, 64), not (48, 64).
+  text = str(jax.make_jaxpr(lambda p: loss_fn(p, False))(params))
+  assert "f32[36,64]" in text and "f32[48,64]" not in text
+
+  t_loss = peer(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), noise=torch.from_numpy(noise))[0]
+  t_loss.backward()
+  assert abs(float(loss) - t_loss.item()) <= 1e-5
+  ours = export.mae_state_dict(nnx.merge(graphdef, grads, rest))  # gradients under torch's names
+  checked = 0
+  for name, p in peer.named_parameters():
+    if p.grad is None:
+      continue
+    want = p.grad.numpy()
+    np.testing.assert_allclose(ours[name], want, atol=1e-5 + 1e-4 * np.abs(want).max(), err_msg=name)
+    checked += 1
+  assert checked >= 30

@@ -33,6 +33,12 @@ def keep_indices(noise, mask_ratio: float):
   return ids_shuffle[:, :len_keep], ids_restore >= len_keep, ids_restore
 
 
+def removed_indices(noise, mask_ratio: float):
+  """The removed (masked) patch indices (N, L - len_keep) int32, in MAE's shuffled order: the
+  patches where `keep_indices`' mask is True."""
+  return shuffle_from_noise(noise)[0][:, num_kept(noise.shape[1], mask_ratio):]
+
+
 def random_masking(x, mask_ratio: float, noise):
   """MAE random masking of tokens x (N, L, D) driven by noise (N, L).
 

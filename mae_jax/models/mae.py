@@ -97,7 +97,10 @@ class MAE(nnx.Module):
       return self.encoder.transform(x, ids_keep=ids_keep), mask, ids_restore
     return self.encoder.transform(x), mask, ids_restore
 
-  def forward_decoder(self, latent, ids_restore):
+  def forward_decoder(self, latent, ids_restore, rows=None):
+    """Predicted patches (N, L, p·p·C) in patch order; with `rows` (N, R) of patch indices, the
+    prediction at those patches only, (N, R, p·p·C), the last block after its attention, the norm
+    and the head running on R tokens (every token still serves as key and value)."""
     p = self.num_prefix
     y = self.decoder_embed(latent)
     n, _, dd = y.shape
@@ -110,26 +113,44 @@ class MAE(nnx.Module):
     if p == 2:
       pos = jnp.concatenate([pos[:, :1], jnp.zeros_like(pos[:, :1]), pos[:, 1:]], axis=1)
     y = y + pos.astype(y.dtype)
-    for blk in self.decoder_blocks:
+    blocks = list(self.decoder_blocks)
+    for blk in blocks[:-1]:
       y = blk(y)
-    y = self.decoder_norm(y)
-    return self.decoder_pred(y)[:, p:]
+    if rows is None:
+      y = blocks[-1](y)[:, p:] if blocks else y[:, p:]
+    else:
+      y = blocks[-1](y, rows=rows + p) if blocks else vit.take_rows(y, rows + p)
+    return self.decoder_pred(self.decoder_norm(y))
 
-  def __call__(self, images, *, target=None, noise=None, key=None, mask_ratio=None, blur_t=None):
+  def __call__(self, images, *, target=None, noise=None, key=None, mask_ratio=None, blur_t=None,
+               return_pred: bool = True):
     """images: the (possibly corrupted) normalised input; target: the normalised clean image the
-    loss compares to (defaults to `images`, i.e. plain MAE)."""
+    loss compares to (defaults to `images`, i.e. plain MAE).
+
+    return_pred=False (the training step): pred comes back as None, and with the loss on masked
+    patches the decoder's last block, norm and head then run on the masked tokens only: the visible
+    tokens' predictions enter the official loss with weight 0, so the loss and every gradient are
+    the same, for ~1/4 of the last block's and the head's work less (docs/benchmarks.md).
+    """
     mask_ratio = self.mask_ratio if mask_ratio is None else mask_ratio
     if noise is None:
       if key is None:
         raise ValueError("pass either the masking noise or a PRNG key")
       noise = masking.random_mask_from_key(key, images.shape[0], self.spec.num_patches)
     latent, mask, ids_restore = self.forward_encoder(images, noise, mask_ratio, blur_t)
-    pred = self.forward_decoder(latent, ids_restore).astype(jnp.float32)
     target = images if target is None else target
     target_patches = patch_lib.patchify(target.astype(jnp.float32), self.spec.patch_size)
+    if not return_pred and self.loss_on == "masked":
+      removed = masking.removed_indices(noise, mask_ratio)
+      pred = self.forward_decoder(latent, ids_restore, rows=removed).astype(jnp.float32)
+      # The mean over the removed patches: sum(per-patch · mask) / sum(mask) of the official loss.
+      loss = losses.patch_mse(pred, vit.take_rows(target_patches, removed), None,
+                              norm_pix=self.norm_pix_loss)
+      return loss, None, mask
+    pred = self.forward_decoder(latent, ids_restore).astype(jnp.float32)
     loss = losses.patch_mse(pred, target_patches, mask if self.loss_on == "masked" else None,
                             norm_pix=self.norm_pix_loss)
-    return loss, pred, mask
+    return loss, (pred if return_pred else None), mask
 
 
 class SimMIM(nnx.Module):

@@ -245,10 +245,12 @@ class Attention(nnx.Module):
     self.proj = _dense(dim, dim, dtype=dtype, rngs=rngs)
 
   @jax.named_scope("attn")  # names the ops in profiles (docs/benchmarks.md)
-  def __call__(self, x):
+  def __call__(self, x, rows=None):
+    """rows (N, R): the output at these token indices only (every token is still a key/value)."""
     b, n, d = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-    return self.proj(attention(qkv).reshape(b, n, d))
+    out = attention(qkv).reshape(b, n, d)
+    return self.proj(out if rows is None else take_rows(out, rows))
 
 
 def attention(qkv):
@@ -354,11 +356,20 @@ class Block(nnx.Module):
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
     self.drop_path_rate = drop_path_rate
 
-  def __call__(self, x, key=None):
+  def __call__(self, x, key=None, rows=None):
+    """rows (N, R): the block's output at these token indices only, (N, R, D). The same numbers as
+    `take_rows(block(x), rows)`: attention still reads every token as key and value, and all that
+    follows it (projection, residuals, MLP) acts on each token alone, so it runs on R rows."""
     k1, k2 = jax.random.split(key) if key is not None else (None, None)
-    x = x + drop_path(k1, self.attn(self.norm1(x)), self.drop_path_rate)
+    a = self.attn(self.norm1(x), rows=rows)
+    x = (x if rows is None else take_rows(x, rows)) + drop_path(k1, a, self.drop_path_rate)
     x = x + drop_path(k2, self.mlp(self.norm2(x)), self.drop_path_rate)
     return x
+
+
+def take_rows(x, rows):
+  """x (N, T, D) at per-example token indices rows (N, R) -> (N, R, D)."""
+  return jnp.take_along_axis(x, rows[:, :, None], axis=1)
 
 
 class Encoder(nnx.Module):

@@ -49,7 +49,7 @@ def make_loss_fn(config, graphdef, mean: float, std: float):
     k_corrupt, k_mask = jax.random.split(key)
     x01, inputs01, kwargs = recipes.augment_and_corrupt(config, k_corrupt, x01, zoom)
     loss, _, mask = model(normalize(inputs01, mean, std), target=normalize(x01, mean, std),
-                          key=k_mask, **kwargs)
+                          key=k_mask, return_pred=False, **kwargs)
     return loss, {"mask_fraction": mask.mean()}
 
   return loss_fn
