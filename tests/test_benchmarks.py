@@ -98,16 +98,12 @@ def test_official_peer_gives_our_loss(tmp_path, norm_pix):
   same images and masking noise, gives the project's loss and prediction."""
   import torch
 
-  from benchmarks.official_mae_peer import OfficialStyleMAE, sincos_table
-  from mae_jax import export
+  from benchmarks.official_mae_peer import sincos_table
+  from tests import torch_refs
 
-  spec = vit.ViTSpec(image_size=32, patch_size=8, in_chans=1, width=32, depth=2, num_heads=2)
-  model = mae_lib.MAE(spec, decoder_width=16, decoder_depth=1, decoder_heads=2, mask_ratio=0.75,
-                      norm_pix_loss=norm_pix, rngs=nnx.Rngs(1))
-  sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in export.mae_state_dict(model).items()}
-  peer = OfficialStyleMAE(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=2,
-                          decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
-                          norm_pix_loss=norm_pix).eval()
+  spec, model, sd, peer = torch_refs.micro_mae_and_official_peer(decoder_depth=1, norm_pix=norm_pix,
+                                                                 seed=1)
+  peer = peer.eval()
   # Its own fixed tables equal ours before loading (an independent sin-cos implementation).
   np.testing.assert_allclose(peer.pos_embed.detach().numpy()[0], sd["pos_embed"].numpy()[0], atol=1e-6)
   np.testing.assert_allclose(sincos_table(16, 4), sd["decoder_pos_embed"].numpy()[0], atol=1e-6)

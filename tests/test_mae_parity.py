@@ -131,15 +131,8 @@ def test_training_form_gives_the_official_loss_and_gradients(norm_pix):
   (benchmarks/official_mae_peer.py, timm blocks, autograd in torch)."""
   import torch
 
-  from benchmarks.official_mae_peer import OfficialStyleMAE
-
-  spec = vit.ViTSpec(image_size=32, patch_size=8, in_chans=1, width=32, depth=2, num_heads=2)
-  model = mae_lib.MAE(spec, decoder_width=16, decoder_depth=2, decoder_heads=2, mask_ratio=0.75,
-                      norm_pix_loss=norm_pix, rngs=nnx.Rngs(3))
-  sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in export.mae_state_dict(model).items()}
-  peer = OfficialStyleMAE(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=2,
-                          decoder_embed_dim=16, decoder_depth=2, decoder_num_heads=2,
-                          norm_pix_loss=norm_pix)
+  spec, model, sd, peer = torch_refs.micro_mae_and_official_peer(decoder_depth=2, norm_pix=norm_pix,
+                                                                 seed=3)
   peer.load_state_dict(sd, strict=True)
   rng = np.random.default_rng(1)
   images = rng.normal(size=(3, 32, 32, 1)).astype(np.float32)

@@ -57,3 +57,25 @@ def hf_vitmae(spec, *, decoder_width, decoder_depth, decoder_heads, mask_ratio, 
       attention_probs_dropout_prob=0.0)
   model = ViTMAEForPreTraining(cfg).eval()
   return model
+
+
+def micro_mae_and_official_peer(*, decoder_depth: int, norm_pix: bool, seed: int):
+  """Our MAE at a micro size (32 px, patch 8, one channel, encoder 32 × 2, decoder 16 × depth, two
+  heads each) and the timm-built official-style peer (`benchmarks/official_mae_peer.py`) of the same
+  size, with our weights exported under the official names as torch tensors (not loaded yet, so
+  that the peer's own tables can be compared first). Returns (spec, model, state_dict, peer)."""
+  from flax import nnx
+
+  from benchmarks.official_mae_peer import OfficialStyleMAE
+  from mae_jax import export
+  from mae_jax.models import mae as mae_lib
+  from mae_jax.models import vit
+
+  spec = vit.ViTSpec(image_size=32, patch_size=8, in_chans=1, width=32, depth=2, num_heads=2)
+  model = mae_lib.MAE(spec, decoder_width=16, decoder_depth=decoder_depth, decoder_heads=2,
+                      mask_ratio=0.75, norm_pix_loss=norm_pix, rngs=nnx.Rngs(seed))
+  sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in export.mae_state_dict(model).items()}
+  peer = OfficialStyleMAE(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                          decoder_embed_dim=16, decoder_depth=decoder_depth, decoder_num_heads=2,
+                          norm_pix_loss=norm_pix)
+  return spec, model, sd, peer
