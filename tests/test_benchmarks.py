@@ -79,8 +79,9 @@ def test_formula_counts_the_traced_matmuls(blur_embed, kernels):
   prefix = 2 if blur_embed == "token" else 1
   f = flops.mae_forward_flops(image_size=32, patch_size=8, in_chans=3, width=32, depth=2,
                               decoder_width=16, decoder_depth=1, mask_ratio=0.75, num_prefix=prefix)
-  # The formula counts the official model, which embeds all L patches; ours embeds the K kept ones.
-  saved = 2.0 * (16 - 4) * (8 * 8 * 3) * 32
+  # The formula counts the official model, which embeds all L patches (ours embeds the K kept ones)
+  # and runs the head on the prefix tokens too before dropping them (ours drops them first).
+  saved = 2.0 * (16 - 4) * (8 * 8 * 3) * 32 + 2.0 * prefix * 16 * (8 * 8 * 3)
   assert _dot_flops(jaxpr.jaxpr) / 2 == f - saved  # / 2: a batch of two images
 
 
