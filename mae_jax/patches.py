@@ -19,6 +19,12 @@ def patchify(images, patch_size: int):
   return x.reshape(n, h * w, p * p * c)
 
 
+def take_tokens(x, ids):
+  """x (N, T, D) at per-example token indices ids (N, R) -> (N, R, D): MAE's kept tokens, its
+  unshuffle, the masked tokens of the train step's decoder tail."""
+  return jnp.take_along_axis(x, ids[:, :, None], axis=1)
+
+
 def unpatchify(tokens, patch_size: int, grid_hw: tuple[int, int], channels: int):
   """(N, h*w, p*p*C) -> (N, H, W, C); the inverse of `patchify`."""
   n = tokens.shape[0]

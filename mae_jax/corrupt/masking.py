@@ -3,6 +3,8 @@
 import jax
 import jax.numpy as jnp
 
+from mae_jax import patches
+
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
   # The official model uses int(L * (1 - ratio)): truncation, not rounding.
@@ -45,7 +47,7 @@ def random_masking(x, mask_ratio: float, noise):
   Returns (x_kept (N, len_keep, D), mask (N, L) with 1 = removed, ids_restore (N, L)).
   """
   ids_keep, mask, ids_restore = keep_indices(noise, mask_ratio)
-  x_kept = jnp.take_along_axis(x, ids_keep[:, :, None], axis=1)
+  x_kept = patches.take_tokens(x, ids_keep)
   return x_kept, mask.astype(x.dtype), ids_restore
 
 

@@ -240,7 +240,7 @@ class Encoder(nnx.Module):
 
   def embed_kept(self, images, ids_keep):
     patches = patch_lib.patchify(images.astype(self.dtype), self.spec.patch_size)
-    return self.patch_embed.proj(jnp.take_along_axis(patches, ids_keep[:, :, None], axis=1))
+    return self.patch_embed.proj(patch_lib.take_tokens(patches, ids_keep))
 
   def cls(self, batch: int):
     return jnp.broadcast_to(self.cls_token[...].astype(self.dtype), (batch, 1, self.spec.width))

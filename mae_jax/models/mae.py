@@ -107,7 +107,7 @@ class MAE(nnx.Module):
     num_mask = ids_restore.shape[1] + p - y.shape[1]
     mask_tokens = jnp.broadcast_to(self.mask_token[...].astype(y.dtype), (n, num_mask, dd))
     y_ = jnp.concatenate([y[:, p:], mask_tokens], axis=1)
-    y_ = jnp.take_along_axis(y_, ids_restore[:, :, None], axis=1)
+    y_ = patch_lib.take_tokens(y_, ids_restore)
     y = jnp.concatenate([y[:, :p], y_], axis=1)
     pos = self.decoder_pos_embed[...]
     if p == 2:
@@ -119,7 +119,7 @@ class MAE(nnx.Module):
     if rows is None:
       y = blocks[-1](y)[:, p:] if blocks else y[:, p:]
     else:
-      y = blocks[-1](y, rows=rows + p) if blocks else vit.take_rows(y, rows + p)
+      y = blocks[-1](y, rows=rows + p) if blocks else patch_lib.take_tokens(y, rows + p)
     return self.decoder_pred(self.decoder_norm(y))
 
   def __call__(self, images, *, target=None, noise=None, key=None, mask_ratio=None, blur_t=None,
@@ -144,7 +144,7 @@ class MAE(nnx.Module):
       removed = masking.removed_indices(noise, mask_ratio)
       pred = self.forward_decoder(latent, ids_restore, rows=removed).astype(jnp.float32)
       # The mean over the removed patches: sum(per-patch · mask) / sum(mask) of the official loss.
-      loss = losses.patch_mse(pred, vit.take_rows(target_patches, removed), None,
+      loss = losses.patch_mse(pred, patch_lib.take_tokens(target_patches, removed), None,
                               norm_pix=self.norm_pix_loss)
       return loss, None, mask
     pred = self.forward_decoder(latent, ids_restore).astype(jnp.float32)

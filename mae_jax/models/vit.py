@@ -250,7 +250,7 @@ class Attention(nnx.Module):
     b, n, d = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
     out = attention(qkv).reshape(b, n, d)
-    return self.proj(out if rows is None else take_rows(out, rows))
+    return self.proj(out if rows is None else patch_lib.take_tokens(out, rows))
 
 
 def attention(qkv):
@@ -358,18 +358,13 @@ class Block(nnx.Module):
 
   def __call__(self, x, key=None, rows=None):
     """rows (N, R): the block's output at these token indices only, (N, R, D). The same numbers as
-    `take_rows(block(x), rows)`: attention still reads every token as key and value, and all that
+    `patch_lib.take_tokens(block(x), rows)`: attention still reads every token as key and value, and all that
     follows it (projection, residuals, MLP) acts on each token alone, so it runs on R rows."""
     k1, k2 = jax.random.split(key) if key is not None else (None, None)
     a = self.attn(self.norm1(x), rows=rows)
-    x = (x if rows is None else take_rows(x, rows)) + drop_path(k1, a, self.drop_path_rate)
+    x = (x if rows is None else patch_lib.take_tokens(x, rows)) + drop_path(k1, a, self.drop_path_rate)
     x = x + drop_path(k2, self.mlp(self.norm2(x)), self.drop_path_rate)
     return x
-
-
-def take_rows(x, rows):
-  """x (N, T, D) at per-example token indices rows (N, R) -> (N, R, D)."""
-  return jnp.take_along_axis(x, rows[:, :, None], axis=1)
 
 
 class Encoder(nnx.Module):
@@ -403,7 +398,7 @@ class Encoder(nnx.Module):
     patches first gives the same tokens while MAE (K = L/4) embeds a quarter of them.
     """
     patches = patch_lib.patchify(images.astype(self.dtype), self.spec.patch_size)
-    patches = jnp.take_along_axis(patches, ids_keep[:, :, None], axis=1)
+    patches = patch_lib.take_tokens(patches, ids_keep)
     pos = jnp.take(self.pos_embed[...][0, 1:], ids_keep, axis=0)
     return self.patch_embed.proj(patches) + pos.astype(self.dtype)
 
