@@ -343,11 +343,14 @@ class Restored:
 
 
 class _QuietAbandonedReads(logging.Filter):
-  """asyncio's 'Future exception was never retrieved' records for the reads of a checkpoint whose
-  restore already failed (and was reported in one line): the same error once per array."""
+  """asyncio's 'Future/Task exception was never retrieved' records for the reads of a checkpoint
+  whose restore already failed (and was reported in one line): the same error once per array.
+  Which of the two asyncio logs depends on whether a read was still a bare future or already a
+  task when the restore gave up."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (isinstance(record.msg, str) and record.msg.startswith("Future exception was never retrieved"))
+    return not (isinstance(record.msg, str) and record.msg.startswith(
+        ("Future exception was never retrieved", "Task exception was never retrieved")))
 
 
 def _quiet_closed_loops() -> None:
