@@ -88,426 +88,38 @@ Freshness and atomicity
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import os
 import pathlib
-import re
 import shutil
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from mae_jax.data import dicom, groups
+from mae_jax.data.folder_read import (_printable, _read_image, _read_mask, _Skip, deserialize_record,
+                                      read_gray, serialize_record)
+from mae_jax.data.folder_scan import (_IMAGE_DIRS, _MASK_DIRS, _NO_GROUP, _SPLIT_ALIASES, FORMAT,
+                                      IMAGE_EXTENSIONS, SPLITS, _discover_labelled, _discover_segment,
+                                      _Item, _list_files, _rel, check_layout, describe_change,
+                                      enhance_layout, fingerprint_digest, source_fingerprint)
 
 __all__ = [
     "build_folder_dataset", "folder_source", "FolderSource", "IMAGE_EXTENSIONS", "SPLITS",
-    "source_fingerprint", "fingerprint_digest", "describe_change",
+    "source_fingerprint", "fingerprint_digest", "describe_change", "check_layout", "enhance_layout",
+    "read_gray", "serialize_record", "deserialize_record", "split_summary",
 ]
 
 log = logging.getLogger("mae_jax")
 
-FORMAT = "mae_jax.folder/v1"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
-SPLITS = ("train", "validation", "test")
-_SPLIT_ALIASES = {
-    "train": "train", "training": "train",
-    "validation": "validation", "val": "validation", "valid": "validation",
-    "test": "test", "testing": "test",
-}
-_IMAGE_DIRS = ("images", "image")
-_MASK_DIRS = ("masks", "mask")
-_MASK_STEM = re.compile(r"^(?P<base>.+)_mask(?:_\d+)?$", re.IGNORECASE)
-_NO_GROUP = "unspecified"
 _MAX_MASK_CLASSES = 64
-_BUILD_KEYS = ("root", "task", "image_size", "split_seed", "split_ratio", "min_size", "binarize_masks")
-
-
-class _Skip(Exception):
-  """A file that cannot be used; the message is the reason written to the report."""
-
-
-# --------------------------------------------------------------------------------------------
-# Reading one file
-# --------------------------------------------------------------------------------------------
-
-
-def _open_first_frame(path: pathlib.Path) -> tuple[Image.Image, list[str]]:
-  notes: list[str] = []
-  try:
-    size = path.stat().st_size
-  except OSError as e:
-    raise _Skip(f"cannot stat: {e}") from None
-  if size == 0:
-    raise _Skip("empty file (0 bytes)")
-  try:
-    im = Image.open(path)
-  except UnidentifiedImageError:
-    raise _Skip("not a readable image (PIL cannot identify the format)") from None
-  except Image.DecompressionBombError as e:
-    raise _Skip(f"too large to decode (decompression-bomb guard): {e}") from None
-  except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
-    raise _Skip(f"cannot open: {type(e).__name__}: {e}") from None
-  # PIL only refuses images over twice its limit; between one and two times it warns and decodes
-  # (a 12000x12000 header costs 144 MB per decode, and pass 2 decodes again): refuse those too.
-  w, h = im.size
-  if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
-    im.close()
-    raise _Skip(f"too large to decode (decompression-bomb guard): {w}x{h} = {w * h} pixels, over "
-                f"PIL's limit of {Image.MAX_IMAGE_PIXELS} (Image.MAX_IMAGE_PIXELS)")
-  try:
-    frames = int(getattr(im, "n_frames", 1))
-    if frames > 1:
-      im.seek(0)
-      notes.append(f"multi-frame ({frames} frames): first frame used")
-    im.load()
-  except Exception as e:  # noqa: BLE001
-    im.close()
-    raise _Skip(f"truncated or corrupt image: {type(e).__name__}: {e}") from None
-  return im, notes
-
-
-def _image_to_gray8(im: Image.Image) -> tuple[np.ndarray, list[str]]:
-  mode = im.mode
-  if mode == "L":
-    return np.asarray(im, dtype=np.uint8), []
-  if mode.startswith("I;16") or mode in ("I", "F"):
-    a = np.asarray(im).astype(np.float64)
-    lo, hi = float(a.min()), float(a.max())
-    kind = {"I": "32-bit integer", "F": "floating-point"}.get(mode, "16-bit")
-    if hi > lo:
-      out = np.round((a - lo) / (hi - lo) * 255.0).astype(np.uint8)
-    else:
-      out = np.zeros(a.shape, np.uint8)
-    return out, [f"{kind} ({mode}): min-max scaled from [{lo:g}, {hi:g}] to [0, 255]"]
-  if mode == "1":
-    return np.asarray(im.convert("L"), dtype=np.uint8), ["1-bit: mapped to {0, 255}"]
-  if mode in ("LA", "La"):
-    return np.asarray(im.getchannel(0), dtype=np.uint8), [f"{mode}: alpha channel dropped"]
-  if mode in ("P", "PA"):
-    has_alpha = mode == "PA" or "transparency" in im.info
-    rgb = im.convert("RGBA").convert("RGB") if has_alpha else im.convert("RGB")
-    note = "palette with transparency: alpha dropped, luminance" if has_alpha else "palette: luminance"
-    return np.asarray(rgb.convert("L"), dtype=np.uint8), [note + " (ITU-R 601)"]
-  if mode in ("RGBA", "RGBa"):
-    return (np.asarray(im.convert("RGB").convert("L"), dtype=np.uint8),
-            [f"{mode}: alpha channel dropped, luminance (ITU-R 601)"])
-  try:
-    rgb = im if mode == "RGB" else im.convert("RGB")
-    return np.asarray(rgb.convert("L"), dtype=np.uint8), [f"{mode}: luminance (ITU-R 601)"]
-  except Exception as e:  # noqa: BLE001
-    raise _Skip(f"unsupported image mode {mode}: {e}") from None
-
-
-def _mask_to_values(im: Image.Image) -> tuple[np.ndarray, list[str]]:
-  mode = im.mode
-  if mode in ("L", "P") or mode.startswith("I"):
-    a = np.asarray(im)
-    return a.astype(np.int64), []
-  if mode == "1":
-    return np.asarray(im.convert("L")).astype(np.int64), []
-  if mode in ("LA", "La", "PA"):
-    return np.asarray(im.getchannel(0)).astype(np.int64), [f"mask {mode}: alpha dropped"]
-  if mode == "F":
-    a = np.asarray(im)
-    if not np.all(np.mod(a, 1) == 0):
-      raise _Skip("floating-point mask with non-integer values")
-    return a.astype(np.int64), []
-  rgb = im.convert("RGB") if mode != "RGB" else im
-  return np.asarray(rgb.convert("L")).astype(np.int64), [f"mask {mode}: luminance of each colour used as its value"]
-
-
-def _read_image(path: pathlib.Path, min_size: int) -> tuple[np.ndarray, list[str]]:
-  im, notes = _open_first_frame(path)
-  with im:
-    w, h = im.size
-    if min(w, h) < min_size:
-      raise _Skip(f"too small ({w}x{h}; min_size={min_size})")
-    a, conv = _image_to_gray8(im)
-  return a, notes + conv
-
-
-def _read_mask(paths: list[pathlib.Path], shape: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
-  merged = None
-  notes: list[str] = []
-  for p in paths:
-    try:
-      im, n = _open_first_frame(p)
-    except _Skip as e:
-      raise _Skip(f"mask {p.name}: {e}") from None
-    with im:
-      if (im.size[1], im.size[0]) != shape:
-        raise _Skip(f"mask {p.name} is {im.size[0]}x{im.size[1]}, image is {shape[1]}x{shape[0]}")
-      a, c = _mask_to_values(im)
-    notes += [f"mask {p.name}: {x}" for x in n] + c
-    merged = a if merged is None else np.maximum(merged, a)
-  if len(paths) > 1:
-    notes.append(f"{len(paths)} masks merged by pixel-wise maximum")
-  return merged, notes
-
-
-# --------------------------------------------------------------------------------------------
-# Discovering items
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Item:
-  path: pathlib.Path
-  rel: str
-  group: str | None  # organ (pretrain) or class (classify / segment)
-  split: str | None  # from split folders, else None
-  masks: list[pathlib.Path] = field(default_factory=list)
-  notes: list[str] = field(default_factory=list)
-  mask_values: np.ndarray | None = None
-
-
-def _rel(p: pathlib.Path, root: pathlib.Path) -> str:
-  return p.relative_to(root).as_posix()
-
-
-def _list_files(top: pathlib.Path) -> list[pathlib.Path]:
-  out = []
-  for dirpath, dirnames, filenames in os.walk(top):
-    dirnames.sort()
-    for f in sorted(filenames):
-      out.append(pathlib.Path(dirpath) / f)
-  return out
-
-
-def _is_image_name(p: pathlib.Path) -> bool:
-  return p.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def _screen(files, root, skipped) -> list[pathlib.Path]:
-  """Drop hidden files and non-image extensions (recorded as skipped)."""
-  keep = []
-  for p in files:
-    rel = _rel(p, root)
-    if any(part.startswith(".") for part in pathlib.PurePosixPath(rel).parts):
-      skipped.append({"path": rel, "reason": "hidden file"})
-    elif not _is_image_name(p):
-      skipped.append({"path": rel, "reason": f"not an image file extension ({p.suffix or 'none'})"})
-    else:
-      keep.append(p)
-  return keep
-
-
-def source_fingerprint(root) -> dict[str, list[int]]:
-  """Relative path → [size, mtime_ns] of every file the conversion may read, [] per folder.
-
-  The rules for what is left out (hidden entries, non-image extensions) are those of
-  ``_screen``, so only a change that can alter a record changes the fingerprint. Folders
-  behind symbolic links are not entered, as in the conversion's own walk."""
-  root = pathlib.Path(root)
-  out: dict[str, list[int]] = {}
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-    d = pathlib.Path(dirpath)
-    rel_dir = _rel(d, root)
-    if rel_dir != ".":
-      out[rel_dir + "/"] = []
-    for f in sorted(filenames):
-      p = d / f
-      if f.startswith(".") or not _is_image_name(p):
-        continue
-      try:
-        st = p.stat()
-        out[_rel(p, root)] = [st.st_size, st.st_mtime_ns]
-      except OSError:  # a dangling link: the conversion skips it, but it is still a change
-        out[_rel(p, root)] = [-1, -1]
-  return out
-
-
-def fingerprint_digest(fingerprint: dict[str, list[int]]) -> str:
-  return hashlib.sha1(json.dumps(fingerprint, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def describe_change(old_dir, fingerprint: dict[str, list[int]]) -> str:
-  """'N added, M removed, K modified' between the build in ``old_dir`` and ``fingerprint``."""
-  try:
-    old = json.loads((pathlib.Path(old_dir) / "source_files.json").read_text())
-  except (OSError, ValueError):
-    return "the earlier build stored no file list to compare with"
-  added = [k for k in fingerprint if k not in old]
-  removed = [k for k in old if k not in fingerprint]
-  modified = [k for k in fingerprint if k in old and old[k] != fingerprint[k]]
-  text = f"{len(added)} added, {len(removed)} removed, {len(modified)} modified"
-  examples = [f"{what} {k}" for what, ks in (("added", added), ("removed", removed), ("modified", modified))
-              for k in ks[:2]]
-  return text + (f" (e.g. {', '.join(examples[:4])})" if examples else "")
-
-
-def _discover_labelled(sub: pathlib.Path, root, split, task, skipped) -> list[_Item]:
-  items = []
-  for p in _screen(_list_files(sub), root, skipped):
-    rel = _rel(p, root)
-    parts = p.relative_to(sub).parts
-    if _MASK_STEM.match(p.stem) or any(x.lower() in _MASK_DIRS for x in parts[:-1]):
-      skipped.append({"path": rel, "reason": "segmentation mask (not used by task " + task + ")"})
-      continue
-    if len(parts) == 1:
-      if task == "classify":
-        skipped.append({"path": rel, "reason": "not inside a class folder"})
-        continue
-      group = _NO_GROUP
-    else:
-      group = parts[0]
-    items.append(_Item(p, rel, group, split))
-  return items
-
-
-def _child_dir(d: pathlib.Path, names) -> pathlib.Path | None:
-  for c in sorted(d.iterdir()):
-    if c.is_dir() and c.name.lower() in names:
-      return c
-  return None
-
-
-def _discover_segment(sub: pathlib.Path, root, split, skipped) -> list[_Item]:
-  items: list[_Item] = []
-  handled: set[pathlib.Path] = set()
-
-  def group_of(p: pathlib.Path) -> str | None:
-    parts = [x for x in p.relative_to(sub).parts[:-1] if x.lower() not in _IMAGE_DIRS + _MASK_DIRS]
-    return parts[0] if parts else None
-
-  # Parallel images/ + masks/ folders, at any depth.
-  for dirpath, dirnames, _ in os.walk(sub):
-    d = pathlib.Path(dirpath)
-    if any(x.startswith(".") for x in d.relative_to(sub).parts):
-      continue
-    img_dir, mask_dir = _child_dir(d, _IMAGE_DIRS), _child_dir(d, _MASK_DIRS)
-    if img_dir is None or mask_dir is None:
-      continue
-    masks_by_key: dict[tuple[str, str], list[pathlib.Path]] = {}
-    for m in _screen(_list_files(mask_dir), root, skipped):
-      handled.add(m)
-      stem = m.stem
-      mm = _MASK_STEM.match(stem)
-      key = (m.parent.relative_to(mask_dir).as_posix(), (mm.group("base") if mm else stem).lower())
-      masks_by_key.setdefault(key, []).append(m)
-    for p in _screen(_list_files(img_dir), root, skipped):
-      handled.add(p)
-      key = (p.parent.relative_to(img_dir).as_posix(), p.stem.lower())
-      ms = masks_by_key.pop(key, None)
-      if not ms:
-        skipped.append({"path": _rel(p, root), "reason": "no mask found"})
-        continue
-      rel_in = p.relative_to(img_dir).parts
-      group = group_of(p) if d != sub else (rel_in[0] if len(rel_in) > 1 else None)
-      items.append(_Item(p, _rel(p, root), group, split, masks=sorted(ms)))
-    for ms in masks_by_key.values():
-      for m in ms:
-        skipped.append({"path": _rel(m, root), "reason": "mask without a matching image"})
-    handled.update(_list_files(d / img_dir.name))
-    handled.update(_list_files(d / mask_dir.name))
-
-  # BUSI-style name.png + name_mask.png in the same folder.
-  rest = [p for p in _list_files(sub) if p not in handled]
-  rest = _screen(rest, root, skipped)
-  by_dir: dict[pathlib.Path, list[pathlib.Path]] = {}
-  for p in rest:
-    by_dir.setdefault(p.parent, []).append(p)
-  for d in sorted(by_dir):
-    files = by_dir[d]
-    masks: dict[str, list[pathlib.Path]] = {}
-    images = []
-    for p in files:
-      m = _MASK_STEM.match(p.stem)
-      if m:
-        masks.setdefault(m.group("base").lower(), []).append(p)
-      else:
-        images.append(p)
-    for p in images:
-      ms = masks.pop(p.stem.lower(), None)
-      if not ms:
-        skipped.append({"path": _rel(p, root), "reason": "no mask found"})
-        continue
-      items.append(_Item(p, _rel(p, root), group_of(p), split, masks=sorted(ms)))
-    for ms in masks.values():
-      for m in ms:
-        skipped.append({"path": _rel(m, root), "reason": "mask without a matching image"})
-  return items
-
-
-# --------------------------------------------------------------------------------------------
-# Splitting
-# --------------------------------------------------------------------------------------------
-
-
-def _largest_remainder(n: int, ratio) -> list[int]:
-  r = np.asarray(ratio, np.float64)
-  exact = n * r / r.sum()
-  counts = np.floor(exact).astype(int)
-  frac = exact - counts
-  # Ties go to the earlier split (train first).
-  for k in sorted(range(len(r)), key=lambda i: (-frac[i], i))[: n - counts.sum()]:
-    counts[k] += 1
-  return counts.tolist()
-
-
-def _stratified(items: list[_Item], ratio, seed: int, names: list[str]) -> list[list[_Item]]:
-  out: list[list[_Item]] = [[] for _ in ratio]
-  groups: dict[str | None, list[_Item]] = {}
-  for it in items:
-    groups.setdefault(it.group, []).append(it)
-  for g in sorted(groups, key=lambda x: (x is None, x or "")):
-    members = sorted(groups[g], key=lambda it: it.rel)
-    gid = names.index(g) + 1 if g in names else 0
-    perm = np.random.default_rng([seed, gid]).permutation(len(members))
-    start = 0
-    for s, c in enumerate(_largest_remainder(len(members), ratio)):
-      out[s] += [members[i] for i in perm[start : start + c]]
-      start += c
-  return [sorted(s, key=lambda it: it.rel) for s in out]
-
-
-# --------------------------------------------------------------------------------------------
-# Serialization
-# --------------------------------------------------------------------------------------------
-
-
-def _png(a: np.ndarray) -> np.ndarray:
-  buf = io.BytesIO()
-  Image.fromarray(a, mode="L").save(buf, format="PNG", compress_level=3)
-  return np.frombuffer(buf.getvalue(), np.uint8)
-
-
-def _unpng(b: np.ndarray) -> np.ndarray:
-  with Image.open(io.BytesIO(b.tobytes())) as im:
-    return np.asarray(im, dtype=np.uint8)[..., None]
-
-
-def serialize_record(rec: dict) -> bytes:
-  arrays = {
-      "image_png": _png(rec["image"][..., 0]),
-      "organ": np.int64(rec["organ"]),
-      "label": np.int64(rec["label"]),
-      "index": np.int64(rec["index"]),
-  }
-  if "mask" in rec:
-    arrays["mask_png"] = _png(rec["mask"][..., 0])
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  return buf.getvalue()
-
-
-def deserialize_record(data: bytes) -> dict:
-  with np.load(io.BytesIO(data), allow_pickle=False) as z:
-    rec = {
-        "image": _unpng(z["image_png"]),
-        "organ": int(z["organ"]),
-        "label": int(z["label"]),
-        "index": int(z["index"]),
-    }
-    if "mask_png" in z.files:
-      rec["mask"] = _unpng(z["mask_png"])
-  return rec
+_BUILD_KEYS = ("root", "task", "image_size", "split_seed", "split_ratio", "min_size", "binarize_masks",
+               "dicom_frames", "group_by")
+split_summary = groups.split_summary
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,6 +155,8 @@ def build_folder_dataset(
     split_ratio=(3, 1, 1),
     min_size: int = 32,
     binarize_masks: bool = False,
+    dicom_frames: str = "all",
+    group_by: str = "study",
     num_workers: int | None = None,
     overwrite: bool = False,
 ) -> pathlib.Path:
@@ -555,6 +169,9 @@ def build_folder_dataset(
   from array_record.python.array_record_module import ArrayRecordWriter
 
   _check_options(task, image_size, split_ratio, min_size)
+  stride = dicom.parse_frames(dicom_frames)
+  if group_by not in dicom.GROUP_TAGS:
+    raise ValueError(f"data.group_by={group_by!r}: expected 'study' (StudyInstanceUID) or 'patient' (PatientID)")
   root = pathlib.Path(root).expanduser().resolve()
   out = pathlib.Path(out_dir).expanduser().resolve()
   if not root.is_dir():
@@ -563,6 +180,7 @@ def build_folder_dataset(
       "root": str(root), "task": task, "image_size": None if image_size is None else int(image_size),
       "split_seed": int(split_seed), "split_ratio": [float(x) for x in split_ratio],
       "min_size": int(min_size), "binarize_masks": bool(binarize_masks),
+      "dicom_frames": str(dicom_frames).strip().lower(), "group_by": group_by,
   }
   fingerprint = source_fingerprint(root)
   digest = fingerprint_digest(fingerprint)
@@ -576,16 +194,22 @@ def build_folder_dataset(
       if old.get("source_digest") == digest:
         return out
       log.warning("dataset folder %s changed since %s was built from it (%s): building it again",
-                  root, out, describe_change(out, fingerprint))
+                  _printable(str(root)), out, describe_change(out, fingerprint))
   if out == root or root in out.parents:
     raise ValueError(f"out_dir {out} must not be inside the dataset folder {root}")
 
-  all_files = _list_files(root)
-  if not all_files:
+  unreadable: list[OSError] = []
+  all_files = _list_files(root, unreadable)
+  if not all_files and not unreadable:
     raise ValueError(f"dataset folder {root} is empty")
+  csv_groups = groups.read_groups_csv(root)
 
   skipped: list[dict] = []
   warnings: list[str] = []
+  for e in unreadable:
+    where = pathlib.Path(e.filename) if e.filename else root
+    skipped.append({"path": (_rel(where, root) if where != root else ".") + "/",
+                    "reason": f"cannot list folder: {type(e).__name__}: {e.strerror or e}"})
 
   # Split folders, if any.
   split_dirs: dict[str, pathlib.Path] = {}
@@ -616,6 +240,16 @@ def build_folder_dataset(
 
   def check(it: _Item) -> str | None:
     try:
+      if it.dicom:
+        if task == "segment":
+          raise _Skip("DICOM images are not read for segmentation (export image and mask as PNG)")
+        try:
+          views, it.notes, uid = dicom.read_dicom(it.path, frames=stride, min_size=min_size, group_by=group_by)
+        except dicom.DicomError as e:
+          raise _Skip(str(e)) from None
+        it.views = [(v.frame, v.region, v.spacing_mm) for v in views]
+        it.uid = uid
+        return None
       img, notes = _read_image(it.path, min_size)
       if it.masks:
         m, mnotes = _read_mask(it.masks, img.shape)
@@ -626,15 +260,26 @@ def build_folder_dataset(
     except _Skip as e:
       return str(e)
 
+  for it in items:
+    it.dicom = dicom.is_dicom_name(it.path) or not it.path.suffix
   with ThreadPoolExecutor(workers) as pool:
     reasons = list(pool.map(check, items))
   usable = []
+  converted = []
   for it, reason in zip(items, reasons):
-    if reason is None:
-      usable.append(it)
-    else:
+    if reason is not None:
       skipped.append({"path": it.rel, "reason": reason})
-  converted = [{"path": it.rel, "conversion": "; ".join(it.notes)} for it in usable if it.notes]
+      continue
+    if it.notes:
+      converted.append({"path": it.rel, "conversion": "; ".join(it.notes)})
+    key = groups.lookup_csv(csv_groups, it.rel) or (it.uid if it.dicom else None) or it.key
+    it.key = key if key is not None else groups.file_group(it.rel)
+    if not it.dicom:
+      usable.append(it)
+      continue
+    for frame, region, spacing in it.views:  # one item per view, in file order
+      usable.append(_Item(it.path, it.rel, it.group, it.split, key=it.key, frame=frame, region=region,
+                          spacing=spacing, dicom=True))
   skipped.sort(key=lambda d: d["path"])
   report = {"root": str(root), "task": task, "skipped": skipped, "converted": converted, "warnings": warnings}
   work = out.parent / f".{out.name}.partial"  # renamed to `out` once complete
@@ -666,7 +311,7 @@ def build_folder_dataset(
   if split_dirs:
     per_split = {s: sorted([it for it in usable if it.split == s], key=lambda it: it.rel) for s in SPLITS}
     if "validation" not in split_dirs and ratio[1] > 0:
-      tr, va = _stratified(per_split["train"], ratio[:2], split_seed, names)
+      tr, va = groups.stratified_groups(per_split["train"], ratio[:2], split_seed, names)
       per_split["train"], per_split["validation"] = tr, va
       warnings.append("no validation folder: validation carved from train "
                       f"(stratified, {ratio[0]:g}:{ratio[1]:g}, seed {split_seed})")
@@ -674,7 +319,7 @@ def build_folder_dataset(
       warnings.append("no test folder: test split is empty")
     split_source = "folders"
   else:
-    per_split = dict(zip(SPLITS, _stratified(usable, ratio, split_seed, names)))
+    per_split = dict(zip(SPLITS, groups.stratified_groups(usable, ratio, split_seed, names)))
     split_source = "stratified"
   if not per_split["train"]:
     fail(f"dataset folder {root}: no usable training image")
@@ -683,7 +328,18 @@ def build_folder_dataset(
       missing = [s for s in SPLITS if per_split[s] and not any(it.group == g for it in per_split[s])]
       if missing:
         n = sum(it.group == g for it in usable)
-        warnings.append(f"class {_printable(g)} has {n} usable image(s): none in {', '.join(missing)}")
+        k = len({it.key for it in usable if it.group == g})
+        in_groups = f" in {k} group(s)" if k < n else ""
+        warnings.append(f"class {_printable(g)} has {n} usable image(s){in_groups}: none in {', '.join(missing)}")
+  split_warnings = list(warnings)
+  if split_dirs:  # split folders are the user's: a group in two of them is reported, not moved
+    where: dict[str, set] = {}
+    for s in SPLITS:
+      for it in per_split[s]:
+        where.setdefault(it.key, set()).add(s)
+    shared = sum(len(v) > 1 for v in where.values())
+    if shared:
+      warnings.append(f"{shared} group(s) (patient/study) have images in more than one split folder")
 
   # Mask value mapping.
   mask_values = None
@@ -703,10 +359,20 @@ def build_folder_dataset(
 
   def load(it: _Item, index: int) -> dict:
     try:
-      img, _ = _read_image(it.path, min_size)
-      raw = _read_mask(it.masks, img.shape)[0] if it.masks else None
+      if it.dicom:
+        try:
+          views = dicom.read_dicom(it.path, frames=stride, min_size=min_size, group_by=group_by,
+                                   only={(it.frame, it.region)})[0]
+        except dicom.DicomError as e:
+          raise _Skip(str(e)) from None
+        if len(views) != 1:
+          raise _Skip(f"frame {it.frame} region {it.region} is gone")
+        img, raw = views[0].image, None
+      else:
+        img, _ = _read_image(it.path, min_size)
+        raw = _read_mask(it.masks, img.shape)[0] if it.masks else None
     except _Skip as e:
-      raise ValueError(f"{it.path} changed while the dataset was being built: {e}") from None
+      raise ValueError(f"{_printable(str(it.path))} changed while the dataset was being built: {e}") from None
     rec = {"index": index}
     rec["organ"], rec["label"] = organ_label(it)
     m = None
@@ -744,7 +410,8 @@ def build_folder_dataset(
           writer.write(serialize_record(rec))
     finally:
       writer.close()
-    files[split] = [[it.rel, *organ_label(it)] for it in split_items]
+    files[split] = [[it.rel, *organ_label(it), it.frame, it.region, groups.hash_group(it.key),
+                     None if it.spacing is None else [round(x, 6) for x in it.spacing]] for it in split_items]
     offset += len(split_items)
 
   mean = sums[0] / sums[2]
@@ -761,6 +428,9 @@ def build_folder_dataset(
       "channels": 1,
       "counts": counts,
       "counts_per_group": per_group,
+      "groups_per_split": {s: len({it.key for it in per_split[s]}) for s in SPLITS},
+      "split_warnings": split_warnings,
+      "num_dicom_views": sum(it.dicom for it in usable),
       "split_source": split_source,
       "mean": float(mean),
       "std": std,
@@ -773,24 +443,22 @@ def build_folder_dataset(
     meta["mask_values"] = mask_values
     meta["num_mask_classes"] = len(mask_values)
   report["counts"] = counts
+  report["groups"] = {s: sorted({groups.hash_group(it.key) for it in per_split[s]}) for s in SPLITS}
   _write_json(work / "files.json", files)
   _write_json(work / "source_files.json", fingerprint)
   _write_json(work / "build_report.json", report)
   _write_json(work / "metadata.json", meta)
   _replace_dir(work, out)
-  log.info("dataset folder %s: %d images (train/validation/test %d/%d/%d), %d files skipped, %d "
-           "converted; reasons per file in %s", _printable(str(root)), sum(counts.values()),
-           counts["train"], counts["validation"], counts["test"], len(skipped), len(converted),
-           out / "build_report.json")
+  ngroups = meta["groups_per_split"]
+  log.info("dataset folder %s: %d images (train/validation/test %d/%d/%d) from %d/%d/%d groups, %d "
+           "files skipped%s, %d converted; reasons per file in %s", _printable(str(root)),
+           sum(counts.values()), counts["train"], counts["validation"], counts["test"], ngroups["train"],
+           ngroups["validation"], ngroups["test"], len(skipped),
+           f" ({len(unreadable)} unreadable folder(s))" if unreadable else "", len(converted),
+           _printable(str(out / "build_report.json")))
   for w in warnings:
     log.warning("dataset folder %s: %s", _printable(str(root)), w)
   return out
-
-
-def _printable(name: str) -> str:
-  """A file name as text any log stream can print: bytes that are not UTF-8 (Python keeps them as
-  surrogates) become \\xNN escapes instead of breaking the log handler."""
-  return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _replace_dir(new: pathlib.Path, out: pathlib.Path) -> None:
@@ -816,8 +484,10 @@ class FolderSource:
   """Random-access view of one split: ``len(src)``, ``src[i]`` → record dict.
 
   Also ``metadata`` (the build's metadata.json), ``organ_ids`` and ``labels`` (int arrays in
-  record order, read from files.json without decoding images) and ``paths`` (source files
-  relative to the build root).
+  record order, read from files.json without decoding images), ``paths`` (source files
+  relative to the build root), ``frames`` and ``regions`` (a DICOM view's frame and ultrasound
+  region, -1 for the whole frame), ``groups`` (hashed group ids) and ``spacings`` ((axial,
+  lateral) mm per pixel, None where unknown).
   """
 
   def __init__(self, out_dir, split: str):
@@ -834,6 +504,10 @@ class FolderSource:
     self.paths = [r[0] for r in rows]
     self.organ_ids = np.array([r[1] for r in rows], np.int64)
     self.labels = np.array([r[2] for r in rows], np.int64)
+    self.frames = np.array([r[3] if len(r) > 3 else 0 for r in rows], np.int64)
+    self.regions = np.array([r[4] if len(r) > 4 else -1 for r in rows], np.int64)
+    self.groups = [r[5] if len(r) > 5 else groups.hash_group(groups.file_group(r[0])) for r in rows]
+    self.spacings = [tuple(r[6]) if len(r) > 6 and r[6] else None for r in rows]
     self._file = str(out / f"{split}.array_record")
     self._source = None
     self._lock = threading.Lock()
@@ -876,83 +550,3 @@ def folder_source(out_dir, split: str) -> FolderSource:
   return FolderSource(out_dir, split)
 
 
-# --------------------------------------------------------------------------------------------
-# Image enhancement: `low/` and `high/` folders (additive; used by train/enhance.py)
-# --------------------------------------------------------------------------------------------
-
-ENHANCE_DIRS = ("low", "high")
-
-
-def enhance_layout(root, *, split_seed: int = 0, split_ratio=(0.7, 0.15, 0.15),
-                   min_size: int = 16) -> dict[str, dict]:
-  """The image-enhancement splits of a folder with `low/` and `high/` sub-folders (optionally under
-  `train/`, `validation/`, `test/` split folders), as {split: {'low': [path], 'high': [path],
-  'pairs': [(low path, high path)], 'skipped': [(path, reason)]}}.
-
-  Files pair by their path relative to `low/` / `high/` with the extension ignored (`a/x.png` ↔
-  `a/x.jpg`). Pairs are what the metrics need; an unpaired file (USEnhance2023 style) only trains:
-  without split folders, the pairs are split by `split_ratio` (USFM §4.2: 70/15/15 when a dataset
-  comes without a split) with `split_seed`, and every unpaired file goes to train. With split
-  folders, a validation / test split keeps its pairs only. Unreadable files are skipped with the
-  reason (`_read_image`'s rules)."""
-  root = pathlib.Path(root)
-  split_dirs = {}
-  for d in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-    name = _SPLIT_ALIASES.get(d.name.lower())
-    if name is not None:
-      split_dirs[name] = d
-
-  def side(top: pathlib.Path, skipped) -> dict[str, pathlib.Path]:
-    out = {}
-    if not top.is_dir():
-      return out
-    for p in _list_files(top):
-      if p.name.startswith(".") or not _is_image_name(p):
-        continue
-      try:
-        _read_image(p, min_size)
-      except _Skip as e:
-        skipped.append((str(p), str(e)))
-        continue
-      out[p.relative_to(top).with_suffix("").as_posix()] = p
-    return out
-
-  def scan(base: pathlib.Path):
-    skipped: list = []
-    low, high = side(base / "low", skipped), side(base / "high", skipped)
-    return low, high, skipped
-
-  out = {s: {"low": [], "high": [], "pairs": [], "skipped": []} for s in SPLITS}
-  if split_dirs:
-    for s, d in split_dirs.items():
-      low, high, skipped = scan(d)
-      keys = sorted(set(low) & set(high))
-      out[s]["pairs"] = [(low[k], high[k]) for k in keys]
-      out[s]["skipped"] = skipped
-      if s == "train":
-        out[s]["low"], out[s]["high"] = [low[k] for k in sorted(low)], [high[k] for k in sorted(high)]
-      else:
-        out[s]["low"], out[s]["high"] = [low[k] for k in keys], [high[k] for k in keys]
-  else:
-    low, high, skipped = scan(root)
-    if not low or not high:
-      raise ValueError(f"{root}: expected non-empty 'low/' and 'high/' folders of images")
-    keys = sorted(set(low) & set(high))
-    order = np.random.default_rng(split_seed).permutation(len(keys))
-    counts = _largest_remainder(len(keys), split_ratio)
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    for k, s in enumerate(SPLITS):
-      chosen = [keys[i] for i in sorted(order[starts[k]:starts[k + 1]])]
-      out[s]["pairs"] = [(low[c], high[c]) for c in chosen]
-      out[s]["low"], out[s]["high"] = [low[c] for c in chosen], [high[c] for c in chosen]
-    paired = set(keys)
-    out["train"]["low"] += [low[k] for k in sorted(low) if k not in paired]
-    out["train"]["high"] += [high[k] for k in sorted(high) if k not in paired]
-    out["train"]["skipped"] = skipped
-  return out
-
-
-def read_gray(path, min_size: int = 16) -> np.ndarray:
-  """(H, W) uint8 of one image file, converted as the folder datasets convert (`_read_image`)."""
-  a, _ = _read_image(pathlib.Path(path), min_size)
-  return np.asarray(a).astype(np.uint8)
