@@ -325,7 +325,10 @@ def build_folder_dataset(
     fail(f"dataset folder {root}: no usable training image")
   if task != "pretrain":
     for g in names:
-      missing = [s for s in SPLITS if per_split[s] and not any(it.group == g for it in per_split[s])]
+      # A stratified split is meant to fill every split of non-zero ratio; split folders only
+      # those that exist.
+      wanted = [s for s, r in zip(SPLITS, ratio) if (per_split[s] if split_dirs else r > 0)]
+      missing = [s for s in wanted if not any(it.group == g for it in per_split[s])]
       if missing:
         n = sum(it.group == g for it in usable)
         k = len({it.key for it in usable if it.group == g})

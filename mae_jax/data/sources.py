@@ -68,7 +68,11 @@ def _folder_source(dcfg, split: str, task: str):
   if not os.path.isdir(src):
     raise ValueError(f"data.folder={dcfg.folder!r}: {src} is not a directory")
   root = data_root(dcfg)
-  tag = hashlib.sha1(f"{src}|{task}|{dcfg.seed}".encode()).hexdigest()[:10]
+  frames, group_by = dcfg.get("dicom_frames", "all"), dcfg.get("group_by", "study")
+  folder.check_layout(src, task)
+  # The DICOM options change the records: a conversion of their defaults keeps its old name.
+  extra = "" if (frames, group_by) == ("all", "study") else f"|{frames}|{group_by}"
+  tag = hashlib.sha1(f"{src}|{task}|{dcfg.seed}{extra}".encode()).hexdigest()[:10]
   base = os.path.join(root, "folders", f"{os.path.basename(src.rstrip('/'))}-{task}-{tag}")
   with _build_lock(root, os.path.basename(base)):
     fingerprint = folder.source_fingerprint(src)
@@ -83,8 +87,9 @@ def _folder_source(dcfg, split: str, task: str):
         log.warning(
             "data.folder=%s changed since its conversion in %s: %s; converting it again into %s "
             "(the old conversion is kept for runs that may still read it: delete it to free space)",
-            src, previous, folder.describe_change(previous, fingerprint), out)
-      folder.build_folder_dataset(src, out, task=task, split_seed=dcfg.seed)
+            folder._printable(src), previous, folder.describe_change(previous, fingerprint), out)
+      folder.build_folder_dataset(src, out, task=task, split_seed=dcfg.seed, dicom_frames=frames,
+                                  group_by=group_by)
   return folder.folder_source(out, split)
 
 
