@@ -68,7 +68,7 @@ def _folder_source(dcfg, split: str, task: str):
   if not os.path.isdir(src):
     raise ValueError(f"data.folder={dcfg.folder!r}: {src} is not a directory")
   root = data_root(dcfg)
-  frames, group_by = dcfg.get("dicom_frames", "all"), dcfg.get("group_by", "study")
+  frames, group_by = getattr(dcfg, "dicom_frames", "all"), getattr(dcfg, "group_by", "study")
   folder.check_layout(src, task)
   # The DICOM options change the records: a conversion of their defaults keeps its old name.
   extra = "" if (frames, group_by) == ("all", "study") else f"|{frames}|{group_by}"
