@@ -502,6 +502,7 @@ class FolderSource:
     if split not in SPLITS:
       raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     self.metadata = json.loads(meta_path.read_text())
+    self.out_dir = out  # for groups.split_summary(src.out_dir)
     rows = json.loads((out / "files.json").read_text())[split]
     self.split = split
     self.paths = [r[0] for r in rows]

@@ -15,8 +15,10 @@ Only a one-way hash of a group id is ever written (``hash_group``), never the id
 
 The split (``stratified_groups``): each group belongs to the class (organ) most of its images
 have; per class the groups are shuffled with ``default_rng([seed, class id + 1])`` and dealt to
-train/validation/test by the largest-remainder rule on the *number of groups* (5 groups → 3/1/1).
-With one image per group this is exactly the per-image split folder datasets always made. Label
+train/validation/test by the largest-remainder rule on the *number of groups* (5 groups → 3/1/1),
+except that a split of non-zero ratio left empty takes a group from the fullest one when there are
+at least as many groups as splits (3 groups → 1/1/1, not 2/1/0). With one image per group and at
+least 4 images per class this is exactly the per-image split folder datasets made before groups. Label
 fractions (``evaluate.stratified_subset``) draw inside the training split, so they cannot move a
 group across splits.
 """
@@ -96,6 +98,19 @@ def lookup_csv(table: dict[str, str], rel: str) -> str | None:
   return None
 
 
+def _fill_every_split(counts: list[int], ratio) -> list[int]:
+  """Where there are enough groups, no split of non-zero ratio stays empty: each empty one takes a
+  group from the fullest split (3 groups at 3:1:1 give 1/1/1, not 2/1/0)."""
+  counts = list(counts)
+  want = [k for k, r in enumerate(ratio) if r > 0]
+  if sum(counts) >= len(want):
+    for k in want:
+      if counts[k] == 0:
+        counts[int(np.argmax(counts))] -= 1
+        counts[k] += 1
+  return counts
+
+
 def stratified_groups(items, ratio, seed: int, names: list[str]) -> list[list]:
   """``items`` (objects with ``.rel``, ``.group`` = class/organ name or None, ``.key`` = group id)
   dealt into ``len(ratio)`` splits, whole groups at a time (see the module docstring)."""
@@ -115,7 +130,7 @@ def stratified_groups(items, ratio, seed: int, names: list[str]) -> list[list]:
     gid = names.index(g) + 1 if g in names else 0
     perm = np.random.default_rng([seed, gid]).permutation(len(groups))
     start = 0
-    for s, c in enumerate(largest_remainder(len(groups), ratio)):
+    for s, c in enumerate(_fill_every_split(largest_remainder(len(groups), ratio), ratio)):
       for i in perm[start : start + c]:
         out[s] += groups[i]
       start += c
