@@ -405,3 +405,53 @@ def test_concurrent_opens_build_once(tmp_path, monkeypatch):
   with ThreadPoolExecutor(2) as pool:
     lengths = list(pool.map(lambda _: len(sources.open_source(dcfg, "train")), range(2)))
   assert calls == [1] and lengths == [2, 2]  # 4 images at 3:1:1 → 2/1/1
+
+
+def test_group_split_counts_hand_computed():
+  """3:1:1 over groups: 5 groups → 3/1/1, 3 → 1/1/1 (no split left empty), 2 → 1/1/0, and every
+  image of a group lands where its group does."""
+  from types import SimpleNamespace as NS
+  from mae_jax.data import groups
+  items = []
+  for cls, n_groups in (("a", 5), ("b", 3), ("c", 2)):
+    for g in range(n_groups):
+      items += [NS(rel=f"{cls}/{g}/{k}.png", group=cls, key=f"{cls}{g}") for k in range(g + 1)]
+  splits = groups.stratified_groups(items, (3, 1, 1), 0, ["a", "b", "c"])
+  per = [{c: len({it.key for it in s if it.group == c}) for c in "abc"} for s in splits]
+  assert per == [{"a": 3, "b": 1, "c": 1}, {"a": 1, "b": 1, "c": 1}, {"a": 1, "b": 1, "c": 0}]
+  where = {}
+  for k, s in enumerate(splits):
+    for it in s:
+      assert where.setdefault(it.key, k) == k
+  assert sum(len(s) for s in splits) == len(items)
+
+
+def test_unreadable_folder_is_listed_and_counted(tmp_path, monkeypatch, caplog):
+  """A folder that cannot be listed (injected: the tests run as root) is in the report's skipped
+  list and counted in the log line; the rest converts."""
+  root = tmp_path / "raw"
+  for cls in ("a", "b"):
+    for k in range(5):
+      _save(root / cls / f"{k}.png", np.full((40, 40), 10 * k, np.uint8))
+  locked = root / "b" / "locked"
+  locked.mkdir()
+  real = os.scandir
+
+  def scandir(path="."):
+    if os.fspath(path) == str(locked):
+      raise PermissionError(13, "Permission denied", str(locked))
+    return real(path)
+
+  monkeypatch.setattr(os, "scandir", scandir)
+  with caplog.at_level("INFO", logger="mae_jax"):
+    out = build_folder_dataset(root, tmp_path / "ds", task="classify")
+  report = json.loads((out / "build_report.json").read_text())
+  assert {"path": "b/locked/", "reason": "cannot list folder: PermissionError: Permission denied"} in report["skipped"]
+  assert "1 unreadable folder(s)" in caplog.text
+
+
+def test_describe_change_escapes_non_utf8_names(tmp_path):
+  (tmp_path / "source_files.json").write_text("{}")
+  text = folder.describe_change(tmp_path, {"a/caf\udce9.png": [1, 2]})
+  assert "caf\\xe9.png" in text
+  text.encode("utf-8")  # printable by any log stream
