@@ -404,3 +404,23 @@ def test_configs_do_not_collide(built, tmp_path):
   assert a.data_dir != b.data_dir
   with pytest.raises(ValueError, match="split"):
     us_phantom.data_source(built[0], "holdout", **SMALL)
+
+
+def test_phantom_compare_statistics_closed_forms():
+  """The comparison's statistics against closed forms: the FWHM of a sampled Gaussian is
+  2√(2 ln 2)·σ; white noise low-passed by a Gaussian of σ_y, σ_x has an autocorrelation of
+  width √2·σ per axis; gCNR is 1 for disjoint grey levels and 0 for identical ones."""
+  from scipy import ndimage
+
+  from mae_jax.data import phantom_compare as C
+  x = np.arange(41)
+  assert C.fwhm_1d(np.exp(-0.5 * ((x - 20) / 3.0) ** 2), 20) == pytest.approx(2.3548 * 3.0, rel=0.01)
+  rng = np.random.default_rng(0)
+  img = ndimage.gaussian_filter(rng.normal(size=(256, 256)), (0.7, 1.2), mode="wrap")
+  img = np.clip(128 + img / img.std() * 30, 0, 255)
+  ax, lat = C.speckle_fwhm(img, np.ones(img.shape, bool))
+  assert ax == pytest.approx(2.3548 * np.sqrt(2) * 0.7, rel=0.1)
+  assert lat == pytest.approx(2.3548 * np.sqrt(2) * 1.2, rel=0.1)
+  a, b = np.full(100, 10), np.full(100, 200)
+  assert C.gcnr(a, b) == 1.0 and C.gcnr(a, a) == 0.0
+  assert C.gcnr(np.r_[a, b], b) == pytest.approx(0.5)
