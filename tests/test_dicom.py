@@ -231,3 +231,13 @@ def test_smoke_pretraining_on_dicom_writes_no_patient_data(tmp_path):
   assert rc == 0, out
   assert _scan(work, secrets) == [] and _scan(tmp_path / "cache", secrets) == []
   assert _scan(tmp_path / "run.log", secrets) == [] and not any(s in out for s in secrets)
+
+
+def test_read_gray_gives_the_first_b_mode_view(built):
+  root, out, _ = built
+  a = folder.read_gray(root / "abdomen/aloka.dcm")
+  ds = pydicom.dcmread(root / "abdomen/aloka.dcm")
+  r = ds.SequenceOfUltrasoundRegions[0]
+  assert a.shape == (int(r.RegionLocationMaxY1) - int(r.RegionLocationMinY0) + 1,
+                     int(r.RegionLocationMaxX1) - int(r.RegionLocationMinX0) + 1)
+  assert folder.read_gray(root / "abdomen/US1_J2KR").shape == (480, 640)

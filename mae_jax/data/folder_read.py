@@ -173,15 +173,22 @@ def deserialize_record(data: bytes) -> dict:
   return rec
 
 
-
 def _printable(name: str) -> str:
   """A file name as text any log stream can print: bytes that are not UTF-8 (Python keeps them as
   surrogates) become \\xNN escapes instead of breaking the log handler."""
   return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-
 def read_gray(path, min_size: int = 16) -> np.ndarray:
-  """(H, W) uint8 of one image file, converted as the folder datasets convert (`_read_image`)."""
-  a, _ = _read_image(pathlib.Path(path), min_size)
+  """(H, W) uint8 of one image file, converted as the folder datasets convert (`_read_image`);
+  for a DICOM file its first frame's first B-mode region (``dicom.read_dicom``)."""
+  from mae_jax.data import dicom
+
+  path = pathlib.Path(path)
+  if dicom.is_dicom_name(path) or (not path.suffix and dicom.has_dicom_magic(path)):
+    try:
+      return dicom.read_dicom(path, frames=None, min_size=min_size)[0][0].image
+    except dicom.DicomError as e:
+      raise _Skip(str(e)) from None
+  a, _ = _read_image(path, min_size)
   return np.asarray(a).astype(np.uint8)
