@@ -1,14 +1,16 @@
 """Real images from a folder tree → a random-access dataset with the us_phantom record layout.
 
-``build_folder_dataset(root, out_dir, task=...)`` converts a tree of PNG/JPEG/BMP/TIFF/GIF files
-into ``out_dir``::
+``build_folder_dataset(root, out_dir, task=...)`` converts a tree of PNG/JPEG/BMP/TIFF/GIF and
+DICOM files (``dicom.py``: frames, B-mode regions) into ``out_dir``::
 
-    train.array_record, validation.array_record, test.array_record   one record per image
-    metadata.json        names, counts per split, train mean/std, mask value mapping, build options,
-                         ``source_digest`` of the source fingerprint
-    files.json           per split, in record order: [source path relative to root, organ, label]
+    train.array_record, validation.array_record, test.array_record   one record per image (view)
+    metadata.json        names, counts (images, groups) per split, train mean/std, mask value
+                         mapping, build options, ``source_digest`` of the source fingerprint
+    files.json           per split, in record order: [source path relative to root, organ, label,
+                         frame, region (-1: whole frame), hashed group, (axial, lateral) mm or null]
     source_files.json    the source fingerprint the build was made from (see below)
-    build_report.json    every skipped file with its reason, every converted file with what was done
+    build_report.json    every skipped file (and unlistable folder) with its reason, every converted
+                         file with what was done, the hashed groups of each split
 
 and ``folder_source(out_dir, split)`` reads a split back with random access (``len``, ``[i]``).
 
@@ -20,6 +22,9 @@ across splits: train is [0, n_train), validation follows, then test; ``src[i]["i
 split's offset + i. On disk each record is an ``np.savez``
 archive (no pickle) whose image and mask are PNG-encoded (lossless), in ArrayRecord files
 (``group_size:1`` for fast random access). TensorFlow is not needed to write or read them.
+
+Patient-level splits: every image belongs to a group (``groups.py``: ``groups.csv``, the DICOM
+study or patient, a patient sub-folder, else the file itself) and splits deal out whole groups.
 
 Layouts
   * ``pretrain``: first-level folders name the organ (files in deeper folders belong to their
