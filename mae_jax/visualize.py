@@ -596,11 +596,12 @@ def load_batch(config, images=4, *, split: str = "validation") -> tuple[np.ndarr
       if not os.path.isfile(p):
         raise ValueError(f"--images: {p!r} is not a file")
       try:
-        with Image.open(p) as im:
+        from mae_jax.data import dicom, folder  # a DICOM file: its first B-mode view
+        with Image.fromarray(folder.read_gray(p)) if dicom.is_dicom_file(p) else Image.open(p) as im:
           zoom.append((size / im.height, size / im.width))
           im = im.convert("L" if chans == 1 else "RGB").resize((size, size), Image.BICUBIC)
           a = np.asarray(im, np.float32) / 255.0
-      except OSError as e:
+      except (OSError, ValueError) as e:
         raise ValueError(f"--images: cannot read {p!r} as an image ({e})") from None
       out.append(a.reshape(size, size, chans))
     return np.stack(out), np.asarray(zoom, np.float32)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-__all__ = ["DICOM_EXTENSIONS", "is_dicom_name", "has_dicom_magic", "parse_frames", "DicomView", "read_dicom"]
+__all__ = ["DICOM_EXTENSIONS", "is_dicom_name", "has_dicom_magic", "is_dicom_file", "parse_frames", "DicomView", "read_dicom"]
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 _TISSUE = 1  # RegionDataType: tissue (PS3.3 C.8.5.5.1.2)
@@ -68,6 +68,12 @@ def has_dicom_magic(path: pathlib.Path) -> bool:
   except OSError:
     return False
   return len(head) == 132 and head[128:] == b"DICM"
+
+
+def is_dicom_file(path) -> bool:
+  """A ``.dcm``/``.dicom`` name, or no extension and the DICM magic."""
+  path = pathlib.Path(path)
+  return is_dicom_name(path) or (not path.suffix and has_dicom_magic(path))
 
 
 def parse_frames(spec: str) -> int | None:

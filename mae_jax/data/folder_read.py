@@ -181,7 +181,8 @@ def _printable(name: str) -> str:
 
 def read_gray(path, min_size: int = 16) -> np.ndarray:
   """(H, W) uint8 of one image file, converted as the folder datasets convert (`_read_image`);
-  for a DICOM file its first frame's first B-mode region (``dicom.read_dicom``)."""
+  for a DICOM file its first frame's first B-mode region (``dicom.read_dicom``; ValueError when
+  it cannot be decoded)."""
   from mae_jax.data import dicom
 
   path = pathlib.Path(path)
@@ -189,6 +190,6 @@ def read_gray(path, min_size: int = 16) -> np.ndarray:
     try:
       return dicom.read_dicom(path, frames=None, min_size=min_size)[0][0].image
     except dicom.DicomError as e:
-      raise _Skip(str(e)) from None
+      raise ValueError(f"{_printable(str(path))}: {e}") from None
   a, _ = _read_image(path, min_size)
   return np.asarray(a).astype(np.uint8)
