@@ -424,3 +424,20 @@ def test_phantom_compare_statistics_closed_forms():
   a, b = np.full(100, 10), np.full(100, 200)
   assert C.gcnr(a, b) == 1.0 and C.gcnr(a, a) == 0.0
   assert C.gcnr(np.r_[a, b], b) == pytest.approx(0.5)
+
+
+def test_display_options_default_off_and_closed_form_gain():
+  """Defaults leave the image unchanged; display_gain_db = g lowers every unclipped grey level by
+  g / dynamic range × 255 (log_compress is linear in dB); smoothing widens the speckle."""
+  from mae_jax.data import phantom_compare as C
+  base = P.simulate(0, 1, 96, return_intermediates=True)
+  np.testing.assert_array_equal(P.simulate(0, 1, 96, display_gain_db=0.0, display_smoothing=0.0)["image"],
+                                base["image"])
+  dark = P.simulate(0, 1, 96, display_gain_db=6.0)["image"].astype(np.float64)
+  shift = 6.0 / base["dynamic_range_db"] * 255.0
+  ok = (base["image"] > shift + 2) & (base["image"] < 254) & (dark > 1)
+  assert ok.sum() > 1000
+  assert np.abs(base["image"][ok] - dark[ok] - shift).max() <= 1.0
+  smooth = P.simulate(0, 1, 96, display_smoothing=2.0)["image"]
+  valid = np.asarray(base["fan"], bool)
+  assert C.speckle_fwhm(smooth, valid)[0] > 1.5 * C.speckle_fwhm(base["image"], valid)[0]

@@ -270,6 +270,8 @@ def simulate(
   *,
   tgc: bool = True,
   return_intermediates: bool = False,
+  display_gain_db: float = 0.0,
+  display_smoothing: float = 0.0,
 ) -> dict:
   """One B-mode image with its organ, class and lesion mask; deterministic in (seed, index).
 
@@ -280,6 +282,12 @@ def simulate(
   boolean tissue masks, including 'lesion' and 'parenchyma'), 'depth' (cm per row); and
   'geometry', 'probe', 'fan' (display pixels inside the field of view), 'pixel_size_cm' (side
   of a square display pixel), 'dynamic_range_db', 'gain_db'.
+
+  Display post-processing, off by default (the built-in dataset): ``display_gain_db`` moves white
+  that much further above tissue (a darker display); ``display_smoothing`` = k low-passes the
+  envelope with a Gaussian of k times the PSF's axial and (median) lateral σ before log
+  compression, as scanners' speckle-reduction filters do (docs/phantom.md, "Phantom vs real").
+  Neither changes the random draws.
   """
   if image_size < 16:
     raise ValueError(f"image_size must be >= 16, got {image_size}")
@@ -308,7 +316,11 @@ def simulate(
     points=points,
     noise_db=noise_db,
   )
-  img01 = log_compress(envelope, dynamic_range, gain)
+  if display_smoothing > 0:
+    sig_z, sig_x = psf_sigmas(probe, n, n)
+    envelope = ndimage.gaussian_filter(
+      envelope, (display_smoothing * sig_z, display_smoothing * float(np.median(sig_x)))).astype(_F32)
+  img01 = log_compress(envelope, dynamic_range, gain + display_gain_db)
 
   lesion_index = len(anatomy.layers)
   if probe.geometry == "linear":

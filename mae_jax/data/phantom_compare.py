@@ -132,24 +132,25 @@ def real_frames(mm: float) -> list[tuple[str, np.ndarray, np.ndarray]]:
   return out
 
 
-def phantom_frames(mm: float, n: int, seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def phantom_frames(mm: float, n: int, seed: int = 0, **display) -> list[tuple[str, np.ndarray, np.ndarray]]:
+  """``display``: ``phantom.simulate``'s display options (``display_gain_db``, ``display_smoothing``)."""
   from mae_jax.data import phantom
 
   out = []
   for i in range(n):
     probe_px = phantom.simulate(seed, i, 64, return_intermediates=True)["pixel_size_cm"] * 64 * 10
     size = int(min(512, max(64, round(probe_px / mm))))
-    ex = phantom.simulate(seed, i, size, return_intermediates=True)
+    ex = phantom.simulate(seed, i, size, return_intermediates=True, **display)
     fan = np.asarray(ex["fan"], bool) if ex.get("fan") is not None else np.ones((size, size), bool)
     valid = ndimage.binary_erosion(fan, iterations=3)
     out.append((f"phantom {phantom.ORGANS[ex['organ']]} #{i}", ex["image"], valid))
   return out
 
 
-def compare(n: int = 24, mm: float = 0.4) -> dict:
+def compare(n: int = 24, mm: float = 0.4, **display) -> dict:
   """Per-image statistics and their medians for the real frames and the phantom."""
   res = {}
-  for kind, frames in (("real", real_frames(mm)), ("phantom", phantom_frames(mm, n))):
+  for kind, frames in (("real", real_frames(mm)), ("phantom", phantom_frames(mm, n, **display))):
     rows = {name: image_stats(img, valid) for name, img, valid in frames}
     keys = next(iter(rows.values())).keys()
     res[kind] = {"images": rows, "median": {k: float(np.nanmedian([r[k] for r in rows.values()])) for k in keys},
@@ -204,8 +205,11 @@ def main(argv=None) -> None:
   ap.add_argument("--n", type=int, default=24, help="phantom images")
   ap.add_argument("--mm", type=float, default=0.4, help="matched pixel size (mm)")
   ap.add_argument("--figure", default="", help="PNG path for the side-by-side figure")
+  ap.add_argument("--display-gain-db", type=float, default=0.0, help="phantom.simulate display_gain_db")
+  ap.add_argument("--display-smoothing", type=float, default=0.0, help="phantom.simulate display_smoothing")
   args = ap.parse_args(argv)
-  res = compare(args.n, args.mm)
+  res = compare(args.n, args.mm, display_gain_db=args.display_gain_db,
+                display_smoothing=args.display_smoothing)
   res["mm"] = args.mm
   print(f"{len(res['real']['frames'])} real views, {len(res['phantom']['frames'])} phantom images, "
         f"{args.mm} mm per pixel")
