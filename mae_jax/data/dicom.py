@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-__all__ = ["DICOM_EXTENSIONS", "is_dicom_name", "has_dicom_magic", "is_dicom_file", "parse_frames", "DicomView", "read_dicom"]
+__all__ = ["DICOM_EXTENSIONS", "is_dicom_name", "has_dicom_magic", "is_dicom_file", "parse_frames",
+           "DicomView", "DicomError", "read_dicom"]
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 _TISSUE = 1  # RegionDataType: tissue (PS3.3 C.8.5.5.1.2)
@@ -162,7 +163,8 @@ class _Grey:
     if self.pi == "PALETTE COLOR":
       return "DICOM PALETTE COLOR: palette lookup, luminance (ITU-R 601)"
     how = "VOI LUT/window" if self.windowed else ("as stored" if self.bits <= 8 else "min-max over the file")
-    return f"DICOM {self.pi or 'MONOCHROME2'} {self.bits}-bit: {how}" + (", inverted" if self.pi == "MONOCHROME1" else "")
+    inverted = ", inverted" if self.pi == "MONOCHROME1" else ""
+    return f"DICOM {self.pi or 'MONOCHROME2'} {self.bits}-bit: {how}{inverted}"
 
   def __call__(self, a: np.ndarray, all_frames) -> np.ndarray:
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
@@ -220,7 +222,8 @@ def read_dicom(path, *, frames: int | None = 1, min_size: int = 1, group_by: str
   regions = _regions(ds, (rows, cols))
   if regions:
     dropped = len(ds.SequenceOfUltrasoundRegions) - len(regions)
-    notes.append(f"{len(regions)} B-mode region(s) cropped" + (f", {dropped} other region(s) dropped" if dropped else ""))
+    notes.append(f"{len(regions)} B-mode region(s) cropped"
+                 + (f", {dropped} other region(s) dropped" if dropped else ""))
   else:
     notes.append("no ultrasound region tags: whole frame used")
 
