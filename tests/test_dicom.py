@@ -145,6 +145,12 @@ def test_no_group_in_two_splits(built):
   assert sum(v["groups"] for v in summary["splits"].values()) == 4
   # Two groups per class cannot fill three splits: said in the warnings and the summary's notes.
   assert any("none in test" in n for n in summary["notes"])
+  counts = json.loads((out / "metadata.json").read_text())["counts"]
+  lines = groups.split_summary_lines(out)
+  row = {ln.split("|")[1].strip(): ln for ln in lines if ln.startswith("| ") and "split" not in ln}
+  assert set(row) == set(folder.SPLITS)
+  assert f"| {counts['train']} | {summary['splits']['train']['groups']} |" in row["train"]
+  assert any(ln.startswith("- note: class") for ln in lines)
 
 
 def test_group_by_patient_and_every_k_frames(tmp_path, built):
