@@ -180,7 +180,7 @@ def build_folder_dataset(
   root = pathlib.Path(root).expanduser().resolve()
   out = pathlib.Path(out_dir).expanduser().resolve()
   if not root.is_dir():
-    raise ValueError(f"dataset folder {root} does not exist or is not a directory")
+    raise ValueError(_printable(f"dataset folder {root} does not exist or is not a directory"))
   options = {
       "root": str(root), "task": task, "image_size": None if image_size is None else int(image_size),
       "split_seed": int(split_seed), "split_ratio": [float(x) for x in split_ratio],
@@ -201,12 +201,12 @@ def build_folder_dataset(
       log.warning("dataset folder %s changed since %s was built from it (%s): building it again",
                   _printable(str(root)), out, describe_change(out, fingerprint))
   if out == root or root in out.parents:
-    raise ValueError(f"out_dir {out} must not be inside the dataset folder {root}")
+    raise ValueError(_printable(f"out_dir {out} must not be inside the dataset folder {root}"))
 
   unreadable: list[OSError] = []
   all_files = _list_files(root, unreadable)
   if not all_files and not unreadable:
-    raise ValueError(f"dataset folder {root} is empty")
+    raise ValueError(_printable(f"dataset folder {root} is empty"))
   csv_groups = groups.read_groups_csv(root)
 
   skipped: list[dict] = []
@@ -222,10 +222,11 @@ def build_folder_dataset(
     if c.is_dir() and c.name.lower() in _SPLIT_ALIASES:
       s = _SPLIT_ALIASES[c.name.lower()]
       if s in split_dirs:
-        raise ValueError(f"dataset folder {root}: both {split_dirs[s].name}/ and {c.name}/ name split {s!r}")
+        raise ValueError(_printable(f"dataset folder {root}: both {split_dirs[s].name}/ and {c.name}/ "
+                                    f"name split {s!r}"))
       split_dirs[s] = c
   if split_dirs and "train" not in split_dirs:
-    raise ValueError(f"dataset folder {root} has split folders {sorted(split_dirs)} but no train/")
+    raise ValueError(_printable(f"dataset folder {root} has split folders {sorted(split_dirs)} but no train/"))
   subs = [(d, s) for s, d in split_dirs.items()] if split_dirs else [(root, None)]
   if split_dirs:
     inside = tuple(split_dirs.values())
@@ -295,7 +296,7 @@ def build_folder_dataset(
     where = work if meta_path.exists() else out
     where.mkdir(parents=True, exist_ok=True)
     _write_json(where / "build_report.json", report)
-    raise ValueError(f"{msg} (see {where / 'build_report.json'})")
+    raise ValueError(_printable(f"{msg} (see {where / 'build_report.json'})"))
 
   if not usable:
     fail(f"dataset folder {root}: no usable image left ({len(skipped)} files skipped)")
