@@ -74,7 +74,7 @@ def test_parameter_table_in_log_file_one_console_line(caplog):
 def test_images_and_scalars_read_back(tmp_path):
   panel = np.arange(6 * 5, dtype=np.uint8).reshape(6, 5) * 7
   mon = writers.Monitor(str(tmp_path), _train(), total_steps=3, start=0, is_main=True)
-  mon.write_images(3, {"reconstruction": panel[..., None]})
+  mon.write_images(3, {"reconstruction": panel[..., None], "float": np.array([[0.0, 0.5, 2.0]])})
   mon.write_scalars(3, {"val_accuracy": 0.25})
   mon.close()
   acc = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={event_accumulator.IMAGES: 0})
@@ -82,6 +82,8 @@ def test_images_and_scalars_read_back(tmp_path):
   (img,) = acc.Images("reconstruction")
   assert (img.step, img.width, img.height) == (3, 5, 6)
   np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(img.encoded_image_string))), panel)
+  (img,) = acc.Images("float")  # [0, 1] -> 0..255, rounded; out of range clipped
+  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(img.encoded_image_string))), [[0, 128, 255]])
   assert _scalars(tmp_path, "val_accuracy") == {3: 0.25}
 
 

@@ -61,7 +61,8 @@ class SummaryWriter:
       echo.info("[%d] %s", step, ", ".join(f"{k}={float(x):.6g}" for k, x in sorted(scalars.items())))
 
   def write_images(self, step: int, images: dict) -> None:
-    """`images`: name -> uint8 (H, W) or (H, W, C) panel, stored as PNG."""
+    """`images`: name -> (H, W) or (H, W, C) panel, uint8 or float in [0, 1] (as TensorBoard's image
+    summary takes them; clipped), stored as PNG."""
     from PIL import Image
     from tensorboard.compat.proto import summary_pb2
     values = []
@@ -69,8 +70,10 @@ class SummaryWriter:
       a = np.asarray(image)
       if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
-      if a.dtype != np.uint8:
-        raise ValueError(f"image {tag!r}: expected uint8 pixels, got {a.dtype}")
+      if np.issubdtype(a.dtype, np.floating):
+        a = np.round(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
+      elif a.dtype != np.uint8:
+        raise ValueError(f"image {tag!r}: expected uint8 or float pixels, got {a.dtype}")
       png = io.BytesIO()
       Image.fromarray(a).save(png, format="PNG")
       values.append(summary_pb2.Summary.Value(tag=tag, image=summary_pb2.Summary.Image(
