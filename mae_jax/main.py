@@ -180,7 +180,7 @@ def check(config) -> None:
 
 # The console shows our lines and other libraries' warnings and errors, each once. Libraries that
 # log through absl (the dataset builder's config notes, orbax's checkpoint notes) reach it only at
-# ERROR: their warnings are routine there and go to log.txt (docs/reliability.md names them).
+# ERROR: their warnings are routine there and go to log.txt (docs/console.md names them).
 _CONSOLE_MIN_LEVEL = {"absl": logging.ERROR}
 _LIBRARY_LEVELS = {"absl": logging.WARNING, "orbax": logging.WARNING, "jax._src": logging.WARNING,
                    "grain": logging.WARNING, "tensorflow_datasets": logging.WARNING,
