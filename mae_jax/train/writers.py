@@ -1,8 +1,8 @@
 """Metrics and progress of a training loop: console lines, TensorBoard events, steps/s and ETA, a
 profiler trace of a few steps, and the parameter table at start-up.
 
-TensorBoard events are written with the `tensorboard` package's own event writer and summary
-protos (as torch.utils.tensorboard does): no TensorFlow. clu is used where it needs none:
+TensorBoard events are written with the `tensorboard` package's own record writer and summary
+protos (the event protocol torch.utils.tensorboard writes too): no TensorFlow. clu is used where it needs none:
 `clu.parameter_overview` for the parameter table. Profiling is `jax.profiler`.
 
 When a metrics line is due: every `train.log_every` steps, the last step, and at least once a minute
@@ -21,6 +21,7 @@ import contextlib
 import io
 import logging
 import os
+import socket
 import time
 
 import jax
@@ -36,22 +37,36 @@ PROFILE_AFTER = 10  # steps after the start before a trace begins: compiling and
 
 class SummaryWriter:
   """Scalars and images as TensorBoard events in `logdir` (None: no events), and, with `echo`, each
-  scalar set as one line on `mae_jax`'s logger."""
+  scalar set as one line on that logger.
+
+  The event file is written through tensorboard's `RecordWriter` on a plain file: its
+  `EventFileWriter` would open the file through TensorFlow's file system whenever TensorFlow is
+  installed (it starts TensorFlow, seconds and hundreds of MB). A few events per logged step are
+  written in the calling thread, buffered, and reach the disk at `flush` (each checkpoint) or every
+  `FLUSH_SECS`."""
+
+  FLUSH_SECS = 30.0
 
   def __init__(self, logdir: str | None):
-    self._events = None
+    self._records, self._flushed = None, time.monotonic()
     if logdir is not None:
-      from tensorboard.summary.writer.event_file_writer import EventFileWriter
+      from tensorboard.compat.proto import event_pb2
+      from tensorboard.summary.writer.record_writer import RecordWriter
       os.makedirs(logdir, exist_ok=True)
-      # The event writer queues and writes on its own thread: a step never waits on the disk.
-      self._events = EventFileWriter(logdir, max_queue_size=100, flush_secs=30)
+      name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
+      self._records = RecordWriter(open(os.path.join(logdir, name), "wb"))
+      self._records.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
+                          .SerializeToString())
+      self.flush()
 
   def _add(self, step: int, values: list) -> None:
-    if self._events is None:
+    if self._records is None:
       return
     from tensorboard.compat.proto import event_pb2, summary_pb2
-    self._events.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                           summary=summary_pb2.Summary(value=values)))
+    self._records.write(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                        summary=summary_pb2.Summary(value=values)).SerializeToString())
+    if time.monotonic() - self._flushed >= self.FLUSH_SECS:
+      self.flush()
 
   def write_scalars(self, step: int, scalars: dict, echo: logging.Logger | None = None) -> None:
     from tensorboard.plugins.scalar import summary_v2
@@ -82,13 +97,14 @@ class SummaryWriter:
     self._add(step, values)
 
   def flush(self) -> None:
-    if self._events is not None:
-      self._events.flush()
+    self._flushed = time.monotonic()
+    if self._records is not None:
+      self._records.flush()
 
   def close(self) -> None:
-    if self._events is not None:
-      self._events.close()
-      self._events = None
+    if self._records is not None:
+      self._records.close()
+      self._records = None
 
 
 def create_writer(workdir: str, is_main: bool) -> SummaryWriter:
