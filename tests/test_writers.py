@@ -101,3 +101,12 @@ def test_only_process_0_writes_events(tmp_path, is_main):
   mon.after_step(1, {"loss": jnp.float32(1)})
   mon.close()
   assert bool(glob.glob(str(tmp_path / "events.out.tfevents.*"))) == is_main
+
+
+def test_two_writers_in_one_second_keep_both_files(tmp_path):
+  for step in (1, 2):  # a resumed run in the same process: its events add to the first run's
+    mon = writers.Monitor(str(tmp_path), _train(), total_steps=2, start=step - 1, is_main=True)
+    mon.after_step(step, {"loss": jnp.float32(step)})
+    mon.close()
+  assert len(glob.glob(str(tmp_path / "events.out.tfevents.*"))) == 2
+  assert _scalars(tmp_path, "loss") == {1: 1.0, 2: 2.0}

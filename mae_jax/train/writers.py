@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import os
 import socket
@@ -32,6 +33,7 @@ log = logging.getLogger("mae_jax")
 log_file = logging.getLogger("mae_jax.log_file")
 
 LOG_EVERY_SECS = 60.0  # a metrics line and a progress line at least this often (train.log_every_secs)
+_FILE_COUNTER = itertools.count()
 PROFILE_AFTER = 10  # steps after the start before a trace begins: compiling and warm-up are done
 
 
@@ -42,7 +44,7 @@ class SummaryWriter:
   The event file is written through tensorboard's `RecordWriter` on a plain file: its
   `EventFileWriter` would open the file through TensorFlow's file system whenever TensorFlow is
   installed (it starts TensorFlow, seconds and hundreds of MB). A few events per logged step are
-  written in the calling thread, buffered, and reach the disk at `flush` (each checkpoint) or every
+  written in the calling thread, buffered, and reach the disk at `flush`, `close` or every
   `FLUSH_SECS`."""
 
   FLUSH_SECS = 30.0
@@ -53,7 +55,9 @@ class SummaryWriter:
       from tensorboard.compat.proto import event_pb2
       from tensorboard.summary.writer.record_writer import RecordWriter
       os.makedirs(logdir, exist_ok=True)
-      name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
+      # TensorBoard's file name; the counter keeps two writers of one process in one second apart.
+      name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
+              f"{next(_FILE_COUNTER)}")
       self._records = RecordWriter(open(os.path.join(logdir, name), "wb"))
       self._records.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
                           .SerializeToString())
