@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from mae_jax.models.vit import PRESETS
+from mae_jax.presets import PRESETS
 
 MODEL_SIZES = ("ti", "s", "b", "l", "h")
 

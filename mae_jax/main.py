@@ -9,7 +9,8 @@ A mistake on the command line or in the config (an unknown field or config file,
 ARGS item, a value the job rejects) prints one or two lines and exits with status 2 before anything
 is created; `--verbose` (or the environment variable MAE_JAX_VERBOSE=1) adds the traceback.
 
-Every workdir gets `log.txt`: the console lines of every run in it, appended. The last line says
+Every workdir gets `log.txt`: the console lines of every run in it, appended, and what is too long
+for the console (the parameter table, validation scalars, library warnings routed through absl). The last line says
 where the results are; a run that is already complete says so and exits 0 without doing anything.
 """
 
@@ -22,9 +23,6 @@ import logging
 import os
 import sys
 import traceback
-
-# TensorFlow (behind clu's TensorBoard writer) prints a C++ banner at import unless told not to.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Before any thread or XLA buffer exists: freed host memory stays in malloc's heap for the next step
 # instead of costing ~1/6 of a CPU train step in page faults (mae_jax/host_memory.py).
@@ -180,29 +178,34 @@ def check(config) -> None:
 # ------------------------------------------------------------------------------------ logging
 
 
-class _Console(logging.Filter):
-  """Our lines, clu's (metrics, progress, parameter table) and every library's warnings, each
-  warning once, minus the routine chatter of the TFDS builder behind the built-in dataset (it logs
-  each config at WARNING level) and the INFO lines of orbax and grain (absl INFO)."""
+# The console shows our lines and other libraries' warnings and errors, each once. Libraries that
+# log through absl (the dataset builder's config notes, orbax's checkpoint notes) reach it only at
+# ERROR: their warnings are routine there and go to log.txt (docs/console.md names them).
+_CONSOLE_MIN_LEVEL = {"absl": logging.ERROR}
+_LIBRARY_LEVELS = {"absl": logging.WARNING, "orbax": logging.WARNING, "jax._src": logging.WARNING,
+                   "grain": logging.WARNING, "tensorflow_datasets": logging.WARNING,
+                   "matplotlib": logging.WARNING, "PIL": logging.WARNING}
 
-  def __init__(self):
+
+class _Once(logging.Filter):
+  """Other libraries' warnings once each (a fallback logged at every use says nothing new);
+  on the console also: no `mae_jax.log_file` lines (the parameter table, the scalars a job reports
+  in its own line) and absl-routed lines below ERROR."""
+
+  def __init__(self, console: bool):
     super().__init__()
+    self.console = console
     self._warned = set()
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno >= logging.ERROR:
-      return True
-    if "tensorflow_datasets" in record.pathname:
+    if self.console and (record.name == "mae_jax.log_file"
+                         or record.levelno < _CONSOLE_MIN_LEVEL.get(record.name, logging.NOTSET)):
       return False
-    if record.name == "absl" and record.levelno < logging.WARNING:
-      if f"{os.sep}clu{os.sep}" not in record.pathname:
-        return False
-      if record.msg == "Setting work unit notes: %s":  # ReportProgress's line, said plainly
-        record.msg = "progress: %s"
-      # ReportProgress also writes steps/s and uptime as scalars: TensorBoard's, the line above has them.
-      if record.msg == "[%d]%s %s" and str(record.args[-1]).startswith(("steps_per_sec=", "uptime=")):
-        return False
-    if record.levelno == logging.WARNING and record.name != "mae_jax":
+    if record.name == "mae_jax" or record.name.startswith("mae_jax."):
+      return True
+    if record.levelno < logging.WARNING:
+      return False
+    if record.levelno == logging.WARNING:
       key = (record.name, record.getMessage())
       if key in self._warned:
         return False
@@ -217,11 +220,10 @@ def _setup_logging():
   logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True)
   for handler in logging.getLogger().handlers:
     handler.setFormatter(_FORMAT)
-    handler.addFilter(_Console())
+    handler.addFilter(_Once(console=True))
   logging.captureWarnings(True)  # Python warnings through the same filter: once each
-  for noisy in ("orbax", "jax._src", "grain", "tensorflow_datasets"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  logging.getLogger("absl").setLevel(logging.INFO)  # clu logs through absl; the filter keeps only clu
+  for name, level in _LIBRARY_LEVELS.items():
+    logging.getLogger(name).setLevel(level)
   try:  # progress bars of the one-time build of the built-in dataset
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
@@ -238,7 +240,7 @@ class _LogFile:
       os.makedirs(workdir, exist_ok=True)
       self.handler = logging.FileHandler(os.path.join(workdir, "log.txt"), mode="a", encoding="utf-8")
       self.handler.setFormatter(_FORMAT)
-      self.handler.addFilter(_Console())
+      self.handler.addFilter(_Once(console=False))
 
   def __enter__(self):
     if self.handler is not None:
@@ -307,8 +309,6 @@ def run(config, workdir: str, *, checked: bool = False) -> dict:
     if jax.default_backend() == "cpu":
       from mae_jax import cpu_kernels
       log.info("CPU kernels: %s", cpu_kernels.describe())
-    from mae_jax.train import writers
-    writers.tensorflow_without_gpus()  # before anything could start TensorFlow on a GPU
     result = _dispatch(job, config, workdir)
     step = result.get("step")
     if result.get("preempted"):

@@ -7,7 +7,7 @@ import os
 from mae_jax import recipes
 from mae_jax.corrupt import blur as blur_lib
 from mae_jax.corrupt import frequency
-from mae_jax.models.vit import PRESETS
+from mae_jax.presets import PRESETS
 
 
 def _fail(field: str, value, why: str):

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import runpy
 import tempfile
 
 import pytest
@@ -9,6 +10,13 @@ import pytest
 os.environ.setdefault("MAE_JAX_DATA", os.path.join(tempfile.gettempdir(), "mae_jax_test_data"))
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Nothing at run time needs TensorFlow, and CI installs none: where a venv still has it, the tests
+# (and the commands they start) run without it too (tests/no_tensorflow/sitecustomize.py).
+_NO_TF = str(REPO / "tests" / "no_tensorflow")
+runpy.run_path(os.path.join(_NO_TF, "sitecustomize.py"))
+if _NO_TF not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+  os.environ["PYTHONPATH"] = os.pathsep.join([_NO_TF, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def load_config(name: str, arg: str | None = None):

@@ -100,3 +100,29 @@ def test_relative_paths_log_file_rerun_and_export(mae_pretrain, tmp_path):
   assert "lp.safetensors" in written and len(written) >= 3, written
   for name in written:
     assert stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) == 0o644, name
+
+
+def test_smoke_run_console_is_quiet_without_tensorflow(tmp_path):
+  """The README's smoke run with TensorFlow hidden (tests/no_tensorflow): it runs; the console has
+  under 30 lines, every one ours (time, level, message: no progress bars, no library's raw prints)
+  and none of the libraries' routine chatter; the parameter table is in log.txt; TensorBoard reads
+  the loss curve back."""
+  from tensorboard.backend.event_processing import event_accumulator
+
+  from tests.test_dependencies import no_tensorflow_env
+  wd = tmp_path / "w"
+  rc, out, err = _run(["-m", "mae_jax.main", MAE, f"--workdir={wd}"], cwd=REPO, env=no_tensorflow_env(H.env()))
+  assert rc == 0, err[-3000:] + out[-3000:]
+  lines = (out + err).strip().splitlines()
+  assert len(lines) < 30, "\n".join(lines)
+  assert all(re.match(r"\d\d:\d\d:\d\d [IWE] ", line) for line in lines), "\n".join(lines)
+  for chatter in ("fontManager", "Got images", "custom data configuration", "work unit", "Total: "):
+    assert chatter not in out + err, chatter
+  assert len([line for line in lines if " parameters: " in line]) == 1
+  log_txt = (wd / "log.txt").read_text()
+  assert "Total: 43,552" in log_txt and "| encoder/" in log_txt  # the micro MAE's table
+  acc = event_accumulator.EventAccumulator(str(wd), size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  loss = {e.step for e in acc.Tensors("loss")}
+  assert {1, 10, 20, 30, 40, 50, 60} <= loss, sorted(loss)
+  assert acc.Images("reconstruction"), acc.Tags()

@@ -44,3 +44,15 @@ def test_notebook_executes_and_draws_every_figure(tmp_path_factory, tmp_path):
   errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
             if o.get("output_type") == "error"]
   assert not errors
+
+
+def test_install_cell_keeps_colab_jax_and_names_no_placeholder():
+  """On Colab the install cell installs the clone with Colab's jax and jaxlib held as constraints
+  (pip may not replace them) and names no made-up repository address; locally it installs nothing."""
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  install = next(c.source for c in nb.cells if c.cell_type == "code" and "%pip install" in c.source)
+  assert "OWNER" not in install and "github.com" not in install
+  pip_lines = [line.strip() for line in install.splitlines() if "%pip" in line]
+  assert pip_lines == ["%pip install -q -e {ROOT} -c /tmp/keep_colab_jax.txt"]
+  assert 'for dist in ("jax", "jaxlib")' in install and "if IN_COLAB:" in install
+  assert install.index("if IN_COLAB:") < install.index("%pip")

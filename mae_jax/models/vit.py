@@ -18,17 +18,7 @@ from flax import nnx
 
 from mae_jax import cpu_kernels
 from mae_jax import patches as patch_lib
-
-# (width, depth, heads, patch) of the standard ViT sizes; `tiny` and `micro` are for tests and smoke runs.
-PRESETS = {
-    "micro": (32, 2, 2, 8),
-    "tiny": (64, 4, 4, 8),
-    "ti": (192, 12, 3, 16),
-    "s": (384, 12, 6, 16),
-    "b": (768, 12, 12, 16),
-    "l": (1024, 24, 16, 16),
-    "h": (1280, 32, 16, 14),
-}
+from mae_jax.presets import PRESETS  # noqa: F401  (vit.PRESETS, as before)
 
 LN_EPS = 1e-6
 
