@@ -55,6 +55,10 @@ def downstream(args) -> ml_collections.ConfigDict:
   c.train.cutmix = 1.0 if args.mixup else 0.0
   c.train.mixup_prob = 1.0
   c.train.mixup_switch_prob = 0.5
+  c.train.randaugment = ""  # timm RandAugment string on the host, e.g. 'rand-m9-mstd0.5-inc1'; '' = off
+  # Evaluation images: 0 = the whole image resized to S x S; in (0, 1]: shorter side to
+  # int(S / eval_crop_pct), then the centre S x S (mae_jax/data/transforms.py).
+  c.data.eval_crop_pct = 0.0
 
   if args.probe:
     # MAE main_linprobe.py: LARS, base lr 0.1, batch 16384, 90 epochs (10 warm-up), no weight decay,
@@ -81,6 +85,12 @@ def apply_paper(c, paper: str, *, probe: bool, variant: str) -> None:
     c.train.batch_size = 1024 if probe else 256
     c.eval.select = "accuracy"
     c.eval.f1 = "positive"
+    # DeblurringMIM util/datasets.py: training RandAugment rand-m9-mstd0.5-inc1 (timm create_transform,
+    # main_finetune.py --aa default); evaluation Resize(256, bicubic) + CenterCrop(224) at input 224
+    # (crop_pct 224/256; it uses 1.0 above 224).
+    if not probe:
+      c.train.randaugment = "rand-m9-mstd0.5-inc1"
+    c.data.eval_crop_pct = 224 / 256
   elif paper == "usfm" and not probe:
     c.train.epochs = 200
     c.train.batch_size = 64

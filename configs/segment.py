@@ -38,6 +38,7 @@ def get_config(arg=None):
   args = config_base.parse_arg(arg, **config_base.DOWNSTREAM_ARGS)
   c = config_base.downstream(args, "segment")
   c.data.crop_scale_min = 0.5  # RandomResizedCrop(scale=(0.5, 1)) on image and mask; 1.0 = none
+  c.data.interpolation = "bicubic"  # image resampling (bicubic | bilinear); masks: nearest
 
   c.model.image_size = 0  # 0: the pretraining size; else the position table is resized (bicubic)
   c.model.blocks = ""  # 1-based encoder blocks, e.g. "3,5,7,11"; "" = USFM's, scaled to the depth
@@ -80,6 +81,7 @@ def get_config(arg=None):
     c.model.aux_channels = 256
     c.train.aux_weight = 0.4
     c.train.dice_weight = 0.0  # USFM: cross-entropy only (CE + Dice stays an option)
+    c.data.interpolation = "bilinear"  # usdsgen/data/datasets.py: albumentations A.Resize (linear)
   if args.smoke:
     smoke(c)
   if args.epochs:  # after smoke: `smoke,epochs=5` means 5 epochs of the smoke run

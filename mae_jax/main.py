@@ -173,6 +173,8 @@ def check(config) -> None:
   elif not config.get("init_from"):
     raise ValueError("config.init_from is empty: set it to a D²MAE pretraining workdir")
   validate.validate_transfer(config)
+  from mae_jax.data import transforms  # data.interpolation, data.eval_crop_pct, train.randaugment
+  transforms.check_config(config)
 
 
 # ------------------------------------------------------------------------------------ logging

@@ -20,6 +20,9 @@ Training stream (``train_iterator``):
     **bicubic** (MAE's ``interpolation=3``; ``interpolation='bilinear'`` is available), then a
     horizontal flip with probability 1/2. Masks, when present, get the same crop and flip, resized
     nearest-neighbour.
+  * ``rand_augment`` (e.g. ``'rand-m9-mstd0.5-inc1'``): timm's RandAugment after the flip, as
+    DeblurringMIM's fine-tuning transform (:mod:`mae_jax.data.randaugment`), from
+    ``np.random.default_rng([seed, g, 2])``: the crops and flips stay those of a run without it.
   * ``zoom``: float32 (2,) per example, model pixels per stored pixel along (H, W) of its crop,
     ``(S / h_box, S / w_box)``. The device uses it to blur with σ in the stored image's pixels
     (``corrupt.sigma_units='native'``): per axis, because the box need not be square (the crop's
@@ -30,7 +33,9 @@ Training stream (``train_iterator``):
     the number of processes changed between runs.
 
 Evaluation stream (``eval_iterator``): every example exactly once, resized (no crop, no flip) to
-``image_size`` (``zoom`` = ``(S / H, S / W)`` of the stored image); global batches of ``batch_size`` split over processes like the training stream;
+``image_size`` (``zoom`` = ``(S / H, S / W)`` of the stored image), or with ``crop_pct`` > 0 its
+shorter side resized to ``int(S / crop_pct)`` and the centre S × S kept (DeblurringMIM's evaluation
+transform, :func:`mae_jax.data.transforms.resize_center_crop`; ``zoom`` of the resize); global batches of ``batch_size`` split over processes like the training stream;
 the last global batch is padded and a ``valid`` bool marks real rows.
 
 Batches are dicts of numpy arrays: ``image`` uint8 (B_local, S, S, in_chans); ``organ``, ``label``,
@@ -50,6 +55,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from mae_jax.data import randaugment, transforms
 from mae_jax.data.sampling import BalancedIndexSampler, EpochShuffleSampler
 
 __all__ = [
@@ -67,6 +73,7 @@ _log = logging.getLogger(__name__)
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (w/h), as MAE uses it
 _AUG_STREAM = 1
+_RAND_AUGMENT_STREAM = 2
 _INT_FIELDS = ("organ", "label", "index")
 
 
@@ -212,11 +219,12 @@ class _TrainExample:
   """Draw number → augmented example. A plain class (not a closure) so it pickles for mp_prefetch."""
 
   def __init__(self, source, sampler, *, seed, image_size, scale, ratio, hflip, in_chans,
-               resample, with_mask, global_batch, local_batch, process_index):
+               resample, with_mask, global_batch, local_batch, process_index, rand_augment=None):
     self.source, self.sampler, self.seed = source, sampler, int(seed)
     self.image_size, self.scale, self.ratio, self.hflip = int(image_size), scale, ratio, hflip
     self.in_chans, self.resample, self.with_mask = in_chans, resample, with_mask
     self.global_batch, self.local_batch, self.process_index = global_batch, local_batch, process_index
+    self.rand_augment = rand_augment
 
   def global_draw(self, i: int) -> int:
     b, r = divmod(int(i), self.local_batch)
@@ -231,7 +239,12 @@ class _TrainExample:
     box = random_resized_crop_params(rng, img.shape[0], img.shape[1], self.scale, self.ratio)
     flip = self.hflip and rng.random() < 0.5
     out_img = _match_channels(_crop_resize(img, box, self.image_size, self.resample), self.in_chans)
-    out = {"image": out_img[:, ::-1] if flip else out_img, "zoom": _zoom(self.image_size, box[2], box[3])}
+    if flip:
+      out_img = out_img[:, ::-1]
+    if self.rand_augment is not None:
+      ra_rng = np.random.default_rng([self.seed, g, _RAND_AUGMENT_STREAM])
+      out_img = randaugment.augment(out_img, ra_rng, self.rand_augment, resample=self.resample)
+    out = {"image": out_img, "zoom": _zoom(self.image_size, box[2], box[3])}
     if self.with_mask:
       m = _as_hwc(rec["mask"], "mask")
       if m.shape[:2] != img.shape[:2]:
@@ -274,6 +287,7 @@ def train_iterator(
     start_batch: int = 0,
     with_mask: bool | None = None,
     worker_count: int = 0,
+    rand_augment: str = "",
 ) -> grain.DatasetIterator:
   """Infinite, deterministic, resumable training iterator yielding this process's local batches.
 
@@ -298,6 +312,7 @@ def train_iterator(
     worker_count: if > 0, whole local batches are built in this many grain worker processes
       (``mp_prefetch``; the source must pickle); 0 uses threads only. Same batches either way,
       but the iterator state format differs between the two.
+    rand_augment: timm RandAugment string (``config.train.randaugment``); ``''`` = off.
 
   Returns:
     A grain ``DatasetIterator`` with ``get_state`` / ``set_state``.
@@ -314,6 +329,11 @@ def train_iterator(
   n = len(source)
   if n == 0:
     raise ValueError("train_iterator: the source is empty")
+  ra_spec = randaugment.parse(rand_augment)
+  with_mask = _has_mask(source) if with_mask is None else with_mask
+  if ra_spec is not None and with_mask:
+    raise ValueError(f"config.{randaugment.FIELD}={rand_augment!r}: RandAugment is for classification; "
+                     "masks would not follow its geometric ops")
   if sampler in ("shuffle", "uniform"):
     index_sampler = EpochShuffleSampler(n, seed)
   elif sampler == "balanced":
@@ -328,9 +348,8 @@ def train_iterator(
   make = _TrainExample(
       source, index_sampler, seed=seed, image_size=image_size, scale=tuple(scale),
       ratio=tuple(ratio), hflip=hflip, in_chans=in_chans, resample=_RESAMPLE[interpolation],
-      with_mask=_has_mask(source) if with_mask is None else with_mask,
-      global_batch=global_batch, local_batch=local_batch,
-      process_index=process_index,
+      with_mask=with_mask, global_batch=global_batch, local_batch=local_batch,
+      process_index=process_index, rand_augment=ra_spec,
   )
   if worker_count > 0:
     # Batch before the process split so that each worker builds whole batches: the output
@@ -363,12 +382,19 @@ def num_eval_batches(n: int, batch_size: int) -> int:
 
 class _EvalExample:
   def __init__(self, source, *, image_size, in_chans, resample, with_mask, global_batch,
-               local_batch, process_index, template):
+               local_batch, process_index, template, crop_pct=0.0):
     self.source, self.n = source, len(source)
     self.image_size, self.in_chans, self.resample = int(image_size), in_chans, resample
     self.with_mask = with_mask
     self.global_batch, self.local_batch, self.process_index = global_batch, local_batch, process_index
     self.template = template
+    self.crop_pct = float(crop_pct)
+
+  def _resize(self, a: np.ndarray, resample) -> tuple[np.ndarray, np.ndarray]:
+    if self.crop_pct <= 0:
+      return _crop_resize(a, None, self.image_size, resample), _zoom(self.image_size, *a.shape[:2])
+    im, (h, w) = transforms.resize_center_crop(_to_pil(a), self.image_size, self.crop_pct, resample)
+    return _from_pil(im), np.array([h / a.shape[0], w / a.shape[1]], np.float32)
 
   def __call__(self, i: int) -> dict[str, np.ndarray]:
     b, r = divmod(int(i), self.local_batch)
@@ -376,11 +402,10 @@ class _EvalExample:
     if g >= self.n:
       return {k: v.copy() for k, v in self.template.items()}
     rec = self.source[g]
-    img = _as_hwc(rec["image"], "image")
-    out = {"image": _match_channels(_crop_resize(img, None, self.image_size, self.resample), self.in_chans),
-           "zoom": _zoom(self.image_size, img.shape[0], img.shape[1])}
+    image, zoom = self._resize(_as_hwc(rec["image"], "image"), self.resample)
+    out = {"image": _match_channels(image, self.in_chans), "zoom": zoom}
     if self.with_mask:
-      out["mask"] = _crop_resize(_as_hwc(rec["mask"], "mask"), None, self.image_size, Image.NEAREST)
+      out["mask"] = self._resize(_as_hwc(rec["mask"], "mask"), Image.NEAREST)[0]
     out.update(_int_fields(rec, g))
     out["valid"] = np.bool_(True)
     return out
@@ -397,19 +422,23 @@ def eval_iterator(
     interpolation: str = "bicubic",
     num_threads: int = 2,
     with_mask: bool | None = None,
+    crop_pct: float = 0.0,
 ) -> grain.DatasetIterator:
   """Deterministic single pass over ``source`` in this process's slice of each global batch.
 
   ``batch_size`` is global (a multiple of ``process_count``). Every process yields
   ``num_eval_batches(len(source), batch_size)`` batches; padded rows are zero images with
   ``label`` 0, ``organ`` 0, ``index`` -1 and ``valid`` False, so jitted metrics can run on them
-  and mask them out.
+  and mask them out. ``crop_pct`` > 0: shorter side to ``int(image_size / crop_pct)``, centre crop
+  (``config.data.eval_crop_pct``); 0 resizes the whole image.
   """
   _check_args(image_size, in_chans, interpolation, process_index, process_count)
   if batch_size <= 0 or batch_size % process_count:
     raise ValueError(
         f"batch_size ({batch_size}) must be a positive multiple of process_count ({process_count})"
     )
+  if not 0.0 <= crop_pct <= 1.0:
+    raise ValueError(f"config.data.eval_crop_pct={crop_pct!r}: must be 0 or lie in (0, 1]")
   n = len(source)
   if n == 0:
     raise ValueError("eval_iterator: the source is empty")
@@ -428,7 +457,7 @@ def eval_iterator(
   make = _EvalExample(
       source, image_size=image_size, in_chans=in_chans, resample=_RESAMPLE[interpolation],
       with_mask=with_mask, global_batch=batch_size, local_batch=local_batch,
-      process_index=process_index, template=template,
+      process_index=process_index, template=template, crop_pct=crop_pct,
   )
   total = num_eval_batches(n, batch_size) * local_batch
   ds = grain.MapDataset.range(total).map(make)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from mae_jax import validate
-from mae_jax.data import pipeline
+from mae_jax.data import pipeline, transforms
 from mae_jax.train import core, lr_decay, obs
 
 log = logging.getLogger("mae_jax")
@@ -53,7 +53,8 @@ def train_iterator(config, source, *, image_size: int, in_chans: int, start: int
       source, global_batch=config.train.batch_size, image_size=image_size,
       seed=config.data.seed + config.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), scale=(config.data.crop_scale_min, 1.0),
-      hflip=config.data.hflip, in_chans=in_chans, start_batch=start, with_mask=with_mask)
+      hflip=config.data.hflip, in_chans=in_chans, start_batch=start, with_mask=with_mask,
+      **transforms.train_options(config))
 
 
 def next_train_batch(it, plan, unused, mesh) -> dict:
@@ -77,7 +78,7 @@ def predict(eval_fn, args, source, split: str, plan, *, config, image_size: int,
   bs = int(config.train.eval_batch_size or config.train.batch_size)
   it = pipeline.eval_iterator(source, batch_size=bs, image_size=image_size, in_chans=in_chans,
                               process_index=jax.process_index(), process_count=jax.process_count(),
-                              with_mask=with_mask)
+                              with_mask=with_mask, **transforms.eval_options(config))
   outs, pending = [], None
   for local in it:
     local = dict(local)
