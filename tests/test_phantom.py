@@ -456,6 +456,12 @@ def test_two_processes_building_one_dataset_build_it_once(tmp_path):
   assert [p.returncode for p in procs] == [0, 0], outs
   assert sum("simulating the built-in dataset" in o for o in outs) == 1, outs
   assert all("indices [0, 1, 2, 3]" in o for o in outs), outs
+  # A build in this process writes the same bytes as the other processes' build.
+  from mae_jax.data import us_phantom
+  here = us_phantom.build(tmp_path / "here", num_workers=1, **TINY)
+  there = us_phantom.builder(tmp_path, **TINY)
+  for name in ("train.array_record", "validation.array_record"):
+    assert (here.data_path / name).read_bytes() == (there.data_path / name).read_bytes()
 
 
 def test_enhance_pairs_are_stored_as_simulated(tmp_path):
