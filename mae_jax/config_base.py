@@ -109,7 +109,7 @@ def base(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "us_phantom"  # us_phantom | folder
-  c.data.data_dir = ""  # where built datasets live; "" = $MAE_JAX_DATA or ~/tensorflow_datasets
+  c.data.data_dir = ""  # where built datasets live; "" = $MAE_JAX_DATA or ~/.cache/mae_jax/datasets
   c.data.folder = ""  # with name=folder: a tree of images whose first-level folders are organs/classes
   c.data.dicom_frames = "all"  # folder DICOM cines: all | first | every:K (frames 0, K, 2K, ...)
   c.data.group_by = "study"  # folder DICOM groups for the split: study (StudyInstanceUID) | patient (PatientID)

@@ -181,12 +181,11 @@ def check(config) -> None:
 
 
 # The console shows our lines and other libraries' warnings and errors, each once. Libraries that
-# log through absl (the dataset builder's config notes, orbax's checkpoint notes) reach it only at
-# ERROR: their warnings are routine there and go to log.txt (docs/console.md names them).
+# log through absl (orbax's checkpoint notes) reach it only at ERROR: their warnings are routine
+# there and go to log.txt (docs/console.md names them).
 _CONSOLE_MIN_LEVEL = {"absl": logging.ERROR}
 _LIBRARY_LEVELS = {"absl": logging.WARNING, "orbax": logging.WARNING, "jax._src": logging.WARNING,
-                   "grain": logging.WARNING, "tensorflow_datasets": logging.WARNING,
-                   "matplotlib": logging.WARNING, "PIL": logging.WARNING}
+                   "grain": logging.WARNING, "matplotlib": logging.WARNING, "PIL": logging.WARNING}
 
 
 class _Once(logging.Filter):
@@ -226,11 +225,6 @@ def _setup_logging():
   logging.captureWarnings(True)  # Python warnings through the same filter: once each
   for name, level in _LIBRARY_LEVELS.items():
     logging.getLogger(name).setLevel(level)
-  try:  # progress bars of the one-time build of the built-in dataset
-    import tensorflow_datasets as tfds
-    tfds.disable_progress_bar()
-  except ImportError:
-    pass
 
 
 class _LogFile:

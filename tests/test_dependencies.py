@@ -2,7 +2,8 @@
 built-in dataset builds and reads, with the test-only references (torch, timm, transformers, OpenCV,
 scikit-learn, the focal-frequency-loss package) made unimportable and TensorFlow hidden
 (tests/no_tensorflow/sitecustomize.py). (us_phantom once imported OpenCV, which only
-requirements-test.txt installs; TensorBoard events were once written by TensorFlow.)"""
+requirements-test.txt installs, and was once a tensorflow-datasets builder; TensorBoard events
+were once written by TensorFlow.)"""
 
 import os
 import pathlib
@@ -13,15 +14,20 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NO_TF = ROOT / "tests" / "no_tensorflow"
 TEST_ONLY = ("torch", "torchvision", "timm", "transformers", "cv2", "sklearn", "focal_frequency_loss")
+# Installed here (by other tools) but no dependency any more: the runtime must not reach for them.
+NOT_DEPENDENCIES = ("tensorflow_datasets", "tensorflow_metadata", "pyarrow")
 
 SCRIPT = f"""
 import importlib, importlib.util, pkgutil, sys
 BLOCKED = {TEST_ONLY!r}
+GONE = {NOT_DEPENDENCIES!r}
 
 class Block:
   def find_spec(self, name, path=None, target=None):
     if name.split(".")[0] in BLOCKED:
       raise ModuleNotFoundError(f"{{name}} is test-only (requirements-test.txt)")
+    if name.split(".")[0] in GONE:
+      raise ModuleNotFoundError(f"{{name}} is not in requirements.txt")
     return None
 
 sys.meta_path.insert(0, Block())
@@ -35,7 +41,7 @@ us_phantom.build(sys.argv[1], num_train=3, num_validation=1, num_test=1, image_s
 src = us_phantom.data_source(sys.argv[1], "train", num_train=3, num_validation=1, num_test=1,
                              image_size=32, seed=0)
 assert len(src) == 3 and src[0]["image"].shape == (32, 32, 1)
-assert "tensorflow" not in sys.modules
+assert "tensorflow" not in sys.modules and "tensorflow_datasets" not in sys.modules
 print("imported", len(names), "modules")
 """
 
@@ -83,11 +89,13 @@ def _pyproject_names() -> list[str]:
   return [re.split(r"[\s<>=!~;\[@]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs]
 
 
-# TensorFlow itself under any of its distribution names, and MKL (a 0.9 GB BLAS no code uses).
-FORBIDDEN = re.compile(r"^(tensorflow(-cpu|-gpu|-intel|-macos|-aarch64|-io.*)?|tf-nightly.*|intel-tensorflow|mkl.*)$")
+# TensorFlow under any of its distribution names and its satellites (tensorflow-datasets,
+# tensorflow-metadata: the built-in dataset writes its own record files), and MKL (a 0.9 GB BLAS
+# no code uses).
+FORBIDDEN = re.compile(r"^(tensorflow.*|tf-nightly.*|tfds-nightly|intel-tensorflow|mkl.*)$")
 
 
-def test_requirements_name_no_tensorflow_and_no_mkl():
+def test_requirements_name_no_tensorflow_package_and_no_mkl():
   names = {p.name: _requirement_names(p) for p in (ROOT / "requirements.txt", ROOT / "requirements-test.txt")}
   names["pyproject.toml"] = _pyproject_names()
   assert "jax" in names["requirements.txt"] and "jax" in names["pyproject.toml"]

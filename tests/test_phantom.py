@@ -1,4 +1,4 @@
-"""Tests of the simulated ultrasound phantom and its TFDS builder.
+"""Tests of the simulated ultrasound phantom and its stored dataset (us_phantom).
 
 Physics is checked against closed forms (Rayleigh statistics of fully developed speckle, the
 exponential depth attenuation exp(-2 alpha f0 z)) and against image measurements that do not
@@ -299,7 +299,7 @@ def test_probe_geometries():
   assert 50 <= convex["dynamic_range_db"] <= 60
 
 
-# ------------------------------------------------------------------------------ TFDS builder
+# ------------------------------------------------------------------------- stored dataset
 
 SMALL = dict(num_train=30, num_validation=6, num_test=6, image_size=64, seed=1)
 
@@ -308,7 +308,7 @@ SMALL = dict(num_train=30, num_validation=6, num_test=6, image_size=64, seed=1)
 def built(tmp_path_factory):
   from mae_jax.data import us_phantom
 
-  data_dir = tmp_path_factory.mktemp("tfds_a")
+  data_dir = tmp_path_factory.mktemp("data_a")
   return data_dir, us_phantom.build(data_dir, num_workers=1, **SMALL)
 
 
@@ -316,16 +316,12 @@ def test_builder_round_trip(built):
   from mae_jax.data import us_phantom
 
   data_dir, builder = built
-  info = builder.info
-  assert builder.name == "us_phantom"
-  assert {k: int(v.num_examples) for k, v in info.splits.items()} == {
-    "train": 30,
-    "validation": 6,
-    "test": 6,
-  }
-  assert info.features["organ"].names == list(P.ORGANS)
-  assert info.features["label"].names == list(P.CLASSES)
-  assert info.file_format.value == "array_record"
+  assert builder.name == "us_phantom" and builder.is_prepared()
+  meta = builder.metadata
+  assert meta["counts"] == {"train": 30, "validation": 6, "test": 6}
+  assert meta["organs"] == list(P.ORGANS) and meta["classes"] == list(P.CLASSES)
+  assert sorted(p.name for p in builder.data_path.iterdir()) == [
+    "metadata.json", "test.array_record", "train.array_record", "validation.array_record"]
   ranges = {}
   for split, size in (("train", 30), ("validation", 6), ("test", 6)):
     source = us_phantom.data_source(data_dir, split, **SMALL)
@@ -377,7 +373,8 @@ def test_built_split_has_intended_proportions(built):
 
 
 def test_build_twice_gives_identical_records(built, tmp_path, monkeypatch):
-  """A second build, in another directory and through the worker pool, is byte-identical."""
+  """A second build, in another directory and through the worker pool, is byte-identical (the
+  record files hold no time stamp)."""
   from mae_jax.data import us_phantom
 
   data_dir, first = built
@@ -404,6 +401,83 @@ def test_configs_do_not_collide(built, tmp_path):
   assert a.data_dir != b.data_dir
   with pytest.raises(ValueError, match="split"):
     us_phantom.data_source(built[0], "holdout", **SMALL)
+
+
+TINY = dict(num_train=4, num_validation=2, num_test=0, image_size=32, seed=3)
+
+
+def test_killed_build_is_never_read_and_is_rebuilt(tmp_path, monkeypatch):
+  """A build that dies half-way leaves only its hidden partial folder; the next one builds afresh."""
+  from mae_jax.data import us_phantom
+
+  real, done = us_phantom._encoded_example, []
+
+  def dies_half_way(job):
+    if len(done) == 2:
+      raise KeyboardInterrupt("killed")  # not an Exception: nothing may catch it and carry on
+    done.append(job)
+    return real(job)
+
+  monkeypatch.setattr(us_phantom, "_encoded_example", dies_half_way)
+  with pytest.raises(KeyboardInterrupt):
+    us_phantom.data_source(tmp_path, "train", num_workers=1, **TINY)
+  b = us_phantom.builder(tmp_path, **TINY)
+  assert not b.data_path.exists() and not b.is_prepared()
+  assert (b.data_path.parent / f".{b.data_path.name}.partial" / "train.array_record").exists()
+  monkeypatch.setattr(us_phantom, "_encoded_example", real)
+  src = us_phantom.data_source(tmp_path, "validation", num_workers=1, **TINY)
+  assert [int(src[i]["index"]) for i in range(2)] == [4, 5]
+  np.testing.assert_array_equal(src[1]["image"][..., 0], P.simulate(3, 5, 32)["image"])
+  assert not (b.data_path.parent / f".{b.data_path.name}.partial").exists()
+  assert not (b.data_path / "test.array_record").exists()  # an empty split has no file
+  with pytest.raises(ValueError, match="num_test is 0"):
+    us_phantom.data_source(tmp_path, "test", **TINY)
+
+
+def test_two_processes_building_one_dataset_build_it_once(tmp_path):
+  """Two processes asking for one missing dataset at once (pytest -n 2, the hosts of a pod): one
+  simulates it, the other waits and reads the same records."""
+  import os
+  import subprocess
+  import sys
+
+  code = (
+    "import logging, sys\n"
+    "logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+    "from mae_jax.data import us_phantom\n"
+    "if __name__ == '__main__':\n"
+    f"  src = us_phantom.data_source(sys.argv[1], 'train', num_workers=1, **{TINY!r})\n"
+    "  print('indices', [int(src[i]['index']) for i in range(len(src))])\n"
+  )
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  assert sum("simulating the built-in dataset" in o for o in outs) == 1, outs
+  assert all("indices [0, 1, 2, 3]" in o for o in outs), outs
+  # A build in this process writes the same bytes as the other processes' build.
+  from mae_jax.data import us_phantom
+  here = us_phantom.build(tmp_path / "here", num_workers=1, **TINY)
+  there = us_phantom.builder(tmp_path, **TINY)
+  for name in ("train.array_record", "validation.array_record"):
+    assert (here.data_path / name).read_bytes() == (there.data_path / name).read_bytes()
+
+
+def test_enhance_pairs_are_stored_as_simulated(tmp_path):
+  from mae_jax.data import phantom_pairs, us_phantom
+
+  kw = dict(TINY, task="enhance")
+  src = us_phantom.data_source(tmp_path, "validation", num_workers=1, **kw)
+  assert us_phantom.builder(tmp_path, **kw).data_path.parent.name.endswith("_enhance")
+  assert sorted(src[0]) == ["high", "index", "label", "low", "mask", "organ"]
+  for i in range(2):
+    rec, direct = src[i], phantom_pairs.simulate_pair(3, 4 + i, 32)
+    for key in ("low", "high", "mask"):
+      assert rec[key].dtype == np.uint8 and rec[key].shape == (32, 32, 1)
+      np.testing.assert_array_equal(rec[key][..., 0], direct[key])
+    assert (int(rec["organ"]), int(rec["label"]), int(rec["index"])) == (direct["organ"], direct["label"], 4 + i)
+  np.testing.assert_array_equal(src.organ_ids, [int(src[i]["organ"]) for i in range(2)])
 
 
 def test_phantom_compare_statistics_closed_forms():

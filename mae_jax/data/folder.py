@@ -19,9 +19,8 @@ Records are dicts of numpy values like ``us_phantom.data_source``: ``image`` (H,
 ``mask`` (H, W, 1) uint8 of class ids. Fields that a task does not define are -1 (``label`` for
 pretraining, ``organ`` for classification and segmentation). As in us_phantom, ``index`` is unique
 across splits: train is [0, n_train), validation follows, then test; ``src[i]["index"]`` is the
-split's offset + i. On disk each record is an ``np.savez``
-archive (no pickle) whose image and mask are PNG-encoded (lossless), in ArrayRecord files
-(``group_size:1`` for fast random access). TensorFlow is not needed to write or read them.
+split's offset + i. On disk the records are those of ``records.py`` (an ``.npz`` archive,
+no pickle, image and mask PNG-encoded, in one ArrayRecord file per split), as the built-in phantom's.
 
 Patient-level splits: every image belongs to a group (``groups.py``: ``groups.csv``, the DICOM
 study or patient, a patient sub-folder, else the file itself) and splits deal out whole groups.
@@ -98,7 +97,6 @@ import logging
 import os
 import pathlib
 import shutil
-import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -106,8 +104,8 @@ import numpy as np
 from PIL import Image
 
 from mae_jax.data import dicom, groups
-from mae_jax.data.folder_read import (_printable, _read_image, _read_mask, _Skip, deserialize_record,
-                                      read_gray, serialize_record)
+from mae_jax.data.folder_read import _printable, _read_image, _read_mask, _Skip, read_gray
+from mae_jax.data.records import RecordFile, deserialize_record, replace_dir, serialize_record, writer
 from mae_jax.data.folder_scan import (_IMAGE_DIRS, _MASK_DIRS, _NO_GROUP, _SPLIT_ALIASES, FORMAT,
                                       IMAGE_EXTENSIONS, SPLITS, _discover_labelled, _discover_segment,
                                       _Item, _list_files, _rel, check_layout, describe_change,
@@ -171,8 +169,6 @@ def build_folder_dataset(
   (same ``source_fingerprint``) is reused unless ``overwrite``. See the module docstring for
   layouts, conversions, skip rules and how a build stays atomic.
   """
-  from array_record.python.array_record_module import ArrayRecordWriter
-
   _check_options(task, image_size, split_ratio, min_size)
   stride = dicom.parse_frames(dicom_frames)
   if group_by not in dicom.GROUP_TAGS:
@@ -409,16 +405,12 @@ def build_folder_dataset(
   for split in SPLITS:
     split_items = per_split[split]
     path = work / f"{split}.array_record"
-    writer = ArrayRecordWriter(str(path), "group_size:1")
-    try:
-      with ThreadPoolExecutor(workers) as pool:
-        for rec in pool.map(load, split_items, range(offset, offset + len(split_items))):
-          if split == "train":
-            a = rec["image"].astype(np.float64) / 255.0
-            sums += (a.sum(), np.square(a).sum(), a.size)
-          writer.write(serialize_record(rec))
-    finally:
-      writer.close()
+    with writer(path) as w, ThreadPoolExecutor(workers) as pool:
+      for rec in pool.map(load, split_items, range(offset, offset + len(split_items))):
+        if split == "train":
+          a = rec["image"].astype(np.float64) / 255.0
+          sums += (a.sum(), np.square(a).sum(), a.size)
+        w.write(serialize_record(rec))
     files[split] = [[it.rel, *organ_label(it), it.frame, it.region, groups.hash_group(it.key),
                      None if it.spacing is None else [round(x, 6) for x in it.spacing]] for it in split_items]
     offset += len(split_items)
@@ -457,7 +449,7 @@ def build_folder_dataset(
   _write_json(work / "source_files.json", fingerprint)
   _write_json(work / "build_report.json", report)
   _write_json(work / "metadata.json", meta)
-  _replace_dir(work, out)
+  replace_dir(work, out)
   ngroups = meta["groups_per_split"]
   log.info("dataset folder %s: %d images (train/validation/test %d/%d/%d) from %d/%d/%d groups, %d "
            "files skipped%s, %d converted; reasons per file in %s", _printable(str(root)),
@@ -468,20 +460,6 @@ def build_folder_dataset(
   for w in warnings:
     log.warning("dataset folder %s: %s", _printable(str(root)), w)
   return out
-
-
-def _replace_dir(new: pathlib.Path, out: pathlib.Path) -> None:
-  """Move the finished build ``new`` to ``out``: a rename, so ``out`` is never half written."""
-  if out.exists():
-    # A directory cannot be renamed over a non-empty one: move the old one aside first.
-    stale = out.parent / f".{out.name}.stale"
-    if stale.exists():
-      shutil.rmtree(stale)
-    out.rename(stale)
-    new.rename(out)
-    shutil.rmtree(stale)
-  else:
-    new.rename(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,17 +497,7 @@ class FolderSource:
     self.groups = [r[5] if len(r) > 5 else groups.hash_group(groups.file_group(r[0])) for r in rows]
     self.spacings = [tuple(r[6]) if len(r) > 6 and r[6] else None for r in rows]
     self._file = str(out / f"{split}.array_record")
-    self._source = None
-    self._lock = threading.Lock()
-
-  def _reader(self):
-    if self._source is None:
-      with self._lock:
-        if self._source is None:
-          from array_record.python.array_record_data_source import ArrayRecordDataSource
-
-          self._source = ArrayRecordDataSource([self._file])
-    return self._source
+    self._records = RecordFile(self._file)
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -541,15 +509,7 @@ class FolderSource:
       i += n
     if not 0 <= i < n:
       raise IndexError(f"index {i} out of range for {self.split} split of {n} records")
-    return deserialize_record(self._reader()[i])
-
-  def __getstate__(self):
-    return {k: v for k, v in self.__dict__.items() if k not in ("_source", "_lock")}
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._source = None
-    self._lock = threading.Lock()
+    return self._records[i]
 
   def __repr__(self) -> str:
     return f"FolderSource({self._file!r}, n={len(self)})"

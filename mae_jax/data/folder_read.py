@@ -1,11 +1,10 @@
-"""Reading one image or mask file of a folder dataset as 8-bit greyscale, and the record format.
+"""Reading one image or mask file of a folder dataset as 8-bit greyscale (the record format: ``records``).
 
 The conversion rules are listed in ``folder``'s docstring; DICOM files go through ``dicom``.
 """
 
 from __future__ import annotations
 
-import io
 import pathlib
 
 import numpy as np
@@ -132,45 +131,6 @@ def _read_mask(paths: list[pathlib.Path], shape: tuple[int, int]) -> tuple[np.nd
   if len(paths) > 1:
     notes.append(f"{len(paths)} masks merged by pixel-wise maximum")
   return merged, notes
-
-
-
-def _png(a: np.ndarray) -> np.ndarray:
-  buf = io.BytesIO()
-  Image.fromarray(a, mode="L").save(buf, format="PNG", compress_level=3)
-  return np.frombuffer(buf.getvalue(), np.uint8)
-
-
-def _unpng(b: np.ndarray) -> np.ndarray:
-  with Image.open(io.BytesIO(b.tobytes())) as im:
-    return np.asarray(im, dtype=np.uint8)[..., None]
-
-
-def serialize_record(rec: dict) -> bytes:
-  arrays = {
-      "image_png": _png(rec["image"][..., 0]),
-      "organ": np.int64(rec["organ"]),
-      "label": np.int64(rec["label"]),
-      "index": np.int64(rec["index"]),
-  }
-  if "mask" in rec:
-    arrays["mask_png"] = _png(rec["mask"][..., 0])
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  return buf.getvalue()
-
-
-def deserialize_record(data: bytes) -> dict:
-  with np.load(io.BytesIO(data), allow_pickle=False) as z:
-    rec = {
-        "image": _unpng(z["image_png"]),
-        "organ": int(z["organ"]),
-        "label": int(z["label"]),
-        "index": int(z["index"]),
-    }
-    if "mask_png" in z.files:
-      rec["mask"] = _unpng(z["mask_png"])
-  return rec
 
 
 def _printable(name: str) -> str:

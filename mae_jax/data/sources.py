@@ -13,8 +13,6 @@ Old conversions are left in place (a run elsewhere may still read them); the log
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -24,21 +22,11 @@ import shutil
 log = logging.getLogger("mae_jax")
 
 
-@contextlib.contextmanager
-def _build_lock(root: str, name: str):
-  """Two processes (test workers, the hosts of a pod sharing a disk) must not build one dataset at once."""
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, f".{name}.lock"), "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def data_root(dcfg) -> str:
+  """`data.data_dir`, else $MAE_JAX_DATA, else ~/.cache/mae_jax/datasets: every built dataset is
+  derived data (simulated or converted), rebuilt if deleted."""
   root = dcfg.data_dir or os.environ.get("MAE_JAX_DATA") or os.path.join(
-      os.path.expanduser("~"), "tensorflow_datasets")
+      os.path.expanduser("~"), ".cache", "mae_jax", "datasets")
   return os.path.abspath(os.path.expanduser(root))
 
 
@@ -50,17 +38,14 @@ def open_source(dcfg, split: str, *, task: str = "pretrain"):
                   num_test=dcfg.num_test, image_size=dcfg.native_size, seed=dcfg.seed)
     if task == "enhance":  # paired low / high-quality acquisitions (data/phantom_pairs.py)
       kwargs["task"] = task
-    name = "us_phantom-" + "-".join(f"{k}{v}" for k, v in sorted(kwargs.items()))
-    with _build_lock(data_root(dcfg), name):  # per size: other sizes build in parallel
-      us_phantom.build(data_root(dcfg), **kwargs)
-    return us_phantom.data_source(data_root(dcfg), split, **kwargs)
+    return us_phantom.data_source(data_root(dcfg), split, **kwargs)  # builds it first if missing
   if dcfg.name == "folder":
     return _folder_source(dcfg, split, task)
   raise ValueError(f"data.name={dcfg.name!r}: expected 'us_phantom' or 'folder'")
 
 
 def _folder_source(dcfg, split: str, task: str):
-  from mae_jax.data import folder
+  from mae_jax.data import folder, records
 
   if not dcfg.folder:
     raise ValueError("data.folder is empty: with data.name='folder' it must name a directory of images")
@@ -74,7 +59,7 @@ def _folder_source(dcfg, split: str, task: str):
   extra = "" if (frames, group_by) == ("all", "study") else f"|{frames}|{group_by}"
   tag = hashlib.sha1(f"{src}|{task}|{dcfg.seed}{extra}".encode()).hexdigest()[:10]
   base = os.path.join(root, "folders", f"{os.path.basename(src.rstrip('/'))}-{task}-{tag}")
-  with _build_lock(root, os.path.basename(base)):
+  with records.build_lock(root, os.path.basename(base)):
     fingerprint = folder.source_fingerprint(src)
     digest = folder.fingerprint_digest(fingerprint)
     out = os.path.join(base, digest[:16])
