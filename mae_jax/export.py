@@ -76,7 +76,7 @@ def encoder_state_dict(encoder, *, in_chans_out: int | None = None) -> dict[str,
       "patch_embed.proj.weight": conv,
       "patch_embed.proj.bias": _np(encoder.patch_embed.proj.bias).copy(),
   }
-  for i, blk in enumerate(encoder.blocks):
+  for i, blk in enumerate(vit.block_list(encoder.blocks)):
     sd.update(_block(f"blocks.{i}", blk))
   sd.update(_norm("norm", encoder.norm))
   return sd
@@ -92,7 +92,7 @@ def beit_encoder_state_dict(encoder, *, in_chans_out: int | None = None) -> dict
         "patch_embed.proj.bias": _np(encoder.patch_embed.proj.bias).copy()}
   if encoder.rel_pos_bias is not None:
     sd["rel_pos_bias.relative_position_bias_table"] = _np(encoder.rel_pos_bias).copy()
-  for i, blk in enumerate(encoder.blocks):
+  for i, blk in enumerate(vit.block_list(encoder.blocks)):
     p = f"blocks.{i}"
     sd.update(_norm(f"{p}.norm1", blk.norm1))
     sd[f"{p}.attn.qkv.weight"] = _np(blk.attn.qkv.kernel).T.copy()
@@ -134,7 +134,7 @@ def mae_state_dict(model, *, in_chans_out: int | None = None) -> dict[str, np.nd
   sd.update(_linear("decoder_embed", model.decoder_embed))
   sd["mask_token"] = _np(model.mask_token).copy()
   sd["decoder_pos_embed"] = _np(model.decoder_pos_embed).copy()
-  for i, blk in enumerate(model.decoder_blocks):
+  for i, blk in enumerate(vit.block_list(model.decoder_blocks)):
     sd.update(_block(f"decoder_blocks.{i}", blk))
   sd.update(_norm("decoder_norm", model.decoder_norm))
   sd.update(_linear("decoder_pred", model.decoder_pred))
@@ -626,9 +626,9 @@ def export_model(model, config, fmt: str, out: str, *, in_chans_out: int | None 
   if fmt != "timm":
     decoder = None
     if fmt == "mae-full":
-      blk = model.decoder_blocks[0] if len(model.decoder_blocks) else None
-      decoder = (int(model.decoder_embed.kernel.shape[1]), len(model.decoder_blocks),
-                 blk.attn.num_heads if blk is not None else 0)
+      blocks = vit.block_list(model.decoder_blocks)
+      decoder = (int(model.decoder_embed.kernel.shape[1]), len(blocks),
+                 blocks[0].attn.num_heads if blocks else 0)
     info["official_mae"] = official_mae_args(spec, fmt, in_chans=in_chans_out or spec.in_chans,
                                              decoder=decoder)
     if kind in HEAD_KINDS:

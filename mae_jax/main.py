@@ -26,13 +26,6 @@ import traceback
 # TensorFlow (behind clu's TensorBoard writer) prints a C++ banner at import unless told not to.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# Before any thread or XLA buffer exists: freed host memory stays in malloc's heap for the next step
-# instead of costing ~1/6 of a CPU train step in page faults (mae_jax/host_memory.py).
-# MAE_JAX_HOST_MALLOC=system keeps glibc's defaults.
-from mae_jax import host_memory  # noqa: E402
-
-host_memory.apply(os.environ.get("MAE_JAX_HOST_MALLOC", "keep"))
-
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -304,9 +297,6 @@ def run(config, workdir: str, *, checked: bool = False) -> dict:
   # line to the console or to the owner's log.txt (the job takes it again, re-entrantly).
   with workdir_lock.hold(workdir), _LogFile(workdir, jax.process_index() == 0):
     log.info("%s in %s (this log also goes to log.txt there)", job, workdir)
-    if jax.default_backend() == "cpu":
-      from mae_jax import cpu_kernels
-      log.info("CPU kernels: %s", cpu_kernels.describe())
     from mae_jax.train import writers
     writers.tensorflow_without_gpus()  # before anything could start TensorFlow on a GPU
     result = _dispatch(job, config, workdir)

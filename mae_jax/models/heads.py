@@ -72,10 +72,7 @@ class BlurTokenSequence(nnx.Module):
     x = self.tokens(images, blur_t)
     if self.global_pool == "token":
       return self.encoder.transform(x, key=key)[:, 0]
-    blocks = self.encoder.blocks
-    keys = jax.random.split(key, len(blocks)) if key is not None else [None] * len(blocks)
-    for blk, k in zip(blocks, keys):
-      x = blk(x, k)
+    x, _ = self.encoder.run(x, key=key)
     return self.fc_norm(x[:, self.num_prefix:].mean(axis=1))
 
   def _init_blur(self, encoder, blur_embed: str, blur_token):

@@ -171,7 +171,7 @@ class Neck(nnx.Module):
   def __call__(self, x):
     for i, deconv in enumerate(self.deconvs):
       if i:
-        x = vit.gelu_exact(self.norms[i - 1](x))
+        x = jax.nn.gelu(self.norms[i - 1](x), approximate=False)
       x = deconv(x)
     x = max_pool(x, self.plan.pool)
     if self.plan.resize:
@@ -267,7 +267,7 @@ def truncated_encoder(src: vit.Encoder, depth: int, *, drop_path: float, seed: i
                              keep_norm=False)
   spec = vit.downstream_spec(src.spec, depth, image_size)
   dst = vit.Encoder(spec, learnable_pos=True, dtype=src.dtype, rngs=nnx.Rngs(seed))
-  full = nnx.to_pure_dict(nnx.state(src))
+  full = vit.unstack_blocks(nnx.to_pure_dict(nnx.state(src)))
   full["pos_embed"] = resize_pos_embed(full["pos_embed"], src.spec.grid, spec.grid)
   full["blocks"] = {k: v for k, v in full["blocks"].items() if int(k) < depth}
   full.pop("norm", None)
@@ -306,16 +306,13 @@ class Segmenter(heads.BlurTokenSequence):  # the [CLS, (BLU(t)), patches] sequen
   def features(self, images, *, blur_t=None, key=None):
     """The four block outputs as (N, h, w, D) patch-grid maps, in `self.blocks` order."""
     x = self.tokens(images, blur_t)
-    blocks = self.encoder.blocks
-    keys = jax.random.split(key, len(blocks)) if key is not None else [None] * len(blocks)
+    _, feats = self.encoder.run(x, key=key, intermediates=True)
     h, w = self.encoder.spec.grid
-    out = {}
-    for i, (blk, k) in enumerate(zip(blocks, keys)):
-      x = blk(x, k)
-      if i + 1 in self.blocks:
-        t = x[:, self.num_prefix:]
-        out[i + 1] = t.reshape(t.shape[0], h, w, t.shape[-1])
-    return [out[b] for b in self.blocks]
+    out = []
+    for b in self.blocks:
+      t = feats[b - 1][:, self.num_prefix:]
+      out.append(t.reshape(t.shape[0], h, w, t.shape[-1]))
+    return out
 
   def pyramid(self, images, *, blur_t=None, key=None):
     return [neck(f) for neck, f in zip(self.necks, self.features(images, blur_t=blur_t, key=key))]
