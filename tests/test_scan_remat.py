@@ -92,7 +92,8 @@ def test_stochastic_depth_differs_per_block_under_scan(make):
   assert run.drop_path_rates == ref.drop_path_rates and len(set(ref.drop_path_rates)) == 4
   out0 = ref(images, key=key)
   out1 = run(images, key=key)
-  np.testing.assert_allclose(np.asarray(out1), np.asarray(out0), atol=1e-6)
+  # x / keep by a traced keep (scan) vs a Python float: the same quotient up to XLA's rewriting.
+  np.testing.assert_allclose(np.asarray(out1), np.asarray(out0), atol=1e-5)
   run.drop_path_rates = (0.5,) * 4
   assert np.abs(np.asarray(run(images, key=key)) - np.asarray(out0)).max() > 1e-3
 
