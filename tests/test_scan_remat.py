@@ -146,3 +146,22 @@ def test_remat_names_are_checked():
     vit.ViTSpec(attention="flash")
   assert vit.remat_policy("none") == (False, None) and vit.remat_policy("full") == (True, None)
   assert vit.remat_policy("dots_saveable")[1] is jax.checkpoint_policies.dots_saveable
+
+
+def test_downstream_copies_change_the_layout():
+  """Pretrained scanned, fine-tuned per block (and the reverse): the same logits and features."""
+  from mae_jax.models import upernet
+  plain = _mae(SPEC)
+  scanned = _mae(dataclasses.replace(SPEC, scan_layers=True))
+  images, _ = _inputs()
+  c0 = heads.from_pretrained(plain, 3, run={"scan_layers": True, "remat": "full"})
+  c1 = heads.from_pretrained(scanned, 3, run={"scan_layers": False})
+  assert vit.is_scanned(c0.encoder.blocks) and not vit.is_scanned(c1.encoder.blocks)
+  np.testing.assert_allclose(np.asarray(c0(images)), np.asarray(c1(images)), atol=1e-6)
+  s0 = upernet.from_pretrained(plain, 2, channels=8, norm_groups=4, blocks=(1, 1, 2, 3),
+                               run={"scan_layers": True})
+  s1 = upernet.from_pretrained(scanned, 2, channels=8, norm_groups=4, blocks=(1, 1, 2, 3))
+  for a, b in zip(s0.features(images), s1.features(images)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  with pytest.raises(ValueError, match="only attention, remat and scan_layers"):
+    heads.from_pretrained(plain, 3, run={"width": 8})

@@ -262,13 +262,13 @@ class Encoder(nnx.Module):
   __call__ = vit.Encoder.__call__  # [CLS, patches] -> transform, through this class's embed/cls/transform
 
   def finetune_copy(self, *, drop_path: float = 0.0, seed: int = 0, depth: int | None = None,
-                    image_size: int | None = None, keep_norm: bool = True) -> Encoder:
+                    image_size: int | None = None, keep_norm: bool = True, run: dict | None = None) -> Encoder:
     """A downstream encoder with these weights: one relative table per block (a shared pretraining
     table is copied into every block, as USFM's loader does), stochastic depth `drop_path` (the
     full-depth linear ramp), optionally only the first `depth` blocks (segmentation) and another
     image size (each table resized by `resize_relative_table`)."""
     depth = self.spec.depth if depth is None else int(depth)
-    spec = vit.downstream_spec(self.spec, depth, image_size)
+    spec = vit.downstream_spec(self.spec, depth, image_size, run)
     opts = dataclasses.replace(self.options, shared_rel_pos=False)
     dst = Encoder(spec, options=opts, dtype=self.dtype, rngs=nnx.Rngs(seed))
     src = vit.unstack_blocks(nnx.to_pure_dict(nnx.state(self)))

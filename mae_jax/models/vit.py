@@ -412,12 +412,17 @@ class Encoder(nnx.Module):
     return self.transform(x, key=key, return_intermediates=return_intermediates)
 
 
-def downstream_spec(spec: ViTSpec, depth: int, image_size: int | None) -> ViTSpec:
-  """`spec` with `depth` blocks at `image_size` (default: the pretraining size), for a downstream copy."""
+def downstream_spec(spec: ViTSpec, depth: int, image_size: int | None, run: dict | None = None) -> ViTSpec:
+  """`spec` with `depth` blocks at `image_size` (default: the pretraining size), for a downstream copy;
+  `run`: other values of the fields that say how the blocks run (attention, remat, scan_layers), e.g.
+  a fine-tuning config's (the weights load into either block layout)."""
   image_size = int(image_size or spec.image_size)
   if image_size % spec.patch_size:
     raise ValueError(f"model.image_size={image_size} is not a multiple of the patch size {spec.patch_size}")
-  return dataclasses.replace(spec, depth=int(depth), image_size=image_size)
+  unknown = set(run or {}) - {"attention", "remat", "scan_layers"}
+  if unknown:
+    raise ValueError(f"run={run!r}: only attention, remat and scan_layers can differ downstream")
+  return dataclasses.replace(spec, depth=int(depth), image_size=image_size, **(run or {}))
 
 
 def load_weights(dst, pure: dict, *, drop_path: float, full_depth: int):
