@@ -165,3 +165,30 @@ def test_downstream_copies_change_the_layout():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
   with pytest.raises(ValueError, match="only attention, remat and scan_layers"):
     heads.from_pretrained(plain, 3, run={"width": 8})
+
+
+def test_optimizer_rules_follow_the_block_layout():
+  """AdamW's weight-decay mask (biases and norm scales exempt) and fine-tuning's layer-wise lr decay
+  treat a scanned stack slice by slice: one step gives the per-block layout's updates."""
+  from mae_jax.train import core, lr_decay
+
+  def step(tx, params):
+    grads = jax.tree.map(lambda x: 0.3 * x + 0.1, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return vit.unstack_blocks(updates)
+
+  plain = _mae(SPEC)
+  scanned = _mae(dataclasses.replace(SPEC, scan_layers=True))
+  p0 = nnx.to_pure_dict(nnx.state(plain, nnx.Param))
+  p1 = nnx.to_pure_dict(nnx.state(scanned, nnx.Param))
+  tx = core.adamw(lambda s: 1e-2, b1=0.9, b2=0.95, weight_decay=0.5)
+  _assert_trees_close(step(tx, p1), step(tx, p0), 1e-7)
+  q0 = nnx.to_pure_dict(nnx.state(heads.from_pretrained(plain, 3), nnx.Param))
+  q1 = nnx.to_pure_dict(nnx.state(heads.from_pretrained(scanned, 3), nnx.Param))
+  make = lambda q: lr_decay.layerwise_adamw(lambda s: 1e-2, q, depth=SPEC.depth, layer_decay=0.5,  # noqa: E731
+                                            weight_decay=0.5)
+  u0, u1 = step(make(q0), q0), step(make(q1), q1)
+  _assert_trees_close(u1, u0, 1e-7)
+  # The decay really differs per block (else the check above could not tell the slices apart).
+  k = [np.abs(np.asarray(u0["encoder"]["blocks"][i]["norm1"]["bias"])).max() for i in range(SPEC.depth)]
+  assert k[0] < k[1] < k[2]

@@ -307,6 +307,22 @@ def run_blocks(blocks, x, key, *block_args, rates=None, remat: str = "none", int
   return x, ([ys[i] for i in range(depth)] if intermediates else [])
 
 
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def stacked_axes(path) -> int:
+  """1 where a pytree path (`jax.tree_util.tree_map_with_path`) runs through a scanned block stack
+  (its leaves carry one leading block axis), else 0: per-parameter rules that look at a leaf's rank
+  (no weight decay on biases and norm scales) subtract it."""
+  names = [_key_name(k) for k in path]
+  return int(any(n in BLOCK_KEYS and i + 1 < len(names) and not names[i + 1].isdigit()
+                 for i, n in enumerate(names)))
+
+
 def _is_block_dict(d) -> bool:
   return isinstance(d, dict) and bool(d) and all(str(k).isdigit() for k in d)
 
