@@ -4,6 +4,11 @@ Details that matter for parity with facebookresearch/mae `models_mae.py` (docs/m
 fused qkv with bias, exact erf GELU, pre-LN blocks, LayerNorm eps 1e-6, xavier_uniform Linear
 kernels with zero biases, the patch-embedding bias left at torch Conv2d's default init, MAE's 2-D
 sin-cos table.
+
+How the blocks run is a config choice that changes no number: `jax.nn.dot_product_attention`'s
+implementation (`ViTSpec.attention`), rematerialisation (`remat`) and big_vision's scanned layout
+(`scan_layers`: one block module whose parameters are stacked on a leading axis, run under
+`nnx.scan`). `unstack_blocks` / `stack_blocks` convert parameter trees between the layouts.
 """
 
 from __future__ import annotations
