@@ -6,11 +6,8 @@ either a different model function patched in while the variant is traced, a conf
 XLA compiler options for that one compilation (no process-wide XLA_FLAGS needed).
 
   python -m benchmarks.levers                          # every lever below, issue-9 configuration
-  python -m benchmarks.levers --levers attention_autodiff,bf16 --steps 8
+  python -m benchmarks.levers --levers remat,bf16 --steps 8
   python -m benchmarks.levers --variant micro --image-size 32 --batch 4 --steps 1   # smoke (tests)
-
-The allocator lever (`mae_jax.host_memory`) is process-wide: `python -m benchmarks.step
---host-malloc system` against the default measures it.
 """
 
 from __future__ import annotations
@@ -18,65 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-
-
-def _attention_autodiff():
-  """The explicit attention differentiated by JAX (no written-out backward)."""
-  import jax
-  import jax.numpy as jnp
-  from mae_jax.models import vit
-
-  def core(q, k, v):
-    logits = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
-    e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
-    out = jnp.einsum("bhts,bhsd->bhtd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype)
-
-  return _patched(vit, "_attention_core", core)
-
-
-def _attention_dpa():
-  """`jax.nn.dot_product_attention` (its XLA path on CPU)."""
-  import jax
-  from mae_jax.models import vit
-
-  def attention(qkv):
-    return jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-
-  return _patched(vit, "attention", attention)
-
-
-def _gelu_autodiff():
-  """GELU by JAX's own `jax.nn.gelu(approximate=False)` (erfc form, autodiff)."""
-  import jax
-  from mae_jax.models import vit
-  return _patched(vit, "gelu_exact", lambda x: jax.nn.gelu(x, approximate=False))
-
-
-def _layer_norm_autodiff():
-  """LayerNorm differentiated by JAX instead of the written-out backward."""
-  import jax
-  import jax.numpy as jnp
-  from mae_jax.models import vit
-
-  def layer_norm(x, scale, bias, eps):
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    xc = x32 - mean
-    y = xc * jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps) * scale + bias
-    return y.astype(x.dtype)
-
-  return _patched(vit, "layer_norm", layer_norm)
-
-
-def _remat():
-  """Each transformer block recomputed in the backward (activation memory for compute)."""
-  from flax import nnx
-  from mae_jax.models import vit
-  call = vit.Block.__call__
-  remat_call = nnx.remat(lambda blk, x, key, rows: call(blk, x, key, rows))
-  return _patched(vit.Block, "__call__",
-                  lambda self, x, key=None, rows=None: remat_call(self, x, key, rows))
 
 
 @contextlib.contextmanager
@@ -98,55 +36,22 @@ def _full_decoder_tail():
                   lambda self, *a, return_pred=True, **k: call(self, *a, return_pred=True, **k))
 
 
-def _no_cpu_kernels(*which):
-  """XLA's own kernels where mae_jax.cpu_kernels would take the matmuls and/or attention."""
-  from mae_jax import cpu_kernels
-  stack = contextlib.ExitStack()
-  for name in which:
-    stack.enter_context(_patched(cpu_kernels, name, lambda: False))
-  return stack
-
-
-def _and(*factories):
-  """Several patches at once (an XLA-path lever also turns off the cpu_kernels it would bypass)."""
-  def both():
-    stack = contextlib.ExitStack()
-    for f in factories:
-      stack.enter_context(f())
-    return stack
-  return both
-
-
-_XLA_ATTENTION = lambda: _no_cpu_kernels("use_for_attention")
-_XLA_DOTS = lambda: _no_cpu_kernels("use_for_matmul")
-
 # name -> (what the changed variant does, context manager factory or None, config words, XLA options)
 LEVERS = {
-    "no_cpu_kernels": ("XLA's kernels for the linear matmuls and attention (no mae_jax.cpu_kernels)",
-                       lambda: _no_cpu_kernels("use_for_matmul", "use_for_attention"), {}, None),
-    "no_cpu_matmul": ("XLA's dots for the linear layers (cpu_kernels attention kept)",
-                      lambda: _no_cpu_kernels("use_for_matmul"), {}, None),
-    "no_cpu_attention": ("XLA's attention (cpu_kernels matmuls kept)",
-                         lambda: _no_cpu_kernels("use_for_attention"), {}, None),
     "full_decoder_tail": ("the decoder's last block and head on all tokens, not only the masked "
                           "ones the loss reads", _full_decoder_tail, {}, None),
-    "attention_autodiff": ("XLA's attention with its backward by autodiff (dv = pᵀ·dout, dk = dsᵀ·q)",
-                           _and(_XLA_ATTENTION, _attention_autodiff), {}, None),
-    "attention_dpa": ("jax.nn.dot_product_attention (its XLA path) instead of the fused attention",
-                      _and(_XLA_ATTENTION, _attention_dpa), {}, None),
-    "gelu_autodiff": ("jax.nn.gelu(approximate=False) by autodiff", _gelu_autodiff, {}, None),
-    "layer_norm_autodiff": ("LayerNorm by autodiff", _layer_norm_autodiff, {}, None),
     "bf16": ("bfloat16 compute (float32 parameters, softmax and loss)", None,
              {"model.dtype": "bfloat16"}, None),
-    "remat": ("every block rematerialised in the backward (nnx.remat, nothing saved)", _remat, {},
-              None),
-    "onednn_dots": ("XLA:CPU dots through oneDNN fusions", _XLA_DOTS, {},
+    "remat": ("every block rematerialised in the backward (model.remat=full)", None,
+              {"model.remat": "full"}, None),
+    "scan": ("the blocks under nnx.scan (model.scan_layers)", None, {"model.scan_layers": True}, None),
+    "onednn_dots": ("XLA:CPU dots through oneDNN fusions", None, {},
                     {"xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}),
-    "xnnpack_dots": ("XLA:CPU dots through XNNPACK fusions (YNNPACK off)", _XLA_DOTS, {},
+    "xnnpack_dots": ("XLA:CPU dots through XNNPACK fusions (YNNPACK off)", None, {},
                      {"xla_cpu_use_xnnpack": True,
                       "xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
                       "xla_cpu_experimental_ynn_fusion_type": ""}),
-    "no_ynn": ("XLA:CPU dots on Eigen (no YNNPACK fusions)", _XLA_DOTS, {},
+    "no_ynn": ("XLA:CPU dots on Eigen (no YNNPACK fusions)", None, {},
                {"xla_cpu_experimental_ynn_fusion_type": ""}),
 }
 
@@ -193,14 +98,13 @@ def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   from benchmarks import step
   threads = step.setup_threads(args.threads)
-  step.apply_host_malloc(args.host_malloc)
   import numpy as np
   rng = np.random.default_rng(args.seed)
   images = rng.integers(0, 256, size=(args.batch, args.image_size, args.image_size, args.channels),
                         dtype=np.uint8)
   env = step.environment(threads)
   print(f"# {env['cpu']} | threads {threads}/{env['nproc']} | load avg {env['load_avg'][0]:.2f} "
-        f"| host malloc {args.host_malloc}", flush=True)
+        , flush=True)
   base = build(args, images, None)
   rows = []
   for lever in args.levers:

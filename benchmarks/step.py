@@ -79,10 +79,6 @@ def parse_args(argv=None):
                  help="torch AdamW implementation (default: torch's choice, as the official MAE)")
   p.add_argument("--no-donate", action="store_true",
                  help="do not donate the train state to the step (the trainer donates it)")
-  p.add_argument("--host-malloc", default="keep", choices=("keep", "system"),
-                 help="keep: freed host memory stays in malloc's heap for the next step, as the "
-                      "trainer sets it (mae_jax.host_memory); system: glibc's defaults. Applies to "
-                      "every side (one process)")
   p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before JAX starts")
   p.add_argument("--matmul-precision", default="", help="jax_default_matmul_precision (e.g. highest)")
   p.add_argument("--corruption", action="store_true",
@@ -107,10 +103,6 @@ def parse_args(argv=None):
   return args
 
 
-def apply_host_malloc(setting: str) -> str:
-  """The trainer's host allocator setting (mae_jax.host_memory), before JAX/torch allocate."""
-  from mae_jax import host_memory
-  return host_memory.apply(setting)
 
 
 def setup_threads(n: int) -> int:
@@ -450,7 +442,7 @@ def trace_op_ms(trace_dir: str) -> dict[str, float]:
 
 def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
   """Instruction name -> (its op_name metadata, its custom-call target or ""), for the entry
-  computation of a compiled module (targets: mae_jax.cpu_kernels' matmul and attention)."""
+  computation of a compiled module."""
   import re
   entry = hlo_text[hlo_text.find("\nENTRY"):]
   ops = {}
@@ -466,14 +458,10 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
 def op_category(name: str, op_name: str, target: str = "") -> tuple[str, str]:
   """(what, phase) of one HLO op. phase: forward / backward (transpose of the forward) / update
   (everything outside the gradient: optimizer, finite check). what: attention or MLP (from the
-  model's named scopes) or other, split into matmul and the rest; mae_jax.cpu_kernels' fused
-  attention is its own category (its matmuls and softmax are one op)."""
+  model's named scopes) or other, split into matmul and the rest."""
   phase = "backward" if "transpose(" in op_name else ("forward" if "jvp(" in op_name else "update")
-  if target.startswith("mae_jax_MaeAttention"):
-    return "attention fused (cpu_kernels)", "backward" if target.endswith("Bwd") else "forward"
   last = op_name.rsplit("/", 1)[-1]
-  matmul = (name.startswith("dot") or "dot_general" in last or "->" in last
-            or target == "mae_jax_MaeMatmul")
+  matmul = name.startswith("dot") or "dot_general" in last or "->" in last
   scope = "attention" if "attn" in op_name else ("mlp" if "mlp" in op_name else "other")
   if phase == "update":
     return "optimizer + finite check", phase
@@ -535,8 +523,6 @@ def environment(threads: int) -> dict:
          "device": jax.devices()[0].device_kind, "threads": threads, "nproc": os.cpu_count(),
          "load_avg": os.getloadavg(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
          "cpu": _cpu_name()}
-  from mae_jax import cpu_kernels
-  env["cpu_kernels"] = cpu_kernels.describe()
   try:
     import torch
     import transformers
@@ -561,7 +547,6 @@ def _cpu_name() -> str:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   threads = setup_threads(args.threads)
-  host_malloc = apply_host_malloc(args.host_malloc)
   if args.xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
   import jax
@@ -578,13 +563,10 @@ def main(argv=None) -> dict:
   images = rng.integers(0, 256, size=(args.batch, args.image_size, args.image_size, args.channels),
                         dtype=np.uint8)
   env = environment(threads)
-  env["host_malloc"] = host_malloc
   print(f"# {env['cpu']} | {env['device']} ({env['platform']}) | threads {threads}/{env['nproc']} "
-        f"| host malloc {host_malloc} "
         f"| load avg {env['load_avg'][0]:.2f} {env['load_avg'][1]:.2f} {env['load_avg'][2]:.2f}")
   print(f"# jax {env['jax']} torch {env.get('torch', '-')} transformers {env.get('transformers', '-')} "
         f"| XLA_FLAGS={env['XLA_FLAGS']!r}", flush=True)
-  print(f"# JAX kernels: {env['cpu_kernels']}", flush=True)
 
   sides, results = [], {}
   for r in args.recipes:

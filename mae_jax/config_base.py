@@ -74,6 +74,9 @@ def base(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.layer_scale = 0.1  # beit: layer scale init (USFM configs/model/Cls/vit.yaml init_values)
   c.model.shared_rel_pos = True  # beit pretraining: one relative table for all blocks (downstream: per block)
   c.model.dtype = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU. Params stay float32.
+  c.model.attention = "xla"  # jax.nn.dot_product_attention implementation: xla (any backend) | cudnn (GPU)
+  c.model.remat = "none"  # none | full | a jax.checkpoint_policies name: recompute block activations
+  c.model.scan_layers = False  # blocks stacked and run under nnx.scan (compile time flat in depth)
 
   # What happens to pixels inside the step, before normalisation (docs/methods.md#blur-strength).
   c.corrupt = ml_collections.ConfigDict()

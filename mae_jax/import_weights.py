@@ -283,8 +283,9 @@ def _leaves(tree, path=()):
 def import_state_dict(sd: dict, *, in_chans: int = 1, image_size: int | None = None,
                       num_heads: int | None = None, mean: float | None = None, std: float | None = None,
                       src_mean=IMAGENET_MEAN, src_std=IMAGENET_STD, norm_pix_loss: bool = False,
-                      decoder_heads: int = 16):
-  """(pretraining config, model with the checkpoint's weights, data stats, notes) for a state dict."""
+                      decoder_heads: int = 16, scan_layers: bool = False):
+  """(pretraining config, model with the checkpoint's weights, data stats, notes) for a state dict.
+  scan_layers: the model (and the workdir's checkpoint) in the scanned block layout."""
   from flax import nnx
 
   from mae_jax import config_files, models
@@ -329,10 +330,11 @@ def import_state_dict(sd: dict, *, in_chans: int = 1, image_size: int | None = N
   config.data.mean, config.data.std = mean, std
   config.recipe = "usfm" if arch["layout"] == "beit" else "mae"
   config.train.total_steps = 0
+  config.model.scan_layers = bool(scan_layers)
 
   model = models.build_pretrain_model(config.model, seed=0)
   state = nnx.state(model, nnx.Param)
-  params = nnx.to_pure_dict(state)
+  params = vit.unstack_blocks(nnx.to_pure_dict(state))  # checkpoints name blocks one by one
   if arch["layout"] == "beit":
     enc = beit_encoder_params(sd, conv_w=conv_w, conv_b=conv_b, grid_in=grid_in, grid_out=grid_out,
                               shared=config.model.shared_rel_pos)
@@ -362,7 +364,7 @@ def import_state_dict(sd: dict, *, in_chans: int = 1, image_size: int | None = N
   left = [k for k in _leaves(params) if k not in imported]
   if left:
     notes.append(f"kept at initialisation (not in the checkpoint): {', '.join(sorted(left))}")
-  nnx.replace_by_pure_dict(state, params)
+  nnx.replace_by_pure_dict(state, vit.match_layout(params, model))
   nnx.update(model, state)
   skipped = sorted(k for k in sd if k.startswith(("head.", "fc_norm.")) or "relative_position_index" in k)
   if skipped:

@@ -24,15 +24,8 @@ import os
 import sys
 import traceback
 
-# Before any thread or XLA buffer exists: freed host memory stays in malloc's heap for the next step
-# instead of costing ~1/6 of a CPU train step in page faults (mae_jax/host_memory.py).
-# MAE_JAX_HOST_MALLOC=system keeps glibc's defaults.
-from mae_jax import host_memory  # noqa: E402
-
-host_memory.apply(os.environ.get("MAE_JAX_HOST_MALLOC", "keep"))
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, with :ARGS.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs, figures and results go.")
@@ -302,9 +295,6 @@ def run(config, workdir: str, *, checked: bool = False) -> dict:
   # line to the console or to the owner's log.txt (the job takes it again, re-entrantly).
   with workdir_lock.hold(workdir), _LogFile(workdir, jax.process_index() == 0):
     log.info("%s in %s (this log also goes to log.txt there)", job, workdir)
-    if jax.default_backend() == "cpu":
-      from mae_jax import cpu_kernels
-      log.info("CPU kernels: %s", cpu_kernels.describe())
     result = _dispatch(job, config, workdir)
     step = result.get("step")
     if result.get("preempted"):

@@ -36,9 +36,7 @@ def test_vit_b_mae_closed_form():
 
 
 def _dot_flops(jaxpr) -> float:
-  """2·(batch)·M·N·K summed over every dot_general of a (closed) jaxpr, sub-jaxprs included, and
-  over mae_jax.cpu_kernels' custom calls (a matmul; attention's q·kᵀ and p·v) where the model
-  takes them on a CPU."""
+  """2·(batch)·M·N·K summed over every dot_general of a (closed) jaxpr, sub-jaxprs included."""
   total = 0.0
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "dot_general":
@@ -46,13 +44,6 @@ def _dot_flops(jaxpr) -> float:
       lhs, rhs = (v.aval.shape for v in eqn.invars)
       out = eqn.outvars[0].aval.shape
       total += 2.0 * np.prod(out) * np.prod([lhs[d] for d in lc])
-    elif eqn.primitive.name == "ffi_call" and eqn.params["target_name"] == "mae_jax_MaeMatmul":
-      lhs = eqn.invars[0].aval.shape
-      k = lhs[0] if dict(eqn.params["attributes"])["trans_a"] else lhs[1]
-      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * k
-    elif eqn.primitive.name == "ffi_call" and eqn.params["target_name"] == "mae_jax_MaeAttentionFwd":
-      b, t, _, h, hd = eqn.invars[0].aval.shape
-      total += 2 * (2.0 * b * h * t * t * hd)
     for p in eqn.params.values():
       for sub in (p if isinstance(p, (list, tuple)) else [p]):
         if isinstance(sub, jax.extend.core.ClosedJaxpr):
@@ -62,14 +53,8 @@ def _dot_flops(jaxpr) -> float:
   return total
 
 
-@pytest.fixture(params=["on", "off"], ids=["cpu_kernels", "xla"])
-def kernels(request, monkeypatch):
-  monkeypatch.setenv("MAE_JAX_CPU_KERNELS", request.param)
-  return request.param
-
-
 @pytest.mark.parametrize("blur_embed", ["none", "token"])
-def test_formula_counts_the_traced_matmuls(blur_embed, kernels):
+def test_formula_counts_the_traced_matmuls(blur_embed):
   spec = vit.ViTSpec(image_size=32, patch_size=8, in_chans=3, width=32, depth=2, num_heads=2)
   model = mae_lib.MAE(spec, decoder_width=16, decoder_depth=1, decoder_heads=2, mask_ratio=0.75,
                       blur_embed=blur_embed, rngs=nnx.Rngs(0))
@@ -85,7 +70,7 @@ def test_formula_counts_the_traced_matmuls(blur_embed, kernels):
   assert _dot_flops(jaxpr.jaxpr) / 2 == f - saved  # / 2: a batch of two images
 
 
-def test_simmim_formula_counts_the_traced_matmuls(kernels):
+def test_simmim_formula_counts_the_traced_matmuls():
   spec = vit.ViTSpec(image_size=32, patch_size=8, in_chans=1, width=32, depth=2, num_heads=2)
   model = mae_lib.SimMIM(spec, rngs=nnx.Rngs(0))
   jaxpr = jax.make_jaxpr(lambda x: model(x)[0])(jnp.zeros((1, 32, 32, 1)))
@@ -154,16 +139,14 @@ def test_input_pipeline_cli_micro(tmp_path):
 
 
 def test_levers_cli_micro(tmp_path):
-  stdout = _run(["benchmarks.levers", "--levers", "attention_autodiff,bf16", "--variant", "micro",
+  stdout = _run(["benchmarks.levers", "--levers", "remat,bf16", "--variant", "micro",
                  "--decoder", "16x1x2", "--image-size", "32", "--patch", "8", "--batch", "4",
                  "--steps", "1", "--warmup", "1"], tmp_path)
-  for lever in ("attention_autodiff", "bf16"):
+  for lever in ("remat", "bf16"):
     assert f"\n{lever} " in stdout and "changed is" in stdout.split(f"\n{lever} ")[1].splitlines()[0]
 
 
-@pytest.mark.parametrize("lever", ["no_cpu_kernels", "no_cpu_matmul", "no_cpu_attention", "full_decoder_tail",
-                                   "attention_autodiff", "attention_dpa", "gelu_autodiff",
-                                   "layer_norm_autodiff", "remat", "bf16", "onednn_dots", "no_ynn"])
+@pytest.mark.parametrize("lever", ["full_decoder_tail", "remat", "scan", "bf16", "onednn_dots", "no_ynn"])
 def test_each_lever_changes_the_program_and_exact_ones_keep_the_loss(lever):
   """A lever that compiled to the committed program would measure nothing; every lever but bf16
   changes only how the step is computed, so one step from the same state gives the same loss."""
@@ -192,20 +175,30 @@ def test_scaling_cli_micro(tmp_path):
   assert res["ViT-MICRO batch 4"]["results"]["torch-official"]["images_per_s"] > 0
 
 
-def test_profile_categories_name_the_cpu_kernels():
-  """The per-op tables file the custom calls by target: matmul as matmul, attention as its own."""
+def test_profile_categories_file_ops_by_scope_and_phase():
+  """The per-op tables file each op by the model's named scope and by forward / backward."""
   from benchmarks import step
   hlo = (
       "HloModule m\n\nENTRY %main {\n"
-      '  %ffi_call.1 = f32[4,8]{1,0} custom-call(%a, %b), custom_call_target="mae_jax_MaeMatmul", '
-      'metadata={op_name="jit(train_step)/jvp(mlp)/ffi_call"}\n'
-      '  %ffi_call.2 = f32[2,5,2,4]{3,2,1,0} custom-call(%c), custom_call_target="mae_jax_MaeAttentionBwd", '
-      'metadata={op_name="jit(train_step)/transpose(jvp(attn))/ffi_call"}\n'
+      '  %dot.1 = f32[4,8]{1,0} dot(%a, %b), metadata={op_name="jit(train_step)/jvp(mlp)/dot_general"}\n'
+      '  %dot.2 = f32[2,5,2,4]{3,2,1,0} dot(%c, %d), '
+      'metadata={op_name="jit(train_step)/transpose(jvp(attn))/dot_general"}\n'
       '  %add_fusion.3 = f32[4,8]{1,0} fusion(%x), kind=kLoop, metadata={op_name="jit(train_step)/jvp(mlp)/add"}\n'
       "}\n")
-  rows, cats = step.jax_op_rows({"ffi_call.1": 2.0, "ffi_call.2": 3.0, "add_fusion.3": 1.0}, hlo)
-  assert {r["op"]: r["ms_per_step"] for r in rows} == {
-      "ffi_call:mae_jax_MaeMatmul": 2.0, "ffi_call:mae_jax_MaeAttentionBwd": 3.0, "add_fusion": 1.0}
+  rows, cats = step.jax_op_rows({"dot.1": 2.0, "dot.2": 3.0, "add_fusion.3": 1.0}, hlo)
+  assert {r["op"]: r["ms_per_step"] for r in rows} == {"dot": 5.0, "add_fusion": 1.0}
   assert cats["mlp matmul"]["forward"] == 2.0
-  assert cats["attention fused (cpu_kernels)"]["backward"] == 3.0
+  assert cats["attention matmul"]["backward"] == 3.0
   assert cats["mlp non-matmul"]["forward"] == 1.0
+
+
+def test_memory_cli_micro(tmp_path):
+  """benchmarks.memory AOT-compiles the real train step of a micro model and reports XLA's memory
+  analysis: the arguments hold at least the parameters and AdamW's two moments (float32)."""
+  path = tmp_path / "memory.json"
+  stdout = _run(["benchmarks.memory", "--micro", "--recipes=mae", "--settings=on", f"--json={path}"], tmp_path)
+  (row,) = json.loads(path.read_text())
+  assert row["recipe"] == "mae" and row["setting"] == "on" and row["compile_s"] > 0
+  assert row["argument_gb"] * 1e9 >= 3 * 4 * row["params_m"] * 1e6
+  assert row["temp_gb"] > 0 and row["total_gb"] >= row["argument_gb"]
+  assert "| mae | MICRO | 2 | on |" in stdout and "largest batch" in stdout

@@ -41,9 +41,8 @@ def test_smoke_run_then_continue(tmp_path):
   for line in out.splitlines():
     if re.match(r"\d\d:\d\d:\d\d I ", line):
       assert re.match(r"\d\d:\d\d:\d\d I (pretrain in |\[\d+\] |progress: |recipe=|compiling and running|first step|"
-                      r"resumed from|done: |CPU kernels: |\w+ \w+ parameters: |$)", line), line
+                      r"resumed from|done: |\w+ \w+ parameters: |$)", line), line
   assert "orbax" not in out.lower() and "Using custom data configuration" not in out
-  assert re.search(r" I CPU kernels: (mae_jax\.cpu_kernels: fused attention|XLA's kernels)", out)
 
   rc, out = H.run(H.cli(wd, "--config.train.log_every=1", "--config.train.total_steps=70"),
                   tmp_path / "run2.log")

@@ -29,7 +29,9 @@ def compute_dtype(name: str, backend: str | None = None):
 
 def vit_spec(mcfg) -> vit.ViTSpec:
   return vit.ViTSpec.from_preset(mcfg.variant, image_size=mcfg.image_size, in_chans=mcfg.in_chans,
-                                 patch_size=mcfg.patch_size or None)
+                                 patch_size=mcfg.patch_size or None, attention=mcfg.get("attention", "xla"),
+                                 remat=mcfg.get("remat", "none"),
+                                 scan_layers=bool(mcfg.get("scan_layers", False)))
 
 
 def beit_options(mcfg) -> beit.BeitOptions:

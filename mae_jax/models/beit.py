@@ -117,31 +117,19 @@ def resize_relative_table(table: np.ndarray, grid_in: tuple[int, int], grid_out:
   return np.concatenate([np.stack(out, axis=1).astype(np.float32), extra], axis=0)
 
 
-def attention_with_bias(qkv, bias):
-  """softmax(q·kᵀ/√hd + bias)·v for qkv (B, T, 3, H, hd) and bias (H, T, T) or (B, H, T, T);
-  logits and softmax in float32 whatever the compute dtype. Returns (B, T, H, hd)."""
-  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-  scale = qkv.shape[-1] ** -0.5
-  logits = jnp.einsum("bthd,bshd->bhts", q * jnp.asarray(scale, q.dtype), k,
-                      preferred_element_type=jnp.float32)
-  logits = logits + bias.astype(jnp.float32)
-  p = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bhts,bshd->bthd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return out.astype(v.dtype)
-
-
 def _linear(din, dout, *, use_bias=True, dtype, rngs):
   return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=nnx.initializers.normal(INIT_STD),
                     bias_init=nnx.initializers.zeros_init(), dtype=dtype, param_dtype=jnp.float32,
-                    dot_general=vit.matmul_2d, rngs=rngs)
+                    rngs=rngs)
 
 
 class Attention(nnx.Module):
 
-  def __init__(self, dim, num_heads, *, grid=None, qkv_bias: bool = True, dtype, rngs):
+  def __init__(self, dim, num_heads, *, grid=None, qkv_bias: bool = True, attention: str = "xla", dtype, rngs):
     if dim % num_heads:
       raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
     self.num_heads = num_heads
+    self.implementation = attention
     self.grid = tuple(grid) if grid else None
     self.qkv = _linear(dim, 3 * dim, use_bias=False, dtype=dtype, rngs=rngs)
     self.q_bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if qkv_bias else None
@@ -162,10 +150,9 @@ class Attention(nnx.Module):
     if self.relative_position_bias_table is not None:
       own = relative_bias(self.relative_position_bias_table[...], self.grid, positions)
       bias = own if bias is None else bias + own
-    if bias is None:
-      bias = jnp.zeros((1, n, n), jnp.float32)
     qkv = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads)
-    return self.proj(attention_with_bias(qkv, bias).reshape(b, n, d))
+    out = vit.attention(qkv, implementation=self.implementation, bias=bias)
+    return self.proj(out.reshape(b, n, d))
 
 
 class Block(nnx.Module):
@@ -173,9 +160,10 @@ class Block(nnx.Module):
   shared bias and, on the MAE path, the kept tokens' sequence positions."""
 
   def __init__(self, dim, num_heads, mlp_ratio, *, grid=None, init_values: float = 0.1,
-               qkv_bias: bool = True, drop_path_rate: float = 0.0, dtype, rngs):
+               qkv_bias: bool = True, drop_path_rate: float = 0.0, attention: str = "xla", dtype, rngs):
     self.norm1 = vit._norm(dim, dtype=dtype, rngs=rngs)
-    self.attn = Attention(dim, num_heads, grid=grid, qkv_bias=qkv_bias, dtype=dtype, rngs=rngs)
+    self.attn = Attention(dim, num_heads, grid=grid, qkv_bias=qkv_bias, attention=attention, dtype=dtype,
+                          rngs=rngs)
     self.norm2 = vit._norm(dim, dtype=dtype, rngs=rngs)
     self.mlp = vit.Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
     self.mlp.fc1 = _linear(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
@@ -190,12 +178,12 @@ class Block(nnx.Module):
   def _scale(self, gamma, y):
     return y if gamma is None else y * gamma[...].astype(y.dtype)
 
-  def __call__(self, x, key=None, shared_bias=None, positions=None):
+  def __call__(self, x, key=None, shared_bias=None, positions=None, *, keep=None):
     k1, k2 = jax.random.split(key) if key is not None else (None, None)
     y = self._scale(self.gamma_1, self.attn(self.norm1(x), shared_bias, positions))
-    x = x + vit.drop_path(k1, y, self.drop_path_rate)
+    x = x + vit.drop_path(k1, y, self.drop_path_rate, keep)
     y = self._scale(self.gamma_2, self.mlp(self.norm2(x)))
-    return x + vit.drop_path(k2, y, self.drop_path_rate)
+    return x + vit.drop_path(k2, y, self.drop_path_rate, keep)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,15 +211,17 @@ class Encoder(nnx.Module):
         nnx.Param(jnp.zeros((num_relative_distance(spec.grid), spec.num_heads), jnp.float32))
         if options.shared_rel_pos else None)
     rates = np.linspace(0, drop_path_rate, spec.depth) if spec.depth else []
-    self.blocks = nnx.List([
-        Block(spec.width, spec.num_heads, spec.mlp_ratio, grid=None if options.shared_rel_pos else spec.grid,
-              init_values=options.init_values, qkv_bias=options.qkv_bias, drop_path_rate=float(r),
-              dtype=dtype, rngs=rngs)
-        for r in rates
-    ])
-    for i, blk in enumerate(self.blocks):  # BEiT's fix_init_weight
-      for dense in (blk.attn.proj, blk.mlp.fc2):
+    self.drop_path_rates = tuple(float(r) for r in rates)
+
+    def make(i, r):
+      blk = Block(spec.width, spec.num_heads, spec.mlp_ratio, grid=None if options.shared_rel_pos else spec.grid,
+                  init_values=options.init_values, qkv_bias=options.qkv_bias, drop_path_rate=r,
+                  attention=spec.attention, dtype=dtype, rngs=rngs)
+      for dense in (blk.attn.proj, blk.mlp.fc2):  # BEiT's fix_init_weight
         dense.kernel[...] = dense.kernel[...] / np.sqrt(2.0 * (i + 1))
+      return blk
+
+    self.blocks = vit.make_blocks(make, rates, spec.scan_layers)
     self.norm = vit._norm(spec.width, dtype=dtype, rngs=rngs)
 
   def embed(self, images):
@@ -255,27 +245,33 @@ class Encoder(nnx.Module):
     if x.shape[1] != expected:
       raise ValueError(f"the BEiT encoder takes [CLS, patches] ({expected} tokens), got {x.shape[1]}: "
                        "extra prefix tokens (D²MAE blur_embed='token') have no relative position")
-    shared = None
-    if self.rel_pos_bias is not None:
-      shared = relative_bias(self.rel_pos_bias[...], self.spec.grid, positions)
-    x, feats = vit.run_blocks(self.blocks, x, key, shared, positions)
+    x, feats = self.run(x, key=key, intermediates=return_intermediates, positions=positions)
     if self.norm is not None:
       x = self.norm(x)
     return (x, feats) if return_intermediates else x
 
+  def run(self, x, *, key=None, intermediates: bool = False, positions=None):
+    """The blocks alone (no final norm), as `vit.Encoder.run`; `positions` (N, K): the tokens'
+    sequence positions (CLS = 0) on the MAE path."""
+    shared = None
+    if self.rel_pos_bias is not None:
+      shared = relative_bias(self.rel_pos_bias[...], self.spec.grid, positions)
+    return vit.run_blocks(self.blocks, x, key, shared, positions, rates=self.drop_path_rates,
+                          remat=self.spec.remat, intermediates=intermediates)
+
   __call__ = vit.Encoder.__call__  # [CLS, patches] -> transform, through this class's embed/cls/transform
 
   def finetune_copy(self, *, drop_path: float = 0.0, seed: int = 0, depth: int | None = None,
-                    image_size: int | None = None, keep_norm: bool = True) -> Encoder:
+                    image_size: int | None = None, keep_norm: bool = True, run: dict | None = None) -> Encoder:
     """A downstream encoder with these weights: one relative table per block (a shared pretraining
     table is copied into every block, as USFM's loader does), stochastic depth `drop_path` (the
     full-depth linear ramp), optionally only the first `depth` blocks (segmentation) and another
     image size (each table resized by `resize_relative_table`)."""
     depth = self.spec.depth if depth is None else int(depth)
-    spec = vit.downstream_spec(self.spec, depth, image_size)
+    spec = vit.downstream_spec(self.spec, depth, image_size, run)
     opts = dataclasses.replace(self.options, shared_rel_pos=False)
     dst = Encoder(spec, options=opts, dtype=self.dtype, rngs=nnx.Rngs(seed))
-    src = nnx.to_pure_dict(nnx.state(self))
+    src = vit.unstack_blocks(nnx.to_pure_dict(nnx.state(self)))
     shared = src.pop("rel_pos_bias", None)
     blocks = {}
     for i in range(depth):

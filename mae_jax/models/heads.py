@@ -34,16 +34,18 @@ GLOBAL_POOLS = ("avg", "token")
 
 
 def copy_encoder(src: vit.Encoder, *, drop_path: float = 0.0, learnable_pos: bool = True,
-                 seed: int = 0) -> vit.Encoder:
+                 seed: int = 0, run: dict | None = None) -> vit.Encoder:
   """A fresh encoder with `src`'s weights, stochastic depth `drop_path` (linear over depth, as
   timm) and a trainable position table (timm/MAE fine-tuning train `pos_embed`). A BEiT encoder
-  (USFM's) copies itself with one relative position table per block (`beit.Encoder.finetune_copy`)."""
+  (USFM's) copies itself with one relative position table per block (`beit.Encoder.finetune_copy`).
+  run: `vit.downstream_spec`'s (another block layout, remat or attention than pretraining's)."""
   if hasattr(src, "finetune_copy"):
-    return src.finetune_copy(drop_path=drop_path, seed=seed)
-  dst = vit.Encoder(src.spec, drop_path_rate=drop_path, learnable_pos=learnable_pos, dtype=src.dtype,
+    return src.finetune_copy(drop_path=drop_path, seed=seed, run=run)
+  spec = vit.downstream_spec(src.spec, src.spec.depth, None, run)
+  dst = vit.Encoder(spec, drop_path_rate=drop_path, learnable_pos=learnable_pos, dtype=src.dtype,
                     rngs=nnx.Rngs(seed))
   state = nnx.state(dst)
-  nnx.replace_by_pure_dict(state, nnx.to_pure_dict(nnx.state(src)))
+  nnx.replace_by_pure_dict(state, vit.match_layout(nnx.to_pure_dict(nnx.state(src)), dst))
   nnx.update(dst, state)
   return dst
 
@@ -54,14 +56,14 @@ class BlurTokenSequence(nnx.Module):
 
   def _init_head_model(self, encoder, num_classes: int, *, global_pool: str, drop_path: float,
                        learnable_pos: bool, blur_embed: str, blur_token, seed: int, fc_norm_dtype,
-                       rngs: nnx.Rngs):
+                       rngs: nnx.Rngs, run: dict | None = None):
     if global_pool not in GLOBAL_POOLS:
       raise ValueError(f"global_pool={global_pool!r}: expected one of {GLOBAL_POOLS}")
     if num_classes < 2:
       raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     self.global_pool = global_pool
     self.num_classes = num_classes
-    self.encoder = copy_encoder(encoder, drop_path=drop_path, learnable_pos=learnable_pos, seed=seed)
+    self.encoder = copy_encoder(encoder, drop_path=drop_path, learnable_pos=learnable_pos, seed=seed, run=run)
     self._init_blur(self.encoder, blur_embed, blur_token)
     self.fc_norm = (nnx.LayerNorm(encoder.spec.width, epsilon=vit.LN_EPS, dtype=fc_norm_dtype,
                                   param_dtype=jnp.float32, rngs=rngs)
@@ -72,10 +74,7 @@ class BlurTokenSequence(nnx.Module):
     x = self.tokens(images, blur_t)
     if self.global_pool == "token":
       return self.encoder.transform(x, key=key)[:, 0]
-    blocks = self.encoder.blocks
-    keys = jax.random.split(key, len(blocks)) if key is not None else [None] * len(blocks)
-    for blk, k in zip(blocks, keys):
-      x = blk(x, k)
+    x, _ = self.encoder.run(x, key=key)
     return self.fc_norm(x[:, self.num_prefix:].mean(axis=1))
 
   def _init_blur(self, encoder, blur_embed: str, blur_token):
@@ -112,11 +111,12 @@ class Classifier(BlurTokenSequence):
   """Fine-tuning model: encoder (+ drop path) -> global pool -> fc_norm -> head."""
 
   def __init__(self, encoder: vit.Encoder, num_classes: int, *, global_pool: str = "avg",
-               drop_path: float = 0.0, blur_embed: str = "none", blur_token=None, seed: int = 0):
+               drop_path: float = 0.0, blur_embed: str = "none", blur_token=None, seed: int = 0,
+               run: dict | None = None):
     rngs = nnx.Rngs(seed)  # one stream, drawn in the same order as always: fc_norm, then head
     self._init_head_model(encoder, num_classes, global_pool=global_pool, drop_path=drop_path,
                           learnable_pos=True, blur_embed=blur_embed, blur_token=blur_token, seed=seed,
-                          fc_norm_dtype=encoder.dtype, rngs=rngs)
+                          fc_norm_dtype=encoder.dtype, rngs=rngs, run=run)
     self.head = nnx.Linear(encoder.spec.width, num_classes, kernel_init=nnx.initializers.normal(2e-5),
                            bias_init=nnx.initializers.zeros_init(), dtype=encoder.dtype,
                            param_dtype=jnp.float32, rngs=rngs)
@@ -139,11 +139,11 @@ class LinearProbe(BlurTokenSequence):
   everything but the head — it only standardises the pooled feature."""
 
   def __init__(self, encoder: vit.Encoder, num_classes: int, *, global_pool: str = "token",
-               blur_embed: str = "none", blur_token=None, seed: int = 0):
+               blur_embed: str = "none", blur_token=None, seed: int = 0, run: dict | None = None):
     rngs = nnx.Rngs(seed)
     self._init_head_model(encoder, num_classes, global_pool=global_pool, drop_path=0.0,
                           learnable_pos=False, blur_embed=blur_embed, blur_token=blur_token, seed=seed,
-                          fc_norm_dtype=jnp.float32, rngs=rngs)
+                          fc_norm_dtype=jnp.float32, rngs=rngs, run=run)
     width = encoder.spec.width
     self.bn = nnx.BatchNorm(width, use_bias=False, use_scale=False, epsilon=1e-6, momentum=0.9,
                             dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
@@ -160,16 +160,16 @@ class LinearProbe(BlurTokenSequence):
 
 
 def from_pretrained(model, num_classes: int, *, kind: str = "finetune", global_pool: str | None = None,
-                    drop_path: float = 0.0, seed: int = 0):
+                    drop_path: float = 0.0, seed: int = 0, run: dict | None = None):
   """A `Classifier` ('finetune') or `LinearProbe` ('linear_probe') on a pretrained MAE / SimMIM
   model's encoder, keeping its D²MAE blurriness token if it has one. global_pool None: MAE's
-  defaults, 'avg' for fine-tuning and 'token' for linear probing."""
+  defaults, 'avg' for fine-tuning and 'token' for linear probing. run: see `copy_encoder`."""
   blur_embed = getattr(model, "blur_embed", "none")
   blur_token = model.blur_token[...] if blur_embed != "none" else None
   if kind == "finetune":
     return Classifier(model.encoder, num_classes, global_pool=global_pool or "avg", drop_path=drop_path,
-                      blur_embed=blur_embed, blur_token=blur_token, seed=seed)
+                      blur_embed=blur_embed, blur_token=blur_token, seed=seed, run=run)
   if kind == "linear_probe":
     return LinearProbe(model.encoder, num_classes, global_pool=global_pool or "token", blur_embed=blur_embed,
-                       blur_token=blur_token, seed=seed)
+                       blur_token=blur_token, seed=seed, run=run)
   raise ValueError(f"kind={kind!r}: expected 'finetune' or 'linear_probe'")

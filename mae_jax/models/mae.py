@@ -62,10 +62,10 @@ class MAE(nnx.Module):
     self.mask_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, decoder_width)))
     self.decoder_pos_embed = vit.FixedPosEmbed(
         jnp.asarray(vit.sincos_2d(decoder_width, spec.grid, num_prefix=1))[None])
-    self.decoder_blocks = nnx.List([
-        vit.Block(decoder_width, decoder_heads, spec.mlp_ratio, dtype=dtype, rngs=rngs)
-        for _ in range(decoder_depth)
-    ])
+    self.decoder_blocks = vit.make_blocks(
+        lambda i, r: vit.Block(decoder_width, decoder_heads, spec.mlp_ratio, attention=spec.attention,
+                               dtype=dtype, rngs=rngs),
+        [0.0] * decoder_depth, spec.scan_layers)
     self.decoder_norm = vit._norm(decoder_width, dtype=dtype, rngs=rngs)
     self.decoder_pred = vit._dense(decoder_width, spec.patch_dim, dtype=dtype, rngs=rngs)
 
@@ -113,13 +113,16 @@ class MAE(nnx.Module):
     if p == 2:
       pos = jnp.concatenate([pos[:, :1], jnp.zeros_like(pos[:, :1]), pos[:, 1:]], axis=1)
     y = y + pos.astype(y.dtype)
-    blocks = list(self.decoder_blocks)
-    for blk in blocks[:-1]:
-      y = blk(y)
-    if rows is None:
-      y = blocks[-1](y)[:, p:] if blocks else y[:, p:]
+    depth = vit.num_blocks(self.decoder_blocks)
+    if rows is None or not depth:
+      y, _ = vit.run_blocks(self.decoder_blocks, y, None, remat=self.spec.remat, intermediates=False)
+      y = y[:, p:] if rows is None else patch_lib.take_tokens(y, rows + p)
     else:
-      y = blocks[-1](y, rows=rows + p) if blocks else patch_lib.take_tokens(y, rows + p)
+      y, _ = vit.run_blocks(vit.slice_blocks(self.decoder_blocks, 0, depth - 1), y, None,
+                            remat=self.spec.remat, intermediates=False)
+      # The last block changes the token count (T -> R), so it runs outside any scan.
+      last = nnx.List(vit.block_list(vit.slice_blocks(self.decoder_blocks, depth - 1, depth)))
+      y = vit.run_blocks(last, y, None, rows + p, remat=self.spec.remat, intermediates=False)[0]
     return self.decoder_pred(self.decoder_norm(y))
 
   def __call__(self, images, *, target=None, noise=None, key=None, mask_ratio=None, blur_t=None,

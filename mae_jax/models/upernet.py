@@ -171,7 +171,7 @@ class Neck(nnx.Module):
   def __call__(self, x):
     for i, deconv in enumerate(self.deconvs):
       if i:
-        x = vit.gelu_exact(self.norms[i - 1](x))
+        x = jax.nn.gelu(self.norms[i - 1](x), approximate=False)
       x = deconv(x)
     x = max_pool(x, self.plan.pool)
     if self.plan.resize:
@@ -257,17 +257,17 @@ def resize_pos_embed(table, grid_in: tuple[int, int], grid_out: tuple[int, int],
 
 
 def truncated_encoder(src: vit.Encoder, depth: int, *, drop_path: float, seed: int,
-                      image_size: int | None = None) -> vit.Encoder:
+                      image_size: int | None = None, run: dict | None = None) -> vit.Encoder:
   """`src`'s embeddings and first `depth` blocks (weights copied, position table trainable and
   resized to `image_size` when that differs from the pretraining size), no final norm. Stochastic
   depth keeps the rates of the full-depth linear ramp (timm's). A BEiT encoder resizes its relative
   position tables instead (`beit.Encoder.finetune_copy`)."""
   if hasattr(src, "finetune_copy"):
     return src.finetune_copy(drop_path=drop_path, seed=seed, depth=depth, image_size=image_size,
-                             keep_norm=False)
-  spec = vit.downstream_spec(src.spec, depth, image_size)
+                             keep_norm=False, run=run)
+  spec = vit.downstream_spec(src.spec, depth, image_size, run)
   dst = vit.Encoder(spec, learnable_pos=True, dtype=src.dtype, rngs=nnx.Rngs(seed))
-  full = nnx.to_pure_dict(nnx.state(src))
+  full = vit.unstack_blocks(nnx.to_pure_dict(nnx.state(src)))
   full["pos_embed"] = resize_pos_embed(full["pos_embed"], src.spec.grid, spec.grid)
   full["blocks"] = {k: v for k, v in full["blocks"].items() if int(k) < depth}
   full.pop("norm", None)
@@ -281,7 +281,7 @@ class Segmenter(heads.BlurTokenSequence):  # the [CLS, (BLU(t)), patches] sequen
   def __init__(self, encoder: vit.Encoder, num_classes: int, *, channels: int = 512, blocks=None,
                pool_scales=POOL_SCALES, norm_groups: int = 32, drop_path: float = 0.0,
                dropout: float = 0.1, blur_embed: str = "none", blur_token=None, image_size=None,
-               aux_channels: int = 0, seed: int = 0):
+               aux_channels: int = 0, seed: int = 0, run: dict | None = None):
     if num_classes < 2:
       raise ValueError(f"num_classes must be >= 2 (background + at least one class), got {num_classes}")
     spec = encoder.spec
@@ -289,7 +289,7 @@ class Segmenter(heads.BlurTokenSequence):  # the [CLS, (BLU(t)), patches] sequen
     self.full_depth = spec.depth
     self.blocks = feature_blocks(spec.depth, blocks)
     self.encoder = truncated_encoder(encoder, max(self.blocks), drop_path=drop_path, seed=seed,
-                                     image_size=image_size)
+                                     image_size=image_size, run=run)
     self._init_blur(self.encoder, blur_embed, blur_token)
     rngs = nnx.Rngs(seed + 1)
     dtype = encoder.dtype
@@ -306,16 +306,13 @@ class Segmenter(heads.BlurTokenSequence):  # the [CLS, (BLU(t)), patches] sequen
   def features(self, images, *, blur_t=None, key=None):
     """The four block outputs as (N, h, w, D) patch-grid maps, in `self.blocks` order."""
     x = self.tokens(images, blur_t)
-    blocks = self.encoder.blocks
-    keys = jax.random.split(key, len(blocks)) if key is not None else [None] * len(blocks)
+    _, feats = self.encoder.run(x, key=key, intermediates=True)
     h, w = self.encoder.spec.grid
-    out = {}
-    for i, (blk, k) in enumerate(zip(blocks, keys)):
-      x = blk(x, k)
-      if i + 1 in self.blocks:
-        t = x[:, self.num_prefix:]
-        out[i + 1] = t.reshape(t.shape[0], h, w, t.shape[-1])
-    return [out[b] for b in self.blocks]
+    out = []
+    for b in self.blocks:
+      t = feats[b - 1][:, self.num_prefix:]
+      out.append(t.reshape(t.shape[0], h, w, t.shape[-1]))
+    return out
 
   def pyramid(self, images, *, blur_t=None, key=None):
     return [neck(f) for neck, f in zip(self.necks, self.features(images, blur_t=blur_t, key=key))]
@@ -339,11 +336,12 @@ class Segmenter(heads.BlurTokenSequence):  # the [CLS, (BLU(t)), patches] sequen
 def from_pretrained(model, num_classes: int, *, channels: int = 512, blocks=None,
                     pool_scales=POOL_SCALES, norm_groups: int = 32, drop_path: float = 0.0,
                     dropout: float = 0.1, image_size: int | None = None, aux_channels: int = 0,
-                    seed: int = 0) -> Segmenter:
-  """A `Segmenter` on a pretrained MAE / SimMIM model's encoder, keeping its D²MAE blurriness token."""
+                    seed: int = 0, run: dict | None = None) -> Segmenter:
+  """A `Segmenter` on a pretrained MAE / SimMIM model's encoder, keeping its D²MAE blurriness token.
+  run: another block layout, remat or attention than pretraining's (`vit.downstream_spec`)."""
   blur_embed = getattr(model, "blur_embed", "none")
   blur_token = model.blur_token[...] if blur_embed != "none" else None
   return Segmenter(model.encoder, num_classes, channels=channels, blocks=blocks,
                    pool_scales=pool_scales, norm_groups=norm_groups, drop_path=drop_path,
                    dropout=dropout, blur_embed=blur_embed, blur_token=blur_token,
-                   image_size=image_size, aux_channels=aux_channels, seed=seed)
+                   image_size=image_size, aux_channels=aux_channels, seed=seed, run=run)

@@ -100,8 +100,9 @@ def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int, min_lr: f
 
 
 def decay_mask(params):
-  """Weight decay on matrices only: biases and norm scales (1-D) are exempt, as in MAE."""
-  return jax.tree.map(lambda x: x.ndim > 1, params)
+  """Weight decay on matrices only: biases and norm scales (1-D per block) are exempt, as in MAE."""
+  from mae_jax.models import vit
+  return jax.tree_util.tree_map_with_path(lambda p, x: x.ndim - vit.stacked_axes(p) > 1, params)
 
 
 def adamw(schedule, *, b1: float, b2: float, weight_decay: float, grad_clip: float = 0.0,

@@ -58,7 +58,7 @@ def layer_id(names, depth: int) -> int:
   if names[0] in EMBEDDINGS:
     return 0
   if names[0] == "blocks":
-    return int(names[1]) + 1
+    return int(names[1]) + 1 if names[1:2] and names[1].isdigit() else -1  # -1: a scanned stack
   return num_layers
 
 
@@ -68,9 +68,18 @@ def layer_ids(params, depth: int):
 
 def lr_multipliers(params, depth: int, decay: float):
   """Pytree like `params` of Python floats decay ** (num_layers - layer_id), num_layers = depth + 1."""
+  import numpy as np
   num_layers = depth + 1
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: float(decay) ** (num_layers - layer_id(_names(p), depth)), params)
+
+  def mult(p, x):
+    i = layer_id(_names(p), depth)
+    if i >= 0:
+      return float(decay) ** (num_layers - i)
+    # Scanned blocks (model.scan_layers): block k of the stack is layer k + 1, one factor per slice.
+    ids = np.arange(1, x.shape[0] + 1)
+    return (float(decay) ** (num_layers - ids)).astype(np.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+
+  return jax.tree_util.tree_map_with_path(mult, params)
 
 
 def weight_decay_mask(params):
@@ -78,8 +87,9 @@ def weight_decay_mask(params):
 
   def decays(path, x) -> bool:
     names = _strip_encoder(_names(path))
+    from mae_jax.models import vit
     # BEiT's relative position tables are position parameters like pos_embed (timm's Beit excludes them).
-    return (getattr(x, "ndim", 0) > 1 and not (names and names[0] in NO_DECAY)
+    return (getattr(x, "ndim", 0) - vit.stacked_axes(path) > 1 and not (names and names[0] in NO_DECAY)
             and not (names and names[-1] == "relative_position_bias_table"))
 
   return jax.tree_util.tree_map_with_path(decays, params)
