@@ -16,7 +16,7 @@ from flax import nnx
 
 from mae_jax.data import phantom, phantom_pairs
 from mae_jax.models import cyclegan
-from mae_jax.train import core, enhance
+from mae_jax.train import checkpoint, core, enhance
 from tests import smoke_runs
 from tests.conftest import load_config
 
@@ -202,8 +202,8 @@ def test_preempted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch
   assert first == {"preempted": True, "step": 6}
   monkeypatch.setattr(enhance, "train_batch", real)
   second = enhance.run(config(), str(tmp_path / "w"))
-  for a, b in zip(jax.tree.leaves(core.restore_params(str(tmp_path / "ref"))[1]),
-                  jax.tree.leaves(core.restore_params(str(tmp_path / "w"))[1]), strict=True):
+  for a, b in zip(jax.tree.leaves(checkpoint.restore_params(str(tmp_path / "ref"))[1]),
+                  jax.tree.leaves(checkpoint.restore_params(str(tmp_path / "w"))[1]), strict=True):
     np.testing.assert_array_equal(a, b)
   assert second["best"] == ref["best"]
   for k in ref["test"]:
@@ -226,14 +226,14 @@ def test_smoke_enhancement_from_a_smoke_pretraining(tmp_path_factory, tmp_path):
   assert res["test"]["ssim"] > res["identity"]["ssim"] + 0.05, (res["test"], res["identity"])
   # The frozen encoder: bit-identical to the pretraining checkpoint after training, and absent
   # from the trained state.
-  _, pretrained = core.restore_params(pre)
+  _, pretrained = checkpoint.restore_params(pre)
   used = res["frozen"]["params"]
   flat_used = dict(jax.tree_util.tree_leaves_with_path(used))
   flat_pre = dict(jax.tree_util.tree_leaves_with_path(pretrained["encoder"]))
   assert flat_used.keys() == flat_pre.keys() and flat_used
   for k, v in flat_pre.items():
     np.testing.assert_array_equal(np.asarray(flat_used[k]), np.asarray(v))
-  _, trained = core.restore_params(str(tmp_path / "enh"))
+  _, trained = checkpoint.restore_params(str(tmp_path / "enh"))
   assert sorted(trained) == ["D_A", "D_B", "G_A", "G_B"]
   assert "fuse" in trained["G_A"] and "fuse" in trained["G_B"]  # the feature branch in both directions
   results = json.loads((tmp_path / "enh" / "results.json").read_text())

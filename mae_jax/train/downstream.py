@@ -21,7 +21,7 @@ import numpy as np
 
 from mae_jax import validate
 from mae_jax.data import pipeline
-from mae_jax.train import core, lr_decay, obs
+from mae_jax.train import checkpoint, core, lr_decay, obs, sharding
 
 log = logging.getLogger("mae_jax")
 
@@ -63,7 +63,7 @@ def next_train_batch(it, plan, unused, mesh) -> dict:
   local.update(plan.lookup("train", local["index"], local.pop("zoom", None)))
   for k in unused:
     local.pop(k, None)
-  return core.global_batch(local, mesh)
+  return sharding.global_batch(local, mesh)
 
 
 def predict(eval_fn, args, source, split: str, plan, *, config, image_size: int, in_chans: int, mesh,
@@ -84,7 +84,7 @@ def predict(eval_fn, args, source, split: str, plan, *, config, image_size: int,
     local.update(plan.lookup(split, local["index"], local.pop("zoom", None)))
     for k in unused:
       local.pop(k, None)
-    out = eval_fn(*args, core.global_batch(local, mesh))
+    out = eval_fn(*args, sharding.global_batch(local, mesh))
     if host_fn is None:
       outs.append(out)
       continue
@@ -93,7 +93,7 @@ def predict(eval_fn, args, source, split: str, plan, *, config, image_size: int,
       outs.append(_host_rows(pending, host_fn))
     pending = out
   if host_fn is None:
-    outs = core.host_gather(outs)
+    outs = sharding.host_gather(outs)
   elif pending is not None:
     outs.append(_host_rows(pending, host_fn))
   cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
@@ -104,7 +104,7 @@ def predict(eval_fn, args, source, split: str, plan, *, config, image_size: int,
 
 
 def _host_rows(out, host_fn) -> dict:
-  out = core.host_gather(out)
+  out = sharding.host_gather(out)
   valid = out.pop("valid").astype(bool)
   rows = host_fn({k: v[valid] for k, v in out.items()})
   rows["valid"] = np.ones(int(valid.sum()), bool)
@@ -133,7 +133,7 @@ def set_up(config, workdir: str):
   is_main = jax.process_index() == 0
   if is_main:
     core.save_config(config, workdir)
-  mesh = core.make_mesh(config.mesh.fsdp)
+  mesh = sharding.make_mesh(config.mesh.fsdp)
   pcfg, model, step, mean, std = obs.pretrained_for_transfer(config)
   init_from = (f"scratch:{config.scratch}" if config.get("scratch")
                else os.path.abspath(os.path.expanduser(config.init_from)))
@@ -177,7 +177,7 @@ def layerwise_adamw(config, pretrain_config, schedule, params, depth: int):
 
 def replicated(mesh, tree):
   """Shardings that keep every leaf of `tree` whole on every device."""
-  return jax.tree.map(lambda _: core.replicated(mesh), tree)
+  return jax.tree.map(lambda _: sharding.replicated(mesh), tree)
 
 
 # ------------------------------------------------------------------------------- bookkeeping
@@ -225,22 +225,22 @@ class Checkpoints:
   the validation bookkeeping; `workdir/best/checkpoints`: the best parameters and their `stats`."""
 
   def __init__(self, workdir: str, keep: int):
-    self.latest = core.checkpoint_manager(workdir, keep=keep, async_save=False)
-    self.best = core.checkpoint_manager(workdir, keep=1, async_save=False, subdir="best/checkpoints")
+    self.latest = checkpoint.checkpoint_manager(workdir, keep=keep, async_save=False)
+    self.best = checkpoint.checkpoint_manager(workdir, keep=1, async_save=False, subdir="best/checkpoints")
     self._saved_step = None
 
   def restore(self, val: Validation, state, shardings, stats, stats_shardings):
     """(step, state, stats) from the latest checkpoint, with `val` as it was then; without one, the
     initial state and stats placed on the mesh, at step 0."""
-    abstract_stats = core.abstract_like(stats, stats_shardings)
-    r = core.restore_checkpoint(self.latest, core.abstract_like(state, shardings),
+    abstract_stats = sharding.abstract_like(stats, stats_shardings)
+    r = checkpoint.restore_checkpoint(self.latest, sharding.abstract_like(state, shardings),
                                 abstract_stats=abstract_stats)
     if r is None:
       return 0, jax.device_put(state, shardings), jax.device_put(stats, stats_shardings)
     val.best.update({k: r.data[k] for k in val.best if k in r.data})
     val.history = list(r.data.get("history") or [])
-    b = core.restore_checkpoint(
-        self.best, core.abstract_like({"params": state.params}, {"params": shardings.params}),
+    b = checkpoint.restore_checkpoint(
+        self.best, sharding.abstract_like({"params": state.params}, {"params": shardings.params}),
         abstract_stats=abstract_stats)
     if b is not None:
       val.params, val.stats = jax.device_get(b.state["params"]), jax.device_get(b.stats)
@@ -256,10 +256,10 @@ class Checkpoints:
     if step == self._saved_step:
       return
     if val.unsaved:
-      core.save_checkpoint(self.best, val.best["step"], {"params": val.params}, val.best,
+      checkpoint.save_checkpoint(self.best, val.best["step"], {"params": val.params}, val.best,
                            stats=val.stats, force=True)
       val.unsaved = False
-    core.save_checkpoint(self.latest, step, state, {"next_batch": step, **val.best, "history": val.history},
+    checkpoint.save_checkpoint(self.latest, step, state, {"next_batch": step, **val.best, "history": val.history},
                          stats=stats, force=True)
     self._saved_step = step
 

@@ -46,7 +46,7 @@ from PIL import Image
 from mae_jax import evaluate, image_quality
 from mae_jax.data import sources
 from mae_jax.models import cyclegan
-from mae_jax.train import core, downstream, preemption, transfer, writers
+from mae_jax.train import core, downstream, preemption, sharding, transfer, writers
 
 log = logging.getLogger("mae_jax")
 
@@ -157,7 +157,7 @@ def train_batch(data: dict, config, step: int, mesh) -> dict:
                          step=step, batch=int(t.batch_size))
   local = int(t.batch_size) // jax.process_count()
   rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
-  return core.global_batch({"low": data["low"][ia[rows]], "high": data["high"][ib[rows]]}, mesh)
+  return sharding.global_batch({"low": data["low"][ia[rows]], "high": data["high"][ib[rows]]}, mesh)
 
 
 # ------------------------------------------------------------------------------ frozen encoder
@@ -332,8 +332,8 @@ def enhance_split(eval_fn, params, frozen, low: np.ndarray, *, batch_size: int, 
     if n < batch_size:
       x = np.concatenate([x, np.repeat(x[-1:], batch_size - n, axis=0)])
     rows = x[jax.process_index() * local:(jax.process_index() + 1) * local]
-    y = eval_fn(params, frozen, core.global_batch({"low": rows}, mesh)["low"])
-    outs.append(np.asarray(core.host_gather(y))[:n])
+    y = eval_fn(params, frozen, sharding.global_batch({"low": rows}, mesh)["low"])
+    outs.append(np.asarray(sharding.host_gather(y))[:n])
   return np.clip(np.concatenate(outs), 0.0, 1.0)
 
 
@@ -354,7 +354,7 @@ def _set_up(config, workdir: str):
   is_main = jax.process_index() == 0
   if is_main:
     core.save_config(config, workdir)
-  return workdir, is_main, core.make_mesh(config.mesh.fsdp), None
+  return workdir, is_main, sharding.make_mesh(config.mesh.fsdp), None
 
 
 def method_name(pre) -> str:
@@ -389,7 +389,7 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   schedule = linear_decay(float(t.lr), steps.total, float(t.decay_fraction))
   tx = optax.adam(schedule, b1=float(t.b1), b2=float(t.b2))
   state = core.init_state(params, tx, config.seed)
-  shardings = core.state_shardings(mesh, state)
+  shardings = sharding.state_shardings(mesh, state)
   pool = init_pool(int(t.pool_size), (size, size, 1))
   pool_sh = downstream.replicated(mesh, pool)
   frozen = features.weights if features else {}
@@ -401,11 +401,11 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   start, state, pool = ckpts.restore(val, state, shardings, pool, pool_sh)
 
   train_step, eval_step = make_steps(config, graphdef, rest, tx, schedule, features)
-  bsh = core.batch_sharding(mesh)
+  bsh = sharding.batch_sharding(mesh)
   step_fn = jax.jit(train_step, in_shardings=(shardings, pool_sh, frozen_sh, bsh),
-                    out_shardings=(shardings, pool_sh, core.replicated(mesh)), donate_argnums=(0, 1))
+                    out_shardings=(shardings, pool_sh, sharding.replicated(mesh)), donate_argnums=(0, 1))
   eval_fn = jax.jit(eval_step, in_shardings=(shardings.params, frozen_sh, bsh),
-                    out_shardings=core.replicated(mesh))
+                    out_shardings=sharding.replicated(mesh))
   eval_bs = int(t.eval_batch_size or t.batch_size)
   enhance = functools.partial(enhance_split, eval_fn, frozen=frozen, batch_size=eval_bs, mesh=mesh)
 
@@ -500,8 +500,8 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
     n_fig = int(config.eval.figure_images)
     if n_fig > 0:
       try:
-        from mae_jax import visualize
-        visualize.save(visualize.enhancement_figure(
+        from mae_jax import figures
+        figures.save(figures.enhancement_figure(
             test["low"][:n_fig, ..., 0], [(method_name(pre), to8(out[:n_fig]))], test["high"][:n_fig, ..., 0]),
             os.path.join(workdir, "enhanced_test.png"))
       except ImportError:
@@ -511,5 +511,5 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
            ", ".join(f"{k} {base[k]['mean']:.4f}" for k in METRICS))
   return {"test": {k: v["mean"] for k, v in summ.items()}, "identity": {k: v["mean"] for k, v in base.items()},
           "per_image": per, "loss_history": history, "best": val.best, "step": step,
-          "frozen": core.host_gather(frozen), "method": method_name(pre)}
+          "frozen": sharding.host_gather(frozen), "method": method_name(pre)}
 

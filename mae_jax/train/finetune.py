@@ -15,7 +15,7 @@
      probe. lr = base_lr · batch / 256, linear warm-up then half-cosine to `min_lr` (1e-6).
   5. Loss: cross-entropy with label smoothing 0.1 (fine-tuning), optional mixup / cutmix on device.
   6. After every epoch: macro-F1 on the validation split; the best parameters are kept in host
-     memory and in `workdir/best/checkpoints` (`core.restore_params(workdir + '/best')` reads them).
+     memory and in `workdir/best/checkpoints` (`checkpoint.restore_params(workdir + '/best')` reads them).
   7. The best model is evaluated on the test split: metrics with bootstrap 95% CIs, written as
      `results.json` / `results.md` (`evaluate.write_results`) and `predictions_test.npz`.
 
@@ -42,7 +42,7 @@ from flax import nnx
 from mae_jax import evaluate
 from mae_jax.data import sources
 from mae_jax.models import heads
-from mae_jax.train import core, downstream, lr_decay, obs, preemption, transfer, writers
+from mae_jax.train import checkpoint, core, downstream, lr_decay, obs, optim, preemption, sharding, transfer, writers
 
 log = logging.getLogger("mae_jax")
 
@@ -262,7 +262,7 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   steps = downstream.Steps.of(t, n_train)
   # base_lr · batch / 256 (MAE); USFM's code divides by 512 (train.lr_batch_base).
   peak_lr = t.base_lr * t.batch_size / t.get("lr_batch_base", 256)
-  schedule = core.warmup_cosine(peak_lr, steps.warmup, steps.total, t.min_lr)
+  schedule = optim.warmup_cosine(peak_lr, steps.warmup, steps.total, t.min_lr)
   if probe:
     tx = lr_decay.lars(schedule, params, momentum=0.9, trust_coefficient=0.001, weight_decay=t.weight_decay)
     decay = None
@@ -270,7 +270,7 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
     tx, decay = downstream.layerwise_adamw(config, pcfg, schedule, params, model.encoder.spec.depth)
 
   state = core.init_state(params, tx, config.seed)
-  shardings = core.state_shardings(mesh, state)
+  shardings = sharding.state_shardings(mesh, state)
   stats_sh, frozen_sh = downstream.replicated(mesh, stats), downstream.replicated(mesh, frozen)
   frozen = jax.device_put(frozen, frozen_sh)
 
@@ -282,11 +282,11 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
 
   train_step, eval_step = make_steps(config, graphdef, tx, schedule, plan, num_classes, pre.mean, pre.std,
                                      probe)
-  bsh = core.batch_sharding(mesh)
+  bsh = sharding.batch_sharding(mesh)
   step_fn = jax.jit(train_step, in_shardings=(shardings, stats_sh, frozen_sh, bsh),
-                    out_shardings=(shardings, stats_sh, core.replicated(mesh)), donate_argnums=(0, 1))
+                    out_shardings=(shardings, stats_sh, sharding.replicated(mesh)), donate_argnums=(0, 1))
   eval_fn = jax.jit(eval_step, in_shardings=(shardings.params, stats_sh, frozen_sh, bsh),
-                    out_shardings=core.replicated(mesh))
+                    out_shardings=sharding.replicated(mesh))
 
   it = downstream.train_iterator(config, train_src, image_size=image_size, in_chans=in_chans,
                                  start=start, with_mask=False)

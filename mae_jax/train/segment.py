@@ -61,7 +61,7 @@ from flax import nnx
 from mae_jax import evaluate
 from mae_jax.data import sources
 from mae_jax.models import upernet
-from mae_jax.train import core, downstream, obs, preemption, transfer, writers
+from mae_jax.train import core, downstream, obs, optim, preemption, sharding, transfer, writers
 
 log = logging.getLogger("mae_jax")
 
@@ -473,12 +473,12 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
 
   t = config.train
   steps = downstream.Steps.of(t, n_train)
-  schedule = core.warmup_cosine(float(t.lr), steps.warmup, steps.total, t.min_lr)
+  schedule = optim.warmup_cosine(float(t.lr), steps.warmup, steps.total, t.min_lr)
   # The pretrained depth, not the truncated one: block i keeps MAE's / mmseg's multiplier.
   tx, decay = downstream.layerwise_adamw(config, pcfg, schedule, params, model.full_depth)
 
   state = core.init_state(params, tx, config.seed)
-  shardings = core.state_shardings(mesh, state)
+  shardings = sharding.state_shardings(mesh, state)
   rest_sh = downstream.replicated(mesh, rest)
   rest = jax.device_put(rest, rest_sh)
 
@@ -488,11 +488,11 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   start, state, _ = ckpts.restore(val, state, shardings, {}, {})
 
   train_step, eval_step = make_steps(config, graphdef, tx, schedule, plan, num_classes, pre.mean, pre.std)
-  bsh = core.batch_sharding(mesh)
+  bsh = sharding.batch_sharding(mesh)
   step_fn = jax.jit(train_step, in_shardings=(shardings, rest_sh, bsh),
-                    out_shardings=(shardings, core.replicated(mesh)), donate_argnums=(0,))
+                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
   eval_fn = jax.jit(eval_step, in_shardings=(shardings.params, rest_sh, bsh),
-                    out_shardings=core.replicated(mesh))
+                    out_shardings=sharding.replicated(mesh))
 
   it = downstream.train_iterator(config, train_src, image_size=image_size, in_chans=in_chans,
                                  start=start, with_mask=True)
