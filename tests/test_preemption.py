@@ -17,7 +17,7 @@ import pytest
 
 from mae_jax import validate
 from mae_jax.data import sources
-from mae_jax.train import checkpoint, sharding
+from mae_jax.train import checkpoint
 from tests import smoke_runs
 from tests import train_helpers as H
 from tests.conftest import REPO, load_config

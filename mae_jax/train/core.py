@@ -53,12 +53,11 @@ def apply_if_finite(state: TrainState, grads, loss, tx, *, branch: bool | None =
   """One optimizer update, skipped (params and moments unchanged) when the loss or gradient is not
   finite: a single bad batch must not poison a week-long run.
 
-  `branch` picks how the skip is expressed. On CPU a `lax.cond` around the update is ~3x faster
-  than selecting every leaf with `where(ok, new, old)`: the selects read the old moments after the
-  donated buffers are overwritten, so XLA:CPU inserts a copy of every moment (the optimizer went
-  from ~105 to ~38 ms per step for 25 M parameters, benchmarks/step.py). On GPU a conditional reads
-  its predicate back to the host, a sync per step, so accelerators keep the selects (they cost a
-  few extra passes over memory there). None = by backend."""
+  `branch` picks how the skip is expressed. On CPU a `lax.cond` around the update is faster than
+  selecting every leaf with `where(ok, new, old)`: the selects read the old moments after the
+  donated buffers are overwritten, so XLA:CPU inserts a copy of every moment (docs/benchmarks.md).
+  On GPU a conditional reads its predicate back to the host, a sync per step, so accelerators keep
+  the selects (a few extra passes over memory). None = by backend."""
   grad_norm = optax.global_norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   if branch is None:
