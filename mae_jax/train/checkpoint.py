@@ -215,6 +215,9 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, abstract_state, step: int | 
       if not damaged or step is not None:
         raise
       why = _short(e)
+      # asyncio logs every read of this checkpoint the failed restore abandoned, at ERROR, as a
+      # future nobody retrieved: the one warning below says it.
+      logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     distributed.barrier(f"restore_failed_{latest}")
     dest = os.path.join(directory, f"bad-{latest}")
     if jax.process_index() == 0:
