@@ -100,6 +100,33 @@ def test_upsampling_equals_torch_conv_transpose():
   assert [cyclegan.receptive_field(n) for n in (1, 2, 3)] == [16, 34, 70]
 
 
+def test_resblock_equals_torch_reflection_pad_conv_instance_norm():
+  """nnx.Conv(padding='REFLECT') and nnx.InstanceNorm (no affine) against the official block:
+  ReflectionPad2d(1), Conv2d 3×3, InstanceNorm2d, ReLU, ReflectionPad2d(1), Conv2d, InstanceNorm2d, + x."""
+  import torch
+  blk = nnx.merge(*cyclegan.init(1, ngf=2, n_blocks=1, ndf=2, n_layers=1)).G_A.blocks[0]
+  rng = np.random.default_rng(0)
+  for conv in (blk.c1, blk.c2):  # O(1) activations, and biases for the norm's mean to remove
+    conv.kernel[...] = jnp.asarray(rng.normal(0.0, 0.3, conv.kernel.shape).astype(np.float32))
+    conv.bias[...] = jnp.asarray(rng.normal(0.0, 0.1, conv.bias.shape).astype(np.float32))
+  x = rng.normal(size=(2, 7, 9, 8)).astype(np.float32)
+
+  def torch_conv(conv):
+    c = torch.nn.Conv2d(8, 8, 3)
+    with torch.no_grad():
+      c.weight.copy_(torch.tensor(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1).copy()))
+      c.bias.copy_(torch.tensor(np.asarray(conv.bias[...])))
+    return c
+
+  ref = torch.nn.Sequential(torch.nn.ReflectionPad2d(1), torch_conv(blk.c1), torch.nn.InstanceNorm2d(8),
+                            torch.nn.ReLU(), torch.nn.ReflectionPad2d(1), torch_conv(blk.c2),
+                            torch.nn.InstanceNorm2d(8))
+  with torch.no_grad():
+    xt = torch.tensor(x.transpose(0, 3, 1, 2))
+    want = (xt + ref(xt)).numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(np.asarray(blk(jnp.asarray(x))), want, atol=2e-5)
+
+
 def _pool_reference(images, count, batch, keys):
   """The official ImagePool.query as a loop, with the draws taken from the same keys."""
   images, out = np.array(images), []

@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import logging
 import os
+from typing import Any
 
 import jax
 import numpy as np
