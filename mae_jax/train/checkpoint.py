@@ -3,9 +3,9 @@ one sentence when the disk refuses a save (`SaveFailed`), (2) sets a damaged che
 `bad-<step>` with one warning and falls back to the previous one, and (3) reads just the parameters of
 another workdir (`restore_params`).
 
-orbax's own log records (its background threads log a refused write with a traceback, asyncio logs
-the reads a failed restore abandoned) are left to their loggers' levels: docs/reliability.md says
-which ones and why.
+Other libraries' records are left to their loggers' levels, except the tracebacks orbax's save
+threads log for a write the disk refused (`_QuietWriteErrors`): docs/reliability.md says which
+records and why.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import logging
 import os
+import traceback
 from typing import Any
 
 import jax
@@ -62,6 +63,43 @@ def _write_error(e: BaseException) -> str | None:
 def _write_error_text(text: str) -> str | None:
   text = text.lower()
   return next((reason for m, reason in _WRITE_MESSAGES.items() if m in text), None)
+
+
+class _QuietWriteErrors(logging.Filter):
+  """orbax's background threads and asyncio log every failed write of a refused save with its
+  traceback (hundreds of lines for one full disk) before the main thread learns of it;
+  `SaveFailed` says it in one line instead. Only records about a checkpoint write refused by the
+  disk are dropped. Still a filter on the shared `absl` logger because clu's progress lines go
+  through it too (docs/reliability.md: what is left to do)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    try:
+      text = record.getMessage()
+    except Exception:  # noqa: BLE001 - a record that cannot format is not ours to judge
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    refused = _write_error_text(text) or (exc is not None and _write_error(exc))
+    about_checkpoint = ("checkpoint" in text.lower() or (exc is not None and "checkpoint" in str(exc).lower())
+                        or _from_orbax(record))
+    return not (refused and about_checkpoint)
+
+
+def _from_orbax(record: logging.LogRecord) -> bool:
+  """Whether orbax logged the record or raised its exception (its save threads say 'No space left'
+  without naming the checkpoint)."""
+  if f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
+    return True
+  tb = record.exc_info[2] if record.exc_info else None
+  return tb is not None and any(f"{os.sep}orbax{os.sep}" in f.filename for f in traceback.extract_tb(tb))
+
+
+def _quiet_save_errors() -> None:
+  for name in ("absl", "asyncio"):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _QuietWriteErrors) for f in logger.filters):
+      logger.addFilter(_QuietWriteErrors())
 
 
 class _Manager(ocp.CheckpointManager):
@@ -122,6 +160,7 @@ def checkpoint_manager(workdir: str, *, keep: int, async_save: bool = True,
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                          enable_async_checkpointing=async_save)
   path = os.path.join(os.path.abspath(workdir), subdir)
+  _quiet_save_errors()
   try:
     return _Manager(path, options=options, item_names=("state", "stats", "data"))
   except OSError as e:
