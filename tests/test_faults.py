@@ -133,24 +133,8 @@ def assert_equals_reference(workdir, ref, steps=range(1, N + 1)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def closed_loop_noise_removed(out: str) -> str:
-  """`out` without Python's reports of tensorstore reads that a failed restore abandoned and that
-  complete after orbax closed its event loop ('Exception ignored ...', a traceback, 'RuntimeError:
-  Event loop is closed'; written by several threads, so their lines interleave): library output the
-  project leaves alone (docs/reliability.md, "Library output left alone"). Every traceback in `out`
-  must be one of them."""
-  end = "RuntimeError: Event loop is closed"
-  assert out.count("Traceback (most recent call last):") == out.count(end), out[-3000:]
-  keep = [ln for ln in out.splitlines()
-          if not (ln.startswith((" ", "Exception ignored")) or "Traceback (most recent call last)" in ln
-                  or end in ln)]
-  return "\n".join(keep)
-
-
-def assert_quiet(out: str, *, damaged_checkpoint: bool = False):
+def assert_quiet(out: str):
   """No traceback, and none of the asyncio / orbax background spam the issue found."""
-  if damaged_checkpoint:
-    out = closed_loop_noise_removed(out)
   for noise in ("Traceback", "Event loop is closed", "exception was never retrieved", "_SignalingThread"):
     assert noise not in out, out[-3000:]
 
@@ -304,7 +288,7 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_restored(re
   assert len(warning) == 1 and f"checkpoint 12 in {run_dir}/checkpoints is unreadable (" in warning[0], out
   assert warning[0].endswith("moved aside to bad-12; trying the one before it")
   assert "resumed from the checkpoint at step 9" in out
-  assert_quiet(out, damaged_checkpoint=True)
+  assert_quiet(out)
   assert (run_dir / "checkpoints" / "bad-12").is_dir()
   assert [json.loads(x)["step"] for x in discarded(run_dir)[1:]] == [10, 11, 12]
   assert_equals_reference(run_dir, reference["dir"])
@@ -320,7 +304,7 @@ def test_no_readable_checkpoint_exits_2_in_one_line(reference, tmp_path):
   assert rc == 2, out
   assert last_line(out).startswith(f"mae_jax: no readable checkpoint in {run_dir}/checkpoints: "
                                    "step(s) 12, 9 were unreadable"), out
-  assert_quiet(out, damaged_checkpoint=True)
+  assert_quiet(out)
   assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["bad-12", "bad-9"]
 
 

@@ -3,9 +3,9 @@ one sentence when the disk refuses a save (`SaveFailed`), (2) sets a damaged che
 `bad-<step>` with one warning and falls back to the previous one, and (3) reads just the parameters of
 another workdir (`restore_params`).
 
-Other libraries' records are left to their loggers' levels, except the tracebacks orbax's save
-threads log for a write the disk refused (`_QuietWriteErrors`): docs/reliability.md says which
-records and why.
+Still here (docs/reliability.md, "Library output"): the filters that drop the tracebacks orbax's
+save threads log for a write the disk refused (`_QuietWriteErrors`) and the reports of reads a failed
+restore abandoned (`_quiet_closed_loops`, which also wraps `sys.unraisablehook`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import logging
 import os
+import sys
 import traceback
 from typing import Any
 
@@ -186,6 +187,39 @@ class Restored:
   data: dict
 
 
+class _QuietAbandonedReads(logging.Filter):
+  """asyncio's 'Future/Task exception was never retrieved' records for the reads of a checkpoint
+  whose restore already failed (and was reported in one line): the same error once per array.
+  Which of the two asyncio logs depends on whether a read was still a bare future or already a
+  task when the restore gave up."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (isinstance(record.msg, str) and record.msg.startswith(
+        ("Future exception was never retrieved", "Task exception was never retrieved")))
+
+
+def _quiet_closed_loops() -> None:
+  """A failed restore leaves tensorstore reads in flight; each one that completes later calls back
+  into orbax's closed asyncio loop, and Python prints an 'Event loop is closed' traceback for
+  every such callback (hundreds, seconds after the error), and asyncio logs each read's error as a
+  future nobody retrieved. They are harmless: filter exactly those."""
+  asyncio_logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _QuietAbandonedReads) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_QuietAbandonedReads())
+  if getattr(sys.unraisablehook, "_mae_jax", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._mae_jax = True
+  sys.unraisablehook = hook
+
+
 def _short(e: BaseException, limit: int = 240) -> str:
   """The first line of an error, cut to `limit` characters (tensorstore's run to kilobytes)."""
   text = " ".join(str(e).split()) or type(e).__name__
@@ -239,6 +273,7 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, abstract_state, step: int | 
   if with_stats:
     items["stats"] = ocp.args.StandardRestore(abstract_stats)
   directory = str(mngr.directory)
+  _quiet_closed_loops()
   bad = []
   while True:
     latest = mngr.latest_step() if step is None else step
@@ -255,9 +290,6 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, abstract_state, step: int | 
       if not damaged or step is not None:
         raise
       why = _short(e)
-      # asyncio logs every read of this checkpoint the failed restore abandoned, at ERROR, as a
-      # future nobody retrieved: the one warning below says it.
-      logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     distributed.barrier(f"restore_failed_{latest}")
     dest = os.path.join(directory, f"bad-{latest}")
     if jax.process_index() == 0:
@@ -283,6 +315,7 @@ def restore_params(workdir: str, step: int | None = None):
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise ValueError(f"no complete checkpoint in {path}")
+  _quiet_closed_loops()
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   except Exception as e:  # noqa: BLE001 - someone else's workdir: report, never move aside
