@@ -62,11 +62,11 @@ def measure(config) -> dict:
   from flax import nnx
 
   from mae_jax import models
-  from mae_jax.train import core, pretrain
+  from mae_jax.train import core, optim, pretrain
 
   t = config.train
-  schedule = core.warmup_cosine(t.base_lr, 10, 100, t.min_lr)
-  tx = core.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
+  schedule = optim.warmup_cosine(t.base_lr, 10, 100, t.min_lr)
+  tx = optim.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
   abstract = nnx.eval_shape(lambda: models.build_pretrain_model(config.model, seed=0))
   graphdef, params, rest = core.split_model(abstract)
   state = jax.eval_shape(lambda p: core.init_state(p, tx, 0), params)

@@ -188,7 +188,7 @@ class JaxSide:
     import jax
     import jax.numpy as jnp
     from mae_jax import models
-    from mae_jax.train import core, pretrain
+    from mae_jax.train import core, optim, pretrain
 
     self.name, self.batch = recipe, args.batch
     self.config = config = load_config(recipe, args)
@@ -196,8 +196,8 @@ class JaxSide:
     model = models.build_pretrain_model(config.model, seed=args.seed)
     graphdef, params, rest = core.split_model(model)
     self.num_params = sum(int(x.size) for x in jax.tree.leaves(params))
-    schedule = core.warmup_cosine(t.base_lr * args.batch / 256, 10, 1000, t.min_lr)
-    tx = core.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
+    schedule = optim.warmup_cosine(t.base_lr * args.batch / 256, 10, 1000, t.min_lr)
+    tx = optim.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
     step = pretrain.make_train_step(config, graphdef, tx, schedule, MEAN, STD)
     state = core.init_state(params, tx, args.seed)
     self.batch_dev = {"image": jax.device_put(jnp.asarray(images_u8))}

@@ -379,7 +379,7 @@ def export_workdir(workdir: str, fmt: str, out: str, *, step: int | None = None,
 
   A pretraining workdir exports its encoder (or the whole MAE); a 'finetune' / 'linear_probe'
   workdir exports its classifier (`export_downstream_workdir`)."""
-  from mae_jax.train import core
+  from mae_jax.train import checkpoint, core
   workdir = os.path.abspath(os.path.expanduser(workdir))  # orbax takes absolute paths only
   if not os.path.isdir(workdir):
     raise ValueError(f"workdir {workdir!r} does not exist")
@@ -437,7 +437,7 @@ def _restore_downstream(ckpt_dir: str, step: int) -> tuple[dict, dict]:
   """(params, stats) of a fine-tuning / probe checkpoint, as host numpy: the trained parameters
   (all of a fine-tuned classifier; only `head` of a probe) and the BatchNorm statistics."""
   import orbax.checkpoint as ocp
-  from mae_jax.train import core
+  from mae_jax.train import checkpoint, core
   with_stats = os.path.isdir(os.path.join(ckpt_dir, str(step), "stats"))
   mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "stats", "data"))
   items = {"state": ocp.args.StandardRestore()}
@@ -449,7 +449,7 @@ def _restore_downstream(ckpt_dir: str, step: int) -> tuple[dict, dict]:
     mngr.close()
   state = restored["state"]
   params = state["params"] if isinstance(state, dict) else state.params
-  to_host = lambda tree: core._int_keys(jax.tree.map(np.asarray, tree))  # noqa: E731
+  to_host = lambda tree: checkpoint._int_keys(jax.tree.map(np.asarray, tree))  # noqa: E731
   return to_host(params), (to_host(restored["stats"]) if with_stats else {})
 
 
@@ -460,7 +460,7 @@ def export_downstream_workdir(workdir: str, fmt: str, out: str, *, step: int | N
   checkpoint). The encoder of a probe is frozen and not in its checkpoints: it is read from the
   pretraining workdir `config.init_from` at the step the run used."""
   from mae_jax.models import heads
-  from mae_jax.train import core
+  from mae_jax.train import checkpoint, core
   workdir = os.path.abspath(os.path.expanduser(workdir))  # orbax takes absolute paths only
   if config is None:
     if not os.path.isdir(workdir):

@@ -376,7 +376,7 @@ def write_workdir(workdir: str, config, model, stats: dict, *, source: str, note
   """A pretraining workdir: config.json, data_stats.json, checkpoints/0 with the parameters."""
   from flax import nnx
 
-  from mae_jax.train import core
+  from mae_jax.train import checkpoint, core
   workdir = os.path.abspath(workdir)
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise ValueError(f"--workdir={workdir!r} already holds checkpoints: choose an empty folder")
@@ -384,8 +384,8 @@ def write_workdir(workdir: str, config, model, stats: dict, *, source: str, note
   with open(os.path.join(workdir, "data_stats.json"), "w") as f:
     json.dump({**stats, "from": os.path.abspath(source)}, f)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  mngr = core.checkpoint_manager(workdir, keep=1, async_save=False)
-  core.save_checkpoint(mngr, 0, {"params": params}, {"imported_from": os.path.abspath(source),
+  mngr = checkpoint.checkpoint_manager(workdir, keep=1, async_save=False)
+  checkpoint.save_checkpoint(mngr, 0, {"params": params}, {"imported_from": os.path.abspath(source),
                                                      "notes": list(notes)}, force=True)
   mngr.wait_until_finished()
   mngr.close()

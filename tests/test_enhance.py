@@ -16,7 +16,7 @@ from flax import nnx
 
 from mae_jax.data import phantom, phantom_pairs
 from mae_jax.models import cyclegan
-from mae_jax.train import core, enhance
+from mae_jax.train import checkpoint, core, enhance
 from tests import smoke_runs
 from tests.conftest import load_config
 
@@ -98,6 +98,33 @@ def test_upsampling_equals_torch_conv_transpose():
   assert got.shape == (1, 10, 12, 4)
   np.testing.assert_allclose(got, want, atol=1e-5)
   assert [cyclegan.receptive_field(n) for n in (1, 2, 3)] == [16, 34, 70]
+
+
+def test_resblock_equals_torch_reflection_pad_conv_instance_norm():
+  """nnx.Conv(padding='REFLECT') and nnx.InstanceNorm (no affine) against the official block:
+  ReflectionPad2d(1), Conv2d 3×3, InstanceNorm2d, ReLU, ReflectionPad2d(1), Conv2d, InstanceNorm2d, + x."""
+  import torch
+  blk = nnx.merge(*cyclegan.init(1, ngf=2, n_blocks=1, ndf=2, n_layers=1)).G_A.blocks[0]
+  rng = np.random.default_rng(0)
+  for conv in (blk.c1, blk.c2):  # O(1) activations, and biases for the norm's mean to remove
+    conv.kernel[...] = jnp.asarray(rng.normal(0.0, 0.3, conv.kernel.shape).astype(np.float32))
+    conv.bias[...] = jnp.asarray(rng.normal(0.0, 0.1, conv.bias.shape).astype(np.float32))
+  x = rng.normal(size=(2, 7, 9, 8)).astype(np.float32)
+
+  def torch_conv(conv):
+    c = torch.nn.Conv2d(8, 8, 3)
+    with torch.no_grad():
+      c.weight.copy_(torch.tensor(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1).copy()))
+      c.bias.copy_(torch.tensor(np.asarray(conv.bias[...])))
+    return c
+
+  ref = torch.nn.Sequential(torch.nn.ReflectionPad2d(1), torch_conv(blk.c1), torch.nn.InstanceNorm2d(8),
+                            torch.nn.ReLU(), torch.nn.ReflectionPad2d(1), torch_conv(blk.c2),
+                            torch.nn.InstanceNorm2d(8))
+  with torch.no_grad():
+    xt = torch.tensor(x.transpose(0, 3, 1, 2))
+    want = (xt + ref(xt)).numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(np.asarray(blk(jnp.asarray(x))), want, atol=2e-5)
 
 
 def _pool_reference(images, count, batch, keys):
@@ -202,8 +229,8 @@ def test_preempted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch
   assert first == {"preempted": True, "step": 6}
   monkeypatch.setattr(enhance, "train_batch", real)
   second = enhance.run(config(), str(tmp_path / "w"))
-  for a, b in zip(jax.tree.leaves(core.restore_params(str(tmp_path / "ref"))[1]),
-                  jax.tree.leaves(core.restore_params(str(tmp_path / "w"))[1]), strict=True):
+  for a, b in zip(jax.tree.leaves(checkpoint.restore_params(str(tmp_path / "ref"))[1]),
+                  jax.tree.leaves(checkpoint.restore_params(str(tmp_path / "w"))[1]), strict=True):
     np.testing.assert_array_equal(a, b)
   assert second["best"] == ref["best"]
   for k in ref["test"]:
@@ -226,14 +253,14 @@ def test_smoke_enhancement_from_a_smoke_pretraining(tmp_path_factory, tmp_path):
   assert res["test"]["ssim"] > res["identity"]["ssim"] + 0.05, (res["test"], res["identity"])
   # The frozen encoder: bit-identical to the pretraining checkpoint after training, and absent
   # from the trained state.
-  _, pretrained = core.restore_params(pre)
+  _, pretrained = checkpoint.restore_params(pre)
   used = res["frozen"]["params"]
   flat_used = dict(jax.tree_util.tree_leaves_with_path(used))
   flat_pre = dict(jax.tree_util.tree_leaves_with_path(pretrained["encoder"]))
   assert flat_used.keys() == flat_pre.keys() and flat_used
   for k, v in flat_pre.items():
     np.testing.assert_array_equal(np.asarray(flat_used[k]), np.asarray(v))
-  _, trained = core.restore_params(str(tmp_path / "enh"))
+  _, trained = checkpoint.restore_params(str(tmp_path / "enh"))
   assert sorted(trained) == ["D_A", "D_B", "G_A", "G_B"]
   assert "fuse" in trained["G_A"] and "fuse" in trained["G_B"]  # the feature branch in both directions
   results = json.loads((tmp_path / "enh" / "results.json").read_text())

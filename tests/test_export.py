@@ -21,7 +21,7 @@ from mae_jax import models
 from mae_jax.models import heads
 from mae_jax.models import mae as mae_lib
 from mae_jax.models import vit
-from mae_jax.train import core
+from mae_jax.train import checkpoint, core
 from tests import torch_refs
 from tests.conftest import load_config
 
@@ -358,12 +358,12 @@ def _write_run(workdir, config, steps=(3,)):
   """A workdir as training leaves it: config.json + orbax checkpoints of the train state.
   Returns the model saved at each step."""
   core.save_config(config, str(workdir))
-  mngr = core.checkpoint_manager(str(workdir), keep=5, async_save=False)
+  mngr = checkpoint.checkpoint_manager(str(workdir), keep=5, async_save=False)
   saved = {}
   for i, step in enumerate(steps):
     model = _perturb(models.build_pretrain_model(config.model, seed=config.seed), seed=10 + i)
     _, params, _ = core.split_model(model)
-    core.save_checkpoint(mngr, step, core.init_state(params, optax.sgd(0.1), 0), None, force=True)
+    checkpoint.save_checkpoint(mngr, step, core.init_state(params, optax.sgd(0.1), 0), None, force=True)
     saved[step] = model
   mngr.wait_until_finished()
   mngr.close()
@@ -556,8 +556,8 @@ def _write_finetune_run(workdir, pre, global_pool, step=40):
   clf = heads.from_pretrained(pmodel, 3, kind="finetune", global_pool=global_pool)
   _perturb(clf, seed=8, scale=0.1)
   params = nnx.to_pure_dict(nnx.state(clf, nnx.Param))
-  mngr = core.checkpoint_manager(str(workdir), keep=1, async_save=False, subdir="best/checkpoints")
-  core.save_checkpoint(mngr, step, {"params": params}, {"step": step}, force=True)
+  mngr = checkpoint.checkpoint_manager(str(workdir), keep=1, async_save=False, subdir="best/checkpoints")
+  checkpoint.save_checkpoint(mngr, step, {"params": params}, {"step": step}, force=True)
   mngr.wait_until_finished()
   mngr.close()
   return clf

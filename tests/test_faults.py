@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import pytest
 
-from mae_jax.train import core, pretrain
+from mae_jax.train import checkpoint, loop
 from tests import train_helpers as H
 
 N, EVERY = 12, 3
@@ -69,8 +69,8 @@ elif kind == "erofs":
     raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
   workdir_lock.open = refuse
 elif kind in ("torn_line", "pause"):
-  from mae_jax.train import pretrain
-  write = pretrain.MetricsLog.write
+  from mae_jax.train import loop
+  write = loop.MetricsLog.write
   step, _, path = arg.partition(",")
   def patched(self, s, metrics):
     if s == int(step) and kind == "torn_line":
@@ -82,7 +82,7 @@ elif kind in ("torn_line", "pause"):
       while not os.path.exists(path):
         time.sleep(0.05)
     write(self, s, metrics)
-  pretrain.MetricsLog.write = patched
+  loop.MetricsLog.write = patched
 from absl import app
 from mae_jax import main
 app.run(main.main)
@@ -114,7 +114,7 @@ def run_with_fault(fault: str, workdir, log_path) -> tuple[int, str]:
 
 
 def by_step(workdir) -> dict:
-  records = pretrain.read_metrics(str(workdir))
+  records = loop.read_metrics(str(workdir))
   steps = [r["step"] for r in records]
   assert steps == sorted(set(steps)), f"metrics.jsonl must hold each step once, in order: {steps}"
   return {r["step"]: r for r in records}
@@ -127,7 +127,7 @@ def assert_equals_reference(workdir, ref, steps=range(1, N + 1)):
   for s in steps:
     for k in KEYS:
       assert got[s][k] == want[s][k], (s, k, got[s][k], want[s][k])
-  (ref_step, ref_params), (step, params) = core.restore_params(str(ref)), core.restore_params(str(workdir))
+  (ref_step, ref_params), (step, params) = checkpoint.restore_params(str(ref)), checkpoint.restore_params(str(workdir))
   assert ref_step == step == N
   for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -234,7 +234,7 @@ def test_sigkill_anywhere_then_restart_equals_the_uninterrupted_run(reference, t
   run_dir = tmp_path / "run"
   rc, out = run_with_fault(fault, run_dir, tmp_path / "victim.log")
   assert rc == -9, out
-  logged = sorted(r["step"] for r in pretrain.read_metrics(str(run_dir)))
+  logged = sorted(r["step"] for r in loop.read_metrics(str(run_dir)))
   committed = max(H.committed_steps(run_dir))
   assert committed == (resumes_from or committed)
   resumes_from = committed
@@ -365,7 +365,7 @@ def test_full_disk_stops_with_one_line_and_the_next_run_resumes(reference, tmp_p
         "writable) and run the same command again to resume from it"), out
     assert_quiet(out)
     assert H.committed_steps(run_dir) == [9]
-    assert core.restore_params(str(run_dir))[0] == 9
+    assert checkpoint.restore_params(str(run_dir))[0] == 9
     if disk is not None:
       (disk / "filler").unlink()
     rc, out = H.run(H.cli(run_dir, *ARGS), tmp_path / "resume.log")

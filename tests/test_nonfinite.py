@@ -1,6 +1,7 @@
-"""Non-finite steps (issue 7, acceptance 3): a NaN batch is skipped with the parameters and optimizer
-state unchanged and the counter incremented; K consecutive ones stop the run with a message naming
-the last good checkpoint, which restores."""
+"""Non-finite steps and divergence (issue 7, acceptance 3; issue 27, item 4): a NaN batch is skipped
+with the parameters and optimizer state unchanged and the counter incremented; K consecutive ones, a
+non-finite final step, or a loss far above its start stop the run (`loop.RunFailed`, exit 1) with a
+message naming the last good checkpoint, which restores; a failed run is never "done"."""
 
 import math
 
@@ -9,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mae_jax.train import core, pretrain
+from mae_jax.train import checkpoint, loop, pretrain, sharding
 from tests import train_helpers as H
 
 SINGLE, STREAK, K = {3}, {6, 7, 8}, 3
@@ -32,7 +33,7 @@ def nan_run(tmp_path_factory):
   config = H.smoke_config(total_steps=20, checkpoint_every=1, keep_checkpoints=50, max_bad_steps=K)
   mp = pytest.MonkeyPatch()
   draws, states = [], {}
-  real_batch, real_save = core.global_batch, pretrain._save
+  real_batch, real_save = sharding.global_batch, loop._Guard.save
 
   def nan_batch(local, mesh):
     draws.append(None)
@@ -41,18 +42,18 @@ def nan_run(tmp_path_factory):
       image[0] = np.nan
     return real_batch({**local, "image": image}, mesh)
 
-  def spy_save(mngr, step, state, **kw):  # sees the state of every step (checkpoint_every=1)
+  def spy_save(self, step, state, **kw):  # every step's state (checkpoint_every=1), saved or skipped
     states[step] = _host(state)
-    return real_save(mngr, step, state, **kw)
+    return real_save(self, step, state, **kw)
 
-  mp.setattr(core, "global_batch", nan_batch)
-  mp.setattr(pretrain, "_save", spy_save)
+  mp.setattr(sharding, "global_batch", nan_batch)
+  mp.setattr(loop._Guard, "save", spy_save)
   try:
-    with pytest.raises(pretrain.NonFiniteError) as err:
+    with pytest.raises(loop.RunFailed) as err:
       pretrain.train(config, wd)
   finally:
     mp.undo()
-  return wd, states, {r["step"]: r for r in pretrain.read_metrics(wd)}, str(err.value)
+  return wd, states, {r["step"]: r for r in loop.read_metrics(wd)}, str(err.value)
 
 
 def test_a_nan_step_is_skipped(nan_run):
@@ -87,6 +88,75 @@ def test_k_consecutive_nans_stop_the_run_with_a_good_checkpoint(nan_run):
     mngr.close()
   state = restored["state"]
   assert int(state["step"]) == 5 and int(state["bad_steps"]) == 0 and int(state["skipped"]) == 1
-  assert restored["data"] == {"next_batch": 5}
+  assert restored["data"]["next_batch"] == 5 and restored["data"]["first_loss"] == metrics[1]["loss"]
   assert _equal(state["params"], states[5].params)
-  assert _equal(state["params"], states[8].params)  # the streak never touched the parameters
+  assert _equal(state["params"], states[7].params)  # the streak never touched the parameters
+
+
+# ------------------------------------------------------------------------- a failed run is not done
+
+
+def _guard(total=10, max_bad=3, first_loss=None):
+  saved = []
+  job = loop.Job(total=total, start=0, carry=None, batch=None, step=None, checkpoint_due=None,
+                 save=lambda step, carry, data, force: saved.append((step, data, force)),
+                 latest_checkpoint=lambda: (4, "/w/checkpoints"), close=None, first_loss=first_loss)
+  return loop._Guard(job, max_bad), saved
+
+
+def _m(loss, streak=0):
+  return {"loss": np.float32(loss), "bad_streak": np.int32(streak)}
+
+
+def test_a_non_finite_final_step_fails_the_run():
+  guard, _ = _guard(total=10)
+  guard.check(9, _m(np.nan, 1))  # one bad step before the end: a warning only
+  with pytest.raises(loop.RunFailed, match=r"final step 10 was not finite \(2 in a row\).*last good "
+                                           r"checkpoint is step 4 in /w/checkpoints"):
+    guard.check(10, _m(np.nan, 2))
+  assert loop.RunFailed.exit_code == 1
+
+
+def test_a_loss_100x_its_first_value_fails_the_run():
+  guard, saved = _guard()
+  guard.check(1, _m(0.5))
+  guard.check(2, _m(50.0))  # 100x exactly: still allowed
+  with pytest.raises(loop.RunFailed, match=r"loss 50.01 at step 3 is more than 100x the run's first "
+                                           r"loss \(0.5\)"):
+    guard.check(3, _m(50.01))
+  guard.save(3, None, preempted=False)
+  assert saved == [(3, {"first_loss": 0.5}, False)]  # kept with the checkpoint for a resumed run
+
+
+def test_the_first_loss_survives_a_resume():
+  guard, _ = _guard(first_loss=0.5)
+  with pytest.raises(loop.RunFailed, match="100x"):
+    guard.check(7, _m(60.0))
+
+
+def test_no_periodic_checkpoint_inside_a_bad_streak():
+  guard, saved = _guard()
+  guard.check(5, _m(np.inf, 1))
+  guard.save(5, None, preempted=False)
+  guard.save(5, None, preempted=True)  # a preemption's is written: skipped steps change nothing
+  assert saved == [(5, {"first_loss": None}, True)]
+
+
+def test_a_diverging_run_exits_non_zero_and_is_never_complete(tmp_path):
+  """issue 27, item 4: `base_lr=1e9, total_steps=11` was "done" with max |param| 1.6e7, and its rerun
+  "already complete"."""
+  H.build_smoke_dataset()
+  wd = tmp_path / "w"
+  args = H.cli(wd, "--config.train.base_lr=1e9", "--config.train.total_steps=11", *H.FAST)
+  for attempt in ("first", "rerun"):
+    rc, out = H.run(args, tmp_path / f"{attempt}.log")
+    assert rc == 1, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("mae_jax: ") and ("not finite" in last or "100x" in last), out[-3000:]
+    assert "done:" not in out and "already complete" not in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert not (wd / "train_done.json").exists()
+  # The newest checkpoint (if any) holds finite parameters with a finite loss's step behind it.
+  for step in H.committed_steps(wd):
+    _, params = checkpoint.restore_params(str(wd), step)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))

@@ -1,4 +1,4 @@
-"""The optimizer step (`core.adamw` + `core.apply_if_finite`) against torch.optim.AdamW with MAE's
+"""The optimizer step (`optim.adamw` + `core.apply_if_finite`) against torch.optim.AdamW with MAE's
 parameter groups (no weight decay on 1-D parameters), and the skip of a non-finite step, in both
 forms of the skip (`lax.cond` on CPU, per-leaf `where` on accelerators)."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mae_jax.train import core
+from mae_jax.train import core, optim
 
 B1, B2, WD, LR, STEPS = 0.9, 0.95, 0.05, 1e-2, 4
 
@@ -37,7 +37,7 @@ def test_adamw_matches_torch_and_skips_non_finite(branch):
   params = _params(rng)
   grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
            for _ in range(STEPS)]
-  tx = core.adamw(lambda step: LR, b1=B1, b2=B2, weight_decay=WD)
+  tx = optim.adamw(lambda step: LR, b1=B1, b2=B2, weight_decay=WD)
   step = jax.jit(lambda s, g, loss: core.apply_if_finite(s, g, loss, tx, branch=branch))
   state = core.init_state(jax.tree.map(jnp.asarray, params), tx, seed=0)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mae_jax import models
-from mae_jax.train import core, pretrain
+from mae_jax.train import core, optim, pretrain
 from tests.conftest import load_config
 
 MEAN, STD = 0.2, 0.2
@@ -21,8 +21,8 @@ def _one_step(recipe: str, dtype: str, images):
   config.train.grad_accum = 1
   model = models.build_pretrain_model(config.model, seed=0)
   graphdef, params, rest = core.split_model(model)
-  schedule = core.warmup_cosine(1e-3, 0, 10)  # no warm-up: the first step moves the parameters
-  tx = core.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.05)
+  schedule = optim.warmup_cosine(1e-3, 0, 10)  # no warm-up: the first step moves the parameters
+  tx = optim.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.05)
   step = jax.jit(pretrain.make_train_step(config, graphdef, tx, schedule, MEAN, STD))
   init = jax.tree.map(np.asarray, params)
   state, metrics = step(core.init_state(params, tx, seed=0), rest, {"image": images})

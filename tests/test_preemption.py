@@ -17,7 +17,7 @@ import pytest
 
 from mae_jax import validate
 from mae_jax.data import sources
-from mae_jax.train import core
+from mae_jax.train import checkpoint
 from tests import smoke_runs
 from tests import train_helpers as H
 from tests.conftest import REPO, load_config
@@ -52,7 +52,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path):
   # The run stopped right there: the last logged step is the checkpoint, and it did not "finish".
   assert max(H.logged_steps(wd)) == steps[0]
   assert not os.path.exists(wd / "train_done.json")
-  step, params = core.restore_params(str(wd))
+  step, params = checkpoint.restore_params(str(wd))
   assert step == steps[0]
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
@@ -61,9 +61,9 @@ _CRASH = """
 import sys
 from absl import app
 from mae_jax import main
-from mae_jax.train import core
+from mae_jax.train import checkpoint, sharding
 
-real_save, real_batch, saved = core.save_checkpoint, core.global_batch, []
+real_save, real_batch, saved = checkpoint.save_checkpoint, sharding.global_batch, []
 
 def save(mngr, step, *args, **kwargs):
   real_save(mngr, step, *args, **kwargs)
@@ -75,7 +75,7 @@ def batch(local, mesh):
     raise RuntimeError("injected crash")
   return real_batch(local, mesh)
 
-core.save_checkpoint, core.global_batch = save, batch
+checkpoint.save_checkpoint, sharding.global_batch = save, batch
 sys.argv = ["mae_jax.main"] + sys.argv[1:]
 app.run(main.main)
 """
@@ -90,7 +90,7 @@ def test_exception_in_the_loop_still_commits_the_async_checkpoint(tmp_path):
   # The exception escaped while step 2 was being written; it is committed all the same.
   assert H.committed_steps(wd) == [2]
   assert not [n for n in os.listdir(wd / "checkpoints") if "tmp" in n]
-  step, _ = core.restore_params(str(wd))
+  step, _ = checkpoint.restore_params(str(wd))
   assert step == 2
   assert H.logged_steps(wd) == [1, 2]
 
@@ -186,7 +186,7 @@ def test_sigterm_during_the_setup_exits_cleanly_without_a_checkpoint(job, mae_pr
 
 
 def _params(workdir):
-  return jax.tree.leaves(core.restore_params(str(workdir))[1])
+  return jax.tree.leaves(checkpoint.restore_params(str(workdir))[1])
 
 
 # 256 smoke training images: 8 steps per epoch at batch 32 (classification), 16 at batch 16

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from mae_jax.train import core, pretrain
+from mae_jax.train import checkpoint, loop
 from tests import train_helpers as H
 
 N, EVERY = 40, 5
@@ -41,7 +41,7 @@ def test_sigkill_and_restart_is_bit_exact(tmp_path):
   killed_at = max(H.logged_steps(run_dir), default=0)
   resumed_from = max(H.committed_steps(run_dir))
   assert resumed_from < N, "the victim finished before it was killed: make N larger"
-  before_kill = pretrain.read_metrics(str(run_dir))
+  before_kill = loop.read_metrics(str(run_dir))
   # What a save killed half-way leaves behind: never restored, removed on restart.
   partial = run_dir / "checkpoints" / f"{N - 1}.orbax-checkpoint-tmp-1700000000"
   (partial / "state").mkdir(parents=True)
@@ -52,8 +52,8 @@ def test_sigkill_and_restart_is_bit_exact(tmp_path):
   assert f"resumed from the checkpoint at step {resumed_from}" in out
   assert not partial.exists()
 
-  ref_m = _by_step(pretrain.read_metrics(str(ref_dir)))
-  run_records = pretrain.read_metrics(str(run_dir))
+  ref_m = _by_step(loop.read_metrics(str(ref_dir)))
+  run_records = loop.read_metrics(str(run_dir))
   # Lines the killed run wrote past its checkpoint were moved aside on resume (to
   # metrics.discarded.jsonl, never lost): metrics.jsonl has one line per step.
   assert [r["step"] for r in run_records] == list(range(1, N + 1))
@@ -71,8 +71,8 @@ def test_sigkill_and_restart_is_bit_exact(tmp_path):
   for r in before_kill:
     assert r["loss"] == ref_m[r["step"]]["loss"], r["step"]
 
-  ref_step, ref_params = core.restore_params(str(ref_dir))
-  run_step, run_params = core.restore_params(str(run_dir))
+  ref_step, ref_params = checkpoint.restore_params(str(ref_dir))
+  run_step, run_params = checkpoint.restore_params(str(run_dir))
   assert ref_step == run_step == N
   for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(run_params), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

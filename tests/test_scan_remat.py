@@ -170,7 +170,7 @@ def test_downstream_copies_change_the_layout():
 def test_optimizer_rules_follow_the_block_layout():
   """AdamW's weight-decay mask (biases and norm scales exempt) and fine-tuning's layer-wise lr decay
   treat a scanned stack slice by slice: one step gives the per-block layout's updates."""
-  from mae_jax.train import core, lr_decay
+  from mae_jax.train import core, lr_decay, optim
 
   def step(tx, params):
     grads = jax.tree.map(lambda x: 0.3 * x + 0.1, params)
@@ -181,7 +181,7 @@ def test_optimizer_rules_follow_the_block_layout():
   scanned = _mae(dataclasses.replace(SPEC, scan_layers=True))
   p0 = nnx.to_pure_dict(nnx.state(plain, nnx.Param))
   p1 = nnx.to_pure_dict(nnx.state(scanned, nnx.Param))
-  tx = core.adamw(lambda s: 1e-2, b1=0.9, b2=0.95, weight_decay=0.5)
+  tx = optim.adamw(lambda s: 1e-2, b1=0.9, b2=0.95, weight_decay=0.5)
   _assert_trees_close(step(tx, p1), step(tx, p0), 1e-7)
   q0 = nnx.to_pure_dict(nnx.state(heads.from_pretrained(plain, 3), nnx.Param))
   q1 = nnx.to_pure_dict(nnx.state(heads.from_pretrained(scanned, 3), nnx.Param))

@@ -18,7 +18,7 @@ from PIL import Image
 
 from mae_jax import evaluate
 from mae_jax.data import sources
-from mae_jax.train import core, downstream, segment
+from mae_jax.train import downstream, segment, sharding
 from tests import downstream_runs
 from tests.conftest import load_config
 
@@ -217,7 +217,7 @@ def test_images_of_two_sizes_scored_at_their_own_size(tmp_path):
   c = load_config("segment", "smoke")
   c.train.eval_batch_size = 2  # records 0 and 1 (12×20 and 30×18) share a batch; one padding row
   p = downstream.predict(eval_fn, (), src, "test", _NoTransfer(), config=c, image_size=8, in_chans=1,
-                         mesh=core.make_mesh(1), with_mask=False, unused=segment.UNUSED,
+                         mesh=sharding.make_mesh(1), with_mask=False, unused=segment.UNUSED,
                          host_fn=lambda rows: segment.native_predictions(rows, src.source))
   assert p["index"].tolist() == [0, 1, 2]
   assert [m.shape for m in p["pred"]] == [m.shape for m in p["mask"]] == sizes

@@ -65,13 +65,13 @@ def _worker(devices: int, fsdps: list[int], out: str, workroot: str) -> None:
   import jax
 
   from mae_jax.data import sources
-  from mae_jax.train import core, pretrain
+  from mae_jax.train import checkpoint, pretrain, sharding
 
   assert jax.device_count() == devices, jax.devices()
   sources.open_source = lambda dcfg, split, **kw: FakeSource(64 if split == "train" else 8)
 
   seen = {}
-  save = core.save_checkpoint
+  save = checkpoint.save_checkpoint
 
   def spy(mngr, step, state, data_state, **kw):
     # The live state of the loop, with the shardings the jitted step really produced.
@@ -82,7 +82,7 @@ def _worker(devices: int, fsdps: list[int], out: str, workroot: str) -> None:
         for p, x in jax.tree_util.tree_leaves_with_path(state)]
     return save(mngr, step, state, data_state, **kw)
 
-  core.save_checkpoint = spy
+  checkpoint.save_checkpoint = spy
   results = {}
   for fsdp in fsdps:
     r = pretrain.train(smoke_config(fsdp), os.path.join(workroot, f"fsdp{fsdp}"))
@@ -100,11 +100,11 @@ def test_fsdp_rule_on_vit_l_shapes():
   import jax
   from jax.sharding import AbstractMesh
 
-  from mae_jax.train import core
+  from mae_jax.train import checkpoint, sharding
   mesh = AbstractMesh((2, 8), ("data", "fsdp"))
 
   def spec(shape, **kw):
-    return tuple(core.param_sharding(mesh, jax.ShapeDtypeStruct(shape, np.float32), **kw).spec)
+    return tuple(sharding.param_sharding(mesh, jax.ShapeDtypeStruct(shape, np.float32), **kw).spec)
 
   assert spec((1024, 4096)) == (None, "fsdp")  # MLP kernels: the larger axis
   assert spec((4096, 1024)) == ("fsdp", None)

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from mae_jax.train import pretrain
+from mae_jax.train import loop
 from tests import train_helpers as H
 
 
@@ -23,7 +23,7 @@ def test_smoke_run_then_continue(tmp_path):
   wd = tmp_path / "w"
   rc, out = H.run(H.cli(wd, "--config.train.log_every=1"), tmp_path / "run1.log")
   assert rc == 0, out
-  records = pretrain.read_metrics(str(wd))
+  records = loop.read_metrics(str(wd))
   assert [r["step"] for r in records] == list(range(1, 61))
   losses = np.array([r["loss"] for r in records])
   assert np.isfinite(losses).all()
@@ -49,7 +49,7 @@ def test_smoke_run_then_continue(tmp_path):
   assert rc == 0, out
   assert "resumed from the checkpoint at step 60" in out
   assert "(62/70)" in out and "[1] " not in out
-  assert [r["step"] for r in pretrain.read_metrics(str(wd))] == list(range(1, 71))
+  assert [r["step"] for r in loop.read_metrics(str(wd))] == list(range(1, 71))
   assert H.committed_steps(wd)[-1] == 70
   assert json.loads((wd / "train_done.json").read_text())["step"] == 70
   assert os.path.exists(wd / "data_stats.json")

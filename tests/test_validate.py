@@ -181,13 +181,13 @@ def test_init_from_without_a_committed_checkpoint(tmp_path):
 
 def test_init_from_a_real_pretraining_workdir(tmp_path):
   import jax
-  from mae_jax.train import core
+  from mae_jax.train import checkpoint, core, optim
   c = _smoke()
   core.save_config(c, str(tmp_path))
-  tx = core.adamw(lambda s: 1e-3, b1=0.9, b2=0.95, weight_decay=0.0)
+  tx = optim.adamw(lambda s: 1e-3, b1=0.9, b2=0.95, weight_decay=0.0)
   state = core.init_state({"w": jax.numpy.ones((2, 2))}, tx, 0)
-  mngr = core.checkpoint_manager(str(tmp_path), keep=1, async_save=False)
-  core.save_checkpoint(mngr, 7, state, {"next_batch": 7})
+  mngr = checkpoint.checkpoint_manager(str(tmp_path), keep=1, async_save=False)
+  checkpoint.save_checkpoint(mngr, 7, state, {"next_batch": 7})
   mngr.close()
   validate.validate_transfer(_transfer_config(tmp_path))
   assert validate.checkpoint_steps(str(tmp_path)) == [7]

@@ -94,5 +94,5 @@ def logged_steps(workdir) -> list[int]:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
-  from mae_jax.train import pretrain
-  return [r["step"] for r in pretrain.read_metrics(str(workdir))]
+  from mae_jax.train import loop
+  return [r["step"] for r in loop.read_metrics(str(workdir))]

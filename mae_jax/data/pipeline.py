@@ -230,9 +230,20 @@ class _TrainExample:
     b, r = divmod(int(i), self.local_batch)
     return b * self.global_batch + self.process_index * self.local_batch + r
 
+  def sampler_draw(self, g: int) -> int:
+    """The sampler's draw for global draw `g`. An epoch of the shuffling sampler is ⌊N/B⌋ whole
+    batches (`optim.steps_per_epoch`; the rest of its permutation is dropped, as a `drop_last`
+    loader does), so every epoch starts a fresh permutation at a batch boundary."""
+    if not isinstance(self.sampler, EpochShuffleSampler) or self.sampler.n < self.global_batch:
+      return g
+    n = self.sampler.n
+    b, j = divmod(g, self.global_batch)
+    epoch, k = divmod(b, n // self.global_batch)
+    return epoch * n + k * self.global_batch + j
+
   def __call__(self, i: int) -> dict[str, np.ndarray]:
     g = self.global_draw(i)
-    idx = self.sampler[g]
+    idx = self.sampler[self.sampler_draw(g)]
     rec = self.source[idx]
     rng = np.random.default_rng([self.seed, g, _AUG_STREAM])
     img = _as_hwc(rec["image"], "image")

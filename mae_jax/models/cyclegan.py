@@ -28,31 +28,25 @@ from flax import nnx
 _INIT = nnx.initializers.normal(0.02)
 
 
-def instance_norm(x, eps: float = 1e-5):
-  """Per image and channel over H, W (torch InstanceNorm2d, affine=False, biased variance)."""
-  x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axis=(1, 2), keepdims=True)
-  var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2), keepdims=True)
-  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+def _norm(ch: int, rngs):
+  """torch InstanceNorm2d(affine=False): per image and channel over H, W, biased variance."""
+  return nnx.InstanceNorm(ch, epsilon=1e-5, use_scale=False, use_bias=False, rngs=rngs)
 
 
-def reflect(x, p: int):
-  return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
-
-
-def _conv(cin, cout, k, *, stride=1, padding="VALID", rngs):
+def _conv(cin, cout, k, *, stride=1, padding="REFLECT", rngs):
+  """REFLECT: the official reflection padding before each stride-1 convolution ('same' size)."""
   return nnx.Conv(cin, cout, (k, k), strides=(stride, stride), padding=padding, kernel_init=_INIT,
                   bias_init=nnx.initializers.zeros, rngs=rngs)
 
 
 class ResBlock(nnx.Module):
   def __init__(self, ch: int, *, rngs: nnx.Rngs):
-    self.c1 = _conv(ch, ch, 3, rngs=rngs)
-    self.c2 = _conv(ch, ch, 3, rngs=rngs)
+    self.c1, self.n1 = _conv(ch, ch, 3, rngs=rngs), _norm(ch, rngs)
+    self.c2, self.n2 = _conv(ch, ch, 3, rngs=rngs), _norm(ch, rngs)
 
   def __call__(self, x):
-    y = jax.nn.relu(instance_norm(self.c1(reflect(x, 1))))
-    return x + instance_norm(self.c2(reflect(y, 1)))
+    y = jax.nn.relu(self.n1(self.c1(x)))
+    return x + self.n2(self.c2(y))
 
 
 def resize_features(feats, size: tuple[int, int]):
@@ -69,8 +63,10 @@ class ResnetGenerator(nnx.Module):
     self.c_in = _conv(in_ch, ngf, 7, rngs=rngs)
     self.down1 = _conv(ngf, 2 * ngf, 3, stride=2, padding=((1, 1), (1, 1)), rngs=rngs)
     self.down2 = _conv(2 * ngf, 4 * ngf, 3, stride=2, padding=((1, 1), (1, 1)), rngs=rngs)
+    self.norms = nnx.List([_norm(c, rngs) for c in (ngf, 2 * ngf, 4 * ngf, 2 * ngf, ngf)])
     if feat_dim:
       self.fuse = _conv(4 * ngf + feat_dim, 4 * ngf, 1, rngs=rngs)
+      self.fuse_norm = _norm(4 * ngf, rngs)
     self.blocks = nnx.List([ResBlock(4 * ngf, rngs=rngs) for _ in range(n_blocks)])
     # torch ConvTranspose2d(k=3, s=2, padding=1, output_padding=1) = a stride-2 dilated input
     # padded (1, 2) then a 3×3 convolution with the flipped kernel: padding ((1, 2), (1, 2)) here.
@@ -83,19 +79,20 @@ class ResnetGenerator(nnx.Module):
   def __call__(self, x, feats=None):
     """x: (N, S, S, C) in [-1, 1]; feats: (N, h, w, feat_dim) when the generator has a feature
     branch. Returns (N, S, S, C) in [-1, 1]."""
-    h = jax.nn.relu(instance_norm(self.c_in(reflect(x, 3))))
-    h = jax.nn.relu(instance_norm(self.down1(h)))
-    h = jax.nn.relu(instance_norm(self.down2(h)))
+    n_in, n_d1, n_d2, n_u1, n_u2 = self.norms
+    h = jax.nn.relu(n_in(self.c_in(x)))
+    h = jax.nn.relu(n_d1(self.down1(h)))
+    h = jax.nn.relu(n_d2(self.down2(h)))
     if self.feat_dim:
       if feats is None:
         raise ValueError("this generator has a feature branch: pass the encoder features")
       f = resize_features(feats.astype(h.dtype), h.shape[1:3])
-      h = jax.nn.relu(instance_norm(self.fuse(jnp.concatenate([h, f], axis=-1))))
+      h = jax.nn.relu(self.fuse_norm(self.fuse(jnp.concatenate([h, f], axis=-1))))
     for blk in self.blocks:
       h = blk(h)
-    h = jax.nn.relu(instance_norm(self.up1(h)))
-    h = jax.nn.relu(instance_norm(self.up2(h)))
-    return jnp.tanh(self.c_out(reflect(h, 3)))
+    h = jax.nn.relu(n_u1(self.up1(h)))
+    h = jax.nn.relu(n_u2(self.up2(h)))
+    return jnp.tanh(self.c_out(h))
 
 
 class PatchDiscriminator(nnx.Module):
@@ -105,14 +102,16 @@ class PatchDiscriminator(nnx.Module):
     self.convs = nnx.List(
         [_conv(chans[i], chans[i + 1], 4, stride=2 if i < n_layers else 1, padding=pad, rngs=rngs)
          for i in range(n_layers + 1)])
+    # No norm on the first layer.
+    self.norms = nnx.List([_norm(c, rngs) for c in chans[2:]])
     self.c_out = _conv(chans[-1], 1, 4, padding=pad, rngs=rngs)
 
   def __call__(self, x):
     h = x
     for i, conv in enumerate(self.convs):
       h = conv(h)
-      if i > 0:  # no norm on the first layer
-        h = instance_norm(h)
+      if i > 0:
+        h = self.norms[i - 1](h)
       h = jax.nn.leaky_relu(h, 0.2)
     return self.c_out(h)
 

@@ -1,6 +1,6 @@
 """The set-up and bookkeeping that fine-tuning / linear probing (`finetune.py`) and segmentation
-(`segment.py`) share: the workdir and the pretrained encoder, step counts, the optimiser with
-layer-wise lr decay, the training iterator, step logging, prediction over a split, the checkpoints
+(`segment.py`) share: the workdir and the pretrained encoder, the optimiser with layer-wise lr
+decay, the training iterator, the loop's hooks (`run_loop`), prediction over a split, the checkpoints
 of the latest state and of the best parameters with the validation bookkeeping a resumed run needs,
 the shared config checks and the provenance written next to the results.
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from mae_jax import validate
 from mae_jax.data import pipeline, transforms
-from mae_jax.train import core, lr_decay, obs
+from mae_jax.train import checkpoint, core, loop, lr_decay, obs, sharding
 
 log = logging.getLogger("mae_jax")
 
@@ -64,7 +63,7 @@ def next_train_batch(it, plan, unused, mesh) -> dict:
   local.update(plan.lookup("train", local["index"], local.pop("zoom", None)))
   for k in unused:
     local.pop(k, None)
-  return core.global_batch(local, mesh)
+  return sharding.global_batch(local, mesh)
 
 
 def predict(eval_fn, args, source, split: str, plan, *, config, image_size: int, in_chans: int, mesh,
@@ -85,7 +84,7 @@ def predict(eval_fn, args, source, split: str, plan, *, config, image_size: int,
     local.update(plan.lookup(split, local["index"], local.pop("zoom", None)))
     for k in unused:
       local.pop(k, None)
-    out = eval_fn(*args, core.global_batch(local, mesh))
+    out = eval_fn(*args, sharding.global_batch(local, mesh))
     if host_fn is None:
       outs.append(out)
       continue
@@ -94,7 +93,7 @@ def predict(eval_fn, args, source, split: str, plan, *, config, image_size: int,
       outs.append(_host_rows(pending, host_fn))
     pending = out
   if host_fn is None:
-    outs = core.host_gather(outs)
+    outs = sharding.host_gather(outs)
   elif pending is not None:
     outs.append(_host_rows(pending, host_fn))
   cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
@@ -105,7 +104,7 @@ def predict(eval_fn, args, source, split: str, plan, *, config, image_size: int,
 
 
 def _host_rows(out, host_fn) -> dict:
-  out = core.host_gather(out)
+  out = sharding.host_gather(out)
   valid = out.pop("valid").astype(bool)
   rows = host_fn({k: v[valid] for k, v in out.items()})
   rows["valid"] = np.ones(int(valid.sum()), bool)
@@ -134,7 +133,7 @@ def set_up(config, workdir: str):
   is_main = jax.process_index() == 0
   if is_main:
     core.save_config(config, workdir)
-  mesh = core.make_mesh(config.mesh.fsdp)
+  mesh = sharding.make_mesh(config.mesh.fsdp)
   pcfg, model, step, mean, std = obs.pretrained_for_transfer(config)
   init_from = (f"scratch:{config.scratch}" if config.get("scratch")
                else os.path.abspath(os.path.expanduser(config.init_from)))
@@ -142,28 +141,6 @@ def set_up(config, workdir: str):
     with open(os.path.join(workdir, "data_stats.json"), "w") as f:
       json.dump({"mean": mean, "std": std, "from": init_from}, f)
   return workdir, is_main, mesh, Pretrained(pcfg, model, step, mean, std, init_from)
-
-
-@dataclasses.dataclass(frozen=True)
-class Steps:
-  """Step counts of a downstream run; an epoch is every full batch of the training split."""
-  per_epoch: int
-  total: int
-  warmup: int
-
-  @classmethod
-  def of(cls, train_config, n_train: int) -> Steps:
-    per_epoch = max(1, n_train // train_config.batch_size)
-    total = train_config.total_steps or int(math.ceil(train_config.epochs * per_epoch))
-    warmup = min(int(round(train_config.warmup_epochs * per_epoch)), total)
-    return cls(per_epoch, total, warmup)
-
-  def epoch_ends(self, step: int) -> bool:
-    """Whether the validation split is evaluated after `step` (the last step ends an epoch too)."""
-    return step % self.per_epoch == 0 or step == self.total
-
-  def epoch(self, step: int) -> int:
-    return int(math.ceil(step / self.per_epoch))
 
 
 def layerwise_adamw(config, pretrain_config, schedule, params, depth: int):
@@ -174,11 +151,6 @@ def layerwise_adamw(config, pretrain_config, schedule, params, depth: int):
   tx = lr_decay.layerwise_adamw(schedule, params, depth=depth, layer_decay=decay, b1=t.b1, b2=t.b2,
                                 weight_decay=t.weight_decay, grad_clip=t.grad_clip)
   return tx, decay
-
-
-def replicated(mesh, tree):
-  """Shardings that keep every leaf of `tree` whole on every device."""
-  return jax.tree.map(lambda _: core.replicated(mesh), tree)
 
 
 # ------------------------------------------------------------------------------- bookkeeping
@@ -213,12 +185,22 @@ class Validation:
     return self.params
 
 
-def preempted(preempt, writer, step: int) -> dict | None:
-  """The result of a training loop that stopped at SIGTERM (writer closed), else None."""
-  if not preempt.requested:
-    return None
-  writer.close()
-  return {"preempted": True, "step": step}
+def run_loop(config, preempt, monitor, workdir: str, is_main: bool, *, steps, start: int, carry, batch,
+             step, ckpts: Checkpoints, val: Validation, split, checkpoint_due, evaluate,
+             lr_field: str) -> loop.Outcome:
+  """`loop.run` for a downstream job: its checkpoints are `ckpts` (`split(carry)` gives the train
+  state and the non-trained state they hold)."""
+
+  def save(s, carry, data, force):
+    del force  # downstream checkpoints are always forced (one per epoch or fewer)
+    state, stats = split(carry)
+    ckpts.save(s, state, stats, val, data)
+
+  job = loop.Job(total=steps.total, start=start, carry=carry, batch=batch, step=step,
+                 checkpoint_due=checkpoint_due, save=save,
+                 latest_checkpoint=lambda: (ckpts.latest.latest_step(), str(ckpts.latest.directory)),
+                 close=ckpts.close, evaluate=evaluate, lr_field=lr_field, first_loss=ckpts.first_loss)
+  return loop.run(job, config.train, preempt, monitor, workdir, is_main)
 
 
 class Checkpoints:
@@ -226,22 +208,24 @@ class Checkpoints:
   the validation bookkeeping; `workdir/best/checkpoints`: the best parameters and their `stats`."""
 
   def __init__(self, workdir: str, keep: int):
-    self.latest = core.checkpoint_manager(workdir, keep=keep, async_save=False)
-    self.best = core.checkpoint_manager(workdir, keep=1, async_save=False, subdir="best/checkpoints")
+    self.latest = checkpoint.checkpoint_manager(workdir, keep=keep, async_save=False)
+    self.best = checkpoint.checkpoint_manager(workdir, keep=1, async_save=False, subdir="best/checkpoints")
     self._saved_step = None
+    self.first_loss = None  # the loop's, from the latest checkpoint
 
   def restore(self, val: Validation, state, shardings, stats, stats_shardings):
     """(step, state, stats) from the latest checkpoint, with `val` as it was then; without one, the
     initial state and stats placed on the mesh, at step 0."""
-    abstract_stats = core.abstract_like(stats, stats_shardings)
-    r = core.restore_checkpoint(self.latest, core.abstract_like(state, shardings),
+    abstract_stats = sharding.abstract_like(stats, stats_shardings)
+    r = checkpoint.restore_checkpoint(self.latest, sharding.abstract_like(state, shardings),
                                 abstract_stats=abstract_stats)
     if r is None:
       return 0, jax.device_put(state, shardings), jax.device_put(stats, stats_shardings)
     val.best.update({k: r.data[k] for k in val.best if k in r.data})
+    self.first_loss = loop.loop_data(r.data)
     val.history = list(r.data.get("history") or [])
-    b = core.restore_checkpoint(
-        self.best, core.abstract_like({"params": state.params}, {"params": shardings.params}),
+    b = checkpoint.restore_checkpoint(
+        self.best, sharding.abstract_like({"params": state.params}, {"params": shardings.params}),
         abstract_stats=abstract_stats)
     if b is not None:
       val.params, val.stats = jax.device_get(b.state["params"]), jax.device_get(b.stats)
@@ -250,17 +234,17 @@ class Checkpoints:
     self._saved_step = int(r.step)
     return int(r.step), r.state, r.stats
 
-  def save(self, step: int, state, stats, val: Validation) -> None:
+  def save(self, step: int, state, stats, val: Validation, loop_data: dict | None = None) -> None:
     """The best parameters first when they are newer than their checkpoint, then the latest state:
     a resumed run always finds the best checkpoint its state refers to. Once per step (an epoch's
     checkpoint and a preemption's at the same step are one)."""
     if step == self._saved_step:
       return
     if val.unsaved:
-      core.save_checkpoint(self.best, val.best["step"], {"params": val.params}, val.best,
+      checkpoint.save_checkpoint(self.best, val.best["step"], {"params": val.params}, val.best,
                            stats=val.stats, force=True)
       val.unsaved = False
-    core.save_checkpoint(self.latest, step, state, {"next_batch": step, **val.best, "history": val.history},
+    checkpoint.save_checkpoint(self.latest, step, state, {"next_batch": step, **val.best, "history": val.history},
                          stats=stats, force=True)
     self._saved_step = step
 
@@ -269,33 +253,6 @@ class Checkpoints:
       mngr.wait_until_finished()
     for mngr in (self.latest, self.best):
       mngr.close()
-
-
-class StepLog:
-  """Around every step: before it, the SIGTERM check (the step in flight finishes first, so the run
-  stops within the step running at the signal); after it, the first step's time, the metrics lines
-  and TensorBoard (`writers.Monitor`), and `train.max_bad_steps` non-finite steps in a row stop the
-  run, pointing at `lr_field`."""
-
-  def __init__(self, config, start: int, monitor, lr_field: str):
-    self.t, self.start, self.monitor, self.lr_field = config.train, start, monitor, lr_field
-
-  def stop_before(self, step: int, metrics, preempt, save) -> bool:
-    """True when the loop must end before dispatching the step after `step` (`metrics`: that step's
-    outputs; `save()` writes the checkpoint at `step`)."""
-    if step == self.start:
-      if preempt.before_first_step(step):
-        return True
-      self.monitor.before_first_step()
-      return False
-    jax.block_until_ready(metrics)
-    return preempt.stop_before(step, save)
-
-  def after(self, step: int, metrics) -> None:
-    m = self.monitor.after_step(step, metrics)
-    if m is not None and int(m["bad_streak"]) >= self.t.max_bad_steps:
-      raise RuntimeError(f"{int(m['bad_streak'])} consecutive non-finite steps at step {step} "
-                         f"(train.max_bad_steps={self.t.max_bad_steps}): lower {self.lr_field}")
 
 
 # ------------------------------------------------------------------------------------ checks

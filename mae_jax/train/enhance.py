@@ -46,7 +46,7 @@ from PIL import Image
 from mae_jax import evaluate, image_quality
 from mae_jax.data import sources
 from mae_jax.models import cyclegan
-from mae_jax.train import core, downstream, preemption, transfer, writers
+from mae_jax.train import core, downstream, optim, preemption, sharding, transfer, writers
 
 log = logging.getLogger("mae_jax")
 
@@ -157,7 +157,7 @@ def train_batch(data: dict, config, step: int, mesh) -> dict:
                          step=step, batch=int(t.batch_size))
   local = int(t.batch_size) // jax.process_count()
   rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
-  return core.global_batch({"low": data["low"][ia[rows]], "high": data["high"][ib[rows]]}, mesh)
+  return sharding.global_batch({"low": data["low"][ia[rows]], "high": data["high"][ib[rows]]}, mesh)
 
 
 # ------------------------------------------------------------------------------ frozen encoder
@@ -332,8 +332,8 @@ def enhance_split(eval_fn, params, frozen, low: np.ndarray, *, batch_size: int, 
     if n < batch_size:
       x = np.concatenate([x, np.repeat(x[-1:], batch_size - n, axis=0)])
     rows = x[jax.process_index() * local:(jax.process_index() + 1) * local]
-    y = eval_fn(params, frozen, core.global_batch({"low": rows}, mesh)["low"])
-    outs.append(np.asarray(core.host_gather(y))[:n])
+    y = eval_fn(params, frozen, sharding.global_batch({"low": rows}, mesh)["low"])
+    outs.append(np.asarray(sharding.host_gather(y))[:n])
   return np.clip(np.concatenate(outs), 0.0, 1.0)
 
 
@@ -354,7 +354,7 @@ def _set_up(config, workdir: str):
   is_main = jax.process_index() == 0
   if is_main:
     core.save_config(config, workdir)
-  return workdir, is_main, core.make_mesh(config.mesh.fsdp), None
+  return workdir, is_main, sharding.make_mesh(config.mesh.fsdp), None
 
 
 def method_name(pre) -> str:
@@ -383,17 +383,17 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   graphdef, params, rest = cyclegan.init(  # rest: empty (no non-trained state)
       config.seed, in_ch=1, ngf=int(m.ngf), n_blocks=int(m.n_blocks), ndf=int(m.ndf),
       n_layers=int(m.n_layers), feat_dim=features.dim if features else 0)
-  n_params = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v)) for k, v in params.items()}
+  n_params = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in params.items()}
 
-  steps = downstream.Steps.of(t, n_train)
+  steps = optim.Steps.of(t, n_train)
   schedule = linear_decay(float(t.lr), steps.total, float(t.decay_fraction))
   tx = optax.adam(schedule, b1=float(t.b1), b2=float(t.b2))
   state = core.init_state(params, tx, config.seed)
-  shardings = core.state_shardings(mesh, state)
+  shardings = sharding.state_shardings(mesh, state)
   pool = init_pool(int(t.pool_size), (size, size, 1))
-  pool_sh = downstream.replicated(mesh, pool)
+  pool_sh = sharding.replicated(mesh, pool)
   frozen = features.weights if features else {}
-  frozen_sh = downstream.replicated(mesh, frozen)
+  frozen_sh = sharding.replicated(mesh, frozen)
   frozen = jax.device_put(frozen, frozen_sh)
 
   ckpts = downstream.Checkpoints(workdir, int(t.keep_checkpoints))
@@ -401,11 +401,11 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   start, state, pool = ckpts.restore(val, state, shardings, pool, pool_sh)
 
   train_step, eval_step = make_steps(config, graphdef, rest, tx, schedule, features)
-  bsh = core.batch_sharding(mesh)
+  bsh = sharding.batch_sharding(mesh)
   step_fn = jax.jit(train_step, in_shardings=(shardings, pool_sh, frozen_sh, bsh),
-                    out_shardings=(shardings, pool_sh, core.replicated(mesh)), donate_argnums=(0, 1))
+                    out_shardings=(shardings, pool_sh, sharding.replicated(mesh)), donate_argnums=(0, 1))
   eval_fn = jax.jit(eval_step, in_shardings=(shardings.params, frozen_sh, bsh),
-                    out_shardings=core.replicated(mesh))
+                    out_shardings=sharding.replicated(mesh))
   eval_bs = int(t.eval_batch_size or t.batch_size)
   enhance = functools.partial(enhance_split, eval_fn, frozen=frozen, batch_size=eval_bs, mesh=mesh)
 
@@ -417,37 +417,36 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
            f"; frozen {pre.config.recipe} encoder from {pre.init_from} (step {pre.step}, width {features.dim})"
            if pre else "", steps.total, steps.per_epoch, t.batch_size, t.lr, 100 * t.decay_fraction)
 
-  steplog = downstream.StepLog(config, start, writer, "train.lr")
-  history = []  # (step, cycle loss, generator GAN loss, discriminator loss) at the log steps
-  step, metrics = start, None
-  try:
-    while step < steps.total:
-      batch = train_batch(data["train"], config, step, mesh)
-      if steplog.stop_before(step, metrics, preempt, functools.partial(ckpts.save, step, state, pool, val)):
-        break
-      state, pool, metrics = step_fn(state, pool, frozen, batch)
-      step += 1
-      steplog.after(step, metrics)
-      if step % int(t.log_every) == 0 or step == steps.total or step == start + 1:
-        mm = jax.device_get(metrics)
-        history.append({"step": step, "cycle": float(mm["cycle"]), "g_gan": float(mm["g_gan"]),
-                        "d_loss": float(mm["d_loss"])})
-      if steps.epoch_ends(step) and (steps.epoch(step) % int(t.eval_every) == 0 or step == steps.total):
-        epoch = steps.epoch(step)
-        out = enhance(state.params, low=data["validation"]["low"])
-        vs = float(np.mean(image_quality.ssim(out, data["validation"]["high"] / 255.0)))
-        writer.write_scalars(step, {"val_ssim": vs})
-        improved = val.record(epoch, step, {"ssim": vs}, state.params, pool)
-        log.info("epoch %d (step %d): validation SSIM %.4f%s", epoch, step, vs, " (best)" if improved else "")
-        if epoch % int(t.checkpoint_every) == 0 or step == steps.total:
-          ckpts.save(step, state, pool, val)
-      if preempt.stop_after(step, functools.partial(ckpts.save, step, state, pool, val)):
-        break
-  finally:
-    ckpts.close()
-    writer.flush()
-  if (stopped := downstream.preempted(preempt, writer, step)) is not None:
-    return stopped
+  def validate_epoch(step, carry):
+    epoch = steps.epoch(step)
+    if not steps.epoch_ends(step) or (epoch % int(t.eval_every) and step != steps.total):
+      return
+    state, pool = carry
+    with writer.timed("validation"):
+      out = enhance(state.params, low=data["validation"]["low"])
+    vs = float(np.mean(image_quality.ssim(out, data["validation"]["high"] / 255.0)))
+    writer.write_scalars(step, {"val_ssim": vs})
+    improved = val.record(epoch, step, {"ssim": vs}, state.params, pool)
+    log.info("epoch %d (step %d): validation SSIM %.4f%s", epoch, step, vs, " (best)" if improved else "")
+
+  def train_one(carry, batch):
+    state, pool, metrics = step_fn(*carry, frozen, batch)
+    return (state, pool), metrics
+
+  every = int(t.checkpoint_every)  # a multiple of eval_every: checkpoints follow a validation
+  out = downstream.run_loop(
+      config, preempt, writer, workdir, is_main, steps=steps, start=start, carry=(state, pool),
+      batch=lambda step: train_batch(data["train"], config, step, mesh), step=train_one, ckpts=ckpts,
+      val=val, split=lambda carry: carry,
+      checkpoint_due=lambda step: steps.epoch_ends(step) and steps.epoch(step) % every == 0,
+      evaluate=validate_epoch, lr_field="train.lr")
+  step = out.step
+  if out.preempted:
+    writer.close()
+    return {"preempted": True, "step": step}
+  # (step, cycle loss, generator GAN loss, discriminator loss): the run's first step and the logged ones
+  logged = ([out.first] if out.first and out.first[0] not in dict(out.history) else []) + out.history
+  history = [{"step": s, "cycle": m["cycle"], "g_gan": m["g_gan"], "d_loss": m["d_loss"]} for s, m in logged]
   test = data["test"]
   out = enhance(jax.device_put(val.best_params(workdir), shardings.params), low=test["low"])
   high01, low01 = test["high"] / 255.0, test["low"] / 255.0
@@ -500,8 +499,8 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
     n_fig = int(config.eval.figure_images)
     if n_fig > 0:
       try:
-        from mae_jax import visualize
-        visualize.save(visualize.enhancement_figure(
+        from mae_jax import figures
+        figures.save(figures.enhancement_figure(
             test["low"][:n_fig, ..., 0], [(method_name(pre), to8(out[:n_fig]))], test["high"][:n_fig, ..., 0]),
             os.path.join(workdir, "enhanced_test.png"))
       except ImportError:
@@ -511,5 +510,5 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
            ", ".join(f"{k} {base[k]['mean']:.4f}" for k in METRICS))
   return {"test": {k: v["mean"] for k, v in summ.items()}, "identity": {k: v["mean"] for k, v in base.items()},
           "per_image": per, "loss_history": history, "best": val.best, "step": step,
-          "frozen": core.host_gather(frozen), "method": method_name(pre)}
+          "frozen": sharding.host_gather(frozen), "method": method_name(pre)}
 

@@ -15,7 +15,7 @@
      probe. lr = base_lr · batch / 256, linear warm-up then half-cosine to `min_lr` (1e-6).
   5. Loss: cross-entropy with label smoothing 0.1 (fine-tuning), optional mixup / cutmix on device.
   6. After every epoch: macro-F1 on the validation split; the best parameters are kept in host
-     memory and in `workdir/best/checkpoints` (`core.restore_params(workdir + '/best')` reads them).
+     memory and in `workdir/best/checkpoints` (`checkpoint.restore_params(workdir + '/best')` reads them).
   7. The best model is evaluated on the test split: metrics with bootstrap 95% CIs, written as
      `results.json` / `results.md` (`evaluate.write_results`) and `predictions_test.npz`.
 
@@ -37,12 +37,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from mae_jax import evaluate
 from mae_jax.data import sources
 from mae_jax.models import heads
-from mae_jax.train import core, downstream, lr_decay, obs, preemption, transfer, writers
+from mae_jax.train import core, downstream, lr_decay, obs, optim, preemption, sharding, transfer, writers
 
 log = logging.getLogger("mae_jax")
 
@@ -105,8 +106,7 @@ def class_names(config, source, labels: np.ndarray) -> list[str]:
 
 
 def soft_targets(labels, num_classes: int, smoothing: float):
-  off = smoothing / num_classes
-  return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + off
+  return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
 
 
 def mixup_cutmix(key, x, y, *, mixup: float, cutmix: float, prob: float = 1.0, switch_prob: float = 0.5):
@@ -170,7 +170,7 @@ def make_steps(config, graphdef, tx, schedule, plan: transfer.TransferPlan, num_
       logits = model(x, blur_t=blur_t, train=True)
     else:
       logits = model(x, blur_t=blur_t, key=k_dp if config.model.drop_path > 0 else None)
-    loss = -jnp.mean(jnp.sum(y * jax.nn.log_softmax(logits), axis=-1))
+    loss = jnp.mean(optax.softmax_cross_entropy(logits, y))
     acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
     return loss, (acc, new_stats)
@@ -256,13 +256,13 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   trainable = nnx.All(nnx.Param, nnx.PathContains("head")) if probe else nnx.Param
   graphdef, params, stats, frozen = nnx.split(model, trainable, nnx.BatchStat, ...)
   params, stats, frozen = (nnx.to_pure_dict(s) for s in (params, stats, frozen))
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  n_params = sum(x.size for x in jax.tree.leaves(params))
 
   t = config.train
-  steps = downstream.Steps.of(t, n_train)
+  steps = optim.Steps.of(t, n_train)
   # base_lr · batch / 256 (MAE); USFM's code divides by 512 (train.lr_batch_base).
   peak_lr = t.base_lr * t.batch_size / t.get("lr_batch_base", 256)
-  schedule = core.warmup_cosine(peak_lr, steps.warmup, steps.total, t.min_lr)
+  schedule = optim.warmup_cosine(peak_lr, steps.warmup, steps.total, t.min_lr)
   if probe:
     tx = lr_decay.lars(schedule, params, momentum=0.9, trust_coefficient=0.001, weight_decay=t.weight_decay)
     decay = None
@@ -270,8 +270,8 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
     tx, decay = downstream.layerwise_adamw(config, pcfg, schedule, params, model.encoder.spec.depth)
 
   state = core.init_state(params, tx, config.seed)
-  shardings = core.state_shardings(mesh, state)
-  stats_sh, frozen_sh = downstream.replicated(mesh, stats), downstream.replicated(mesh, frozen)
+  shardings = sharding.state_shardings(mesh, state)
+  stats_sh, frozen_sh = sharding.replicated(mesh, stats), sharding.replicated(mesh, frozen)
   frozen = jax.device_put(frozen, frozen_sh)
 
   ckpts = downstream.Checkpoints(workdir, int(t.keep_checkpoints))
@@ -282,11 +282,11 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
 
   train_step, eval_step = make_steps(config, graphdef, tx, schedule, plan, num_classes, pre.mean, pre.std,
                                      probe)
-  bsh = core.batch_sharding(mesh)
+  bsh = sharding.batch_sharding(mesh)
   step_fn = jax.jit(train_step, in_shardings=(shardings, stats_sh, frozen_sh, bsh),
-                    out_shardings=(shardings, stats_sh, core.replicated(mesh)), donate_argnums=(0, 1))
+                    out_shardings=(shardings, stats_sh, sharding.replicated(mesh)), donate_argnums=(0, 1))
   eval_fn = jax.jit(eval_step, in_shardings=(shardings.params, stats_sh, frozen_sh, bsh),
-                    out_shardings=core.replicated(mesh))
+                    out_shardings=sharding.replicated(mesh))
 
   it = downstream.train_iterator(config, train_src, image_size=image_size, in_chans=in_chans,
                                  start=start, with_mask=False)
@@ -301,33 +301,32 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   test_src = downstream.Positional(full["test"])
   pred = functools.partial(downstream.predict, eval_fn, plan=plan, config=config, image_size=image_size,
                            in_chans=in_chans, mesh=mesh, with_mask=False, unused=UNUSED)
-  steplog = downstream.StepLog(config, start, writer, "train.base_lr")
-  step, metrics = start, None
-  try:
-    while step < steps.total:
-      batch = downstream.next_train_batch(it, plan, UNUSED, mesh)
-      if steplog.stop_before(step, metrics, preempt, functools.partial(ckpts.save, step, state, stats, val)):
-        break
-      state, stats, metrics = step_fn(state, stats, frozen, batch)
-      step += 1
-      steplog.after(step, metrics)
-      if steps.epoch_ends(step):
-        epoch = steps.epoch(step)
-        p = pred((state.params, stats, frozen), val_src, "validation")
-        vm = metric_fn(p["label"], p["probs"])
-        writer.write_scalars(step, {f"val_{k}": v for k, v in vm.items()})
-        improved = val.record(epoch, step, vm, state.params, stats)
-        log.info("epoch %d (step %d): validation macro-F1 %.4f acc %.4f AUROC %.4f%s", epoch, step,
-                 vm["macro_f1"], vm["accuracy"], vm["auroc"], " (best)" if improved else "")
-        ckpts.save(step, state, stats, val)
-      # At SIGTERM: nothing more to save when this step's epoch checkpoint was just written.
-      if preempt.stop_after(step, functools.partial(ckpts.save, step, state, stats, val)):
-        break
-  finally:
-    ckpts.close()
-    writer.flush()
-  if (stopped := downstream.preempted(preempt, writer, step)) is not None:
-    return stopped
+  def validate_epoch(step, carry):
+    if not steps.epoch_ends(step):
+      return
+    state, stats = carry
+    epoch = steps.epoch(step)
+    with writer.timed("validation"):
+      p = pred((state.params, stats, frozen), val_src, "validation")
+    vm = metric_fn(p["label"], p["probs"])
+    writer.write_scalars(step, {f"val_{k}": v for k, v in vm.items()})
+    improved = val.record(epoch, step, vm, state.params, stats)
+    log.info("epoch %d (step %d): validation macro-F1 %.4f acc %.4f AUROC %.4f%s", epoch, step,
+             vm["macro_f1"], vm["accuracy"], vm["auroc"], " (best)" if improved else "")
+
+  def train_one(carry, batch):
+    state, stats, metrics = step_fn(*carry, frozen, batch)
+    return (state, stats), metrics
+
+  out = downstream.run_loop(
+      config, preempt, writer, workdir, is_main, steps=steps, start=start, carry=(state, stats),
+      batch=lambda step: downstream.next_train_batch(it, plan, UNUSED, mesh), step=train_one,
+      ckpts=ckpts, val=val, split=lambda carry: carry, checkpoint_due=steps.epoch_ends,
+      evaluate=validate_epoch, lr_field="train.base_lr")
+  step, (state, stats) = out.step, out.carry
+  if out.preempted:
+    writer.close()
+    return {"preempted": True, "step": step}
   bp = jax.device_put(val.best_params(workdir), shardings.params)
   bs = jax.device_put(val.stats, stats_sh)
   p = pred((bp, bs, frozen), test_src, "test")

@@ -48,31 +48,12 @@ class Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
   def poll(self, step: int) -> bool:
-    """Called once per step on every process; multi-process runs agree on the step to stop at."""
+    """Called once per step on every process (`loop.run`); multi-process runs agree on the step to
+    stop at."""
     if not self.requested and distributed.preemption_sync_point(step):
       log.warning("preemption notice on some process: all stop after step %d", step)
       self.requested = True
     return self.requested
-
-  def stop_after(self, step: int, save) -> bool:
-    """Called after every step instead of `poll`: at a preemption, `save()` (this step's checkpoint)
-    and True, for the loop to end."""
-    if not self.poll(step):
-      return False
-    save()
-    log_saved(step)
-    return True
-
-  def stop_before(self, step: int, save) -> bool:
-    """Called before dispatching the step after `step`, once `step` has finished: at a SIGTERM that
-    came during it, `save()` (the checkpoint at `step`) and True, for the loop to end, so the run
-    stops within the step that was running. Single-process only in effect: with several processes
-    `requested` changes only in `poll`, where they agree on the step."""
-    if not self.requested:
-      return False
-    save()
-    log_saved(step)
-    return True
 
   def before_first_step(self, step: int) -> bool:
     """Called once, before the first step (and so before the step compiles): True, with the reason

@@ -1,16 +1,10 @@
 """Pretraining: one jitted step for every recipe (the recipe picks the corruption and the model path)
-and the loop around it: resume, logging with ETA, image summaries, checkpoints, preemption.
+and the job's pieces for `loop.run` (batches, checkpoints, image summaries).
 
-Reliability, all tested (tests/test_resume.py, test_preemption.py, test_nonfinite.py):
-* exact resume: the checkpoint holds the TrainState (params, optimizer state, step, RNG key, non-finite
-  counters) and the iterator's next batch; masks and corruptions are drawn from (seed, step), so a
-  run killed anywhere and restarted repeats the uninterrupted run's losses bit for bit;
-* SIGTERM: a checkpoint at the next step boundary, then exit 0 (`train/preemption.py`); one during
-  the set-up stops the run before its first step, without a checkpoint; a save killed half-way is
-  never restored; an exception still completes the checkpoint being written;
-* non-finite loss or gradient: the update is skipped, counted, and `train.max_bad_steps` in a row stop
-  the run naming the last good checkpoint (none is written inside a bad streak);
-* `metrics.jsonl` in the workdir: every logged step as one JSON line (process 0).
+Exact resume (tests/test_resume.py): the checkpoint holds the TrainState (params, optimizer state,
+step, RNG key, non-finite counters) and the iterator's next batch; masks and corruptions are drawn
+from (seed, step), so a run killed anywhere and restarted repeats the uninterrupted run's losses bit
+for bit. Preemption, non-finite steps, divergence and `metrics.jsonl`: `loop.py`.
 """
 
 from __future__ import annotations
@@ -25,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mae_jax import distributed, models, recipes, validate, visualize
+from mae_jax import distributed, models, recipes, reconstruct, validate
 from mae_jax.data import pipeline, sources
-from mae_jax.train import core, preemption, writers
+from mae_jax.train import checkpoint, core, loop, optim, preemption, sharding, writers
 
 log = logging.getLogger("mae_jax")
 
@@ -122,11 +116,9 @@ def data_stats(config, workdir: str, source) -> tuple[float, float]:
 
 
 def total_steps(config, num_train: int) -> tuple[int, int]:
-  t = config.train
-  steps_per_epoch = max(1, num_train // t.batch_size)
-  total = t.total_steps or core.steps_from_epochs(t.epochs, num_train, t.batch_size)
-  warmup = int(round(t.warmup_epochs * steps_per_epoch))
-  return total, min(warmup, total)
+  """(total, warm-up) steps: `optim.Steps` (an epoch is ⌊N/B⌋ steps)."""
+  steps = optim.Steps.of(config.train, num_train)
+  return steps.total, steps.warmup
 
 
 def train(config, workdir: str) -> dict:
@@ -143,7 +135,7 @@ def _train(config, workdir: str, preempt: preemption.Preemption) -> dict:
   is_main = jax.process_index() == 0
   if is_main:
     core.save_config(config, workdir)
-  mesh = core.make_mesh(config.mesh.fsdp)
+  mesh = sharding.make_mesh(config.mesh.fsdp)
 
   with distributed.main_process_first("open_source"):  # a shared data_dir is built once
     source = sources.open_source(config.data, "train")
@@ -151,20 +143,20 @@ def _train(config, workdir: str, preempt: preemption.Preemption) -> dict:
   num_train = len(source)
   steps, warmup = total_steps(config, num_train)
   peak_lr = config.train.base_lr * config.train.batch_size / 256
-  schedule = core.warmup_cosine(peak_lr, warmup, steps, config.train.min_lr)
-  tx = core.adamw(schedule, b1=config.train.b1, b2=config.train.b2,
-                  weight_decay=config.train.weight_decay, grad_clip=config.train.grad_clip)
+  schedule = optim.warmup_cosine(peak_lr, warmup, steps, config.train.min_lr)
+  tx = optim.adamw(schedule, b1=config.train.b1, b2=config.train.b2,
+                   weight_decay=config.train.weight_decay, grad_clip=config.train.grad_clip)
 
   model = models.build_pretrain_model(config.model, seed=config.seed)
   graphdef, params, rest = core.split_model(model)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  n_params = sum(x.size for x in jax.tree.leaves(params))
   state = core.init_state(params, tx, config.seed)
-  shardings = core.state_shardings(mesh, state, config.mesh.get("fsdp_min_size", core.FSDP_MIN_SIZE))
-  rest_sharding = jax.tree.map(lambda _: core.replicated(mesh), rest)
+  shardings = sharding.state_shardings(mesh, state, config.mesh.get("fsdp_min_size", sharding.FSDP_MIN_SIZE))
+  rest_sharding = sharding.replicated(mesh, rest)
   rest = jax.device_put(rest, rest_sharding)
 
-  mngr = core.checkpoint_manager(workdir, keep=config.train.keep_checkpoints)
-  restored = core.restore_checkpoint(mngr, core.abstract_like(state, shardings))
+  mngr = checkpoint.checkpoint_manager(workdir, keep=config.train.keep_checkpoints)
+  restored = checkpoint.restore_checkpoint(mngr, sharding.abstract_like(state, shardings))
   if restored is not None:
     state, start, data_state = restored.state, restored.step, restored.data
     log.info("resumed from the checkpoint at step %d in %s", start, mngr.directory)
@@ -175,8 +167,8 @@ def _train(config, workdir: str, preempt: preemption.Preemption) -> dict:
   next_batch = int((data_state or {}).get("next_batch", start))
 
   step_fn = jax.jit(make_train_step(config, graphdef, tx, schedule, mean, std),
-                    in_shardings=(shardings, rest_sharding, core.batch_sharding(mesh)),
-                    out_shardings=(shardings, core.replicated(mesh)), donate_argnums=(0,))
+                    in_shardings=(shardings, rest_sharding, sharding.batch_sharding(mesh)),
+                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
   it = pipeline.train_iterator(
       source, global_batch=config.train.batch_size, image_size=config.model.image_size,
@@ -192,174 +184,44 @@ def _train(config, workdir: str, preempt: preemption.Preemption) -> dict:
     monitor.write_scalars(0, {"params_millions": n_params / 1e6})
   log.info("recipe=%s model=%s (%.2fM params, %s compute) devices=%d processes=%d steps=%d "
            "(warm-up %d) global batch=%d (%d micro-batches) peak lr=%.3g, images %dpx", config.recipe,
-           config.model.variant, n_params / 1e6, jnp.dtype(models.compute_dtype(config.model.dtype)).name, jax.device_count(), jax.process_count(), steps, warmup,
-           config.train.batch_size, grad_accum_steps(config.train, jax.device_count(), jax.default_backend()),
-           peak_lr, config.model.image_size)
+           config.model.variant, n_params / 1e6, jnp.dtype(models.compute_dtype(config.model.dtype)).name,
+           jax.device_count(), jax.process_count(), steps, warmup, config.train.batch_size,
+           grad_accum_steps(config.train, jax.device_count(), jax.default_backend()), peak_lr,
+           config.model.image_size)
   if start == 0:
     writers.log_parameters(params, f"{config.model.variant} {config.recipe} parameters")
 
-  metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start) if is_main else None
-  history, last, pending = [], {}, None
-  step = start
-  try:
-    while step < steps:
-      if step == start:
-        if preempt.before_first_step(step):
-          break
-        monitor.before_first_step()
-      batch = core.global_batch(next(it), mesh)
-      # Wait for the step in flight (and check its loss) before dispatching the next: a SIGTERM that
-      # came during it then stops the run right there, instead of after one more queued step.
-      if pending is not None:
-        _check_finite(config, *pending, mngr)
-        pending = None
-      if step > start and preempt.stop_before(step, functools.partial(_save, mngr, step, state, final=True,
-                                                                      preempted=True)):
-        break
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = step_fn(state, rest, {"image": batch["image"], "zoom": batch["zoom"]})
-      step += 1
-      pending = (step, metrics)
-      m = monitor.after_step(step, metrics)
-      if m is not None:
-        last = m
-        if monitor.scheduled(step):
-          history.append((step, m["loss"]))
-          if metrics_log is not None:
-            metrics_log.write(step, m)
-      if preview is not None and (step % config.train.image_every == 0 or step == steps):
-        with monitor.timed("images"):
-          monitor.write_images(step, {"reconstruction": _preview_image(config, graphdef, state, rest,
-                                                                       preview, mean, std)})
-      preempt.poll(step)
-      final = step == steps or preempt.requested
-      if final or step % config.train.checkpoint_every == 0:
-        _save(mngr, step, state, final=final, preempted=preempt.requested)
-      if preempt.requested:
-        preemption.log_saved(step)
-        break
-    if pending is not None:
-      _check_finite(config, *pending, mngr)
-  finally:
-    # An exception must not lose the checkpoint being written in the background.
+  def batch(step):
+    b = sharding.global_batch(next(it), mesh)
+    return {"image": b["image"], "zoom": b["zoom"]}
+
+  def evaluate(step, state):
+    if preview is not None and (step % config.train.image_every == 0 or step == steps):
+      with monitor.timed("images"):
+        monitor.write_images(step, {"reconstruction": _preview_image(config, graphdef, state, rest,
+                                                                     preview, mean, std)})
+
+  def save(step, state, data, force):
+    checkpoint.save_checkpoint(mngr, step, state, {"next_batch": step, **data}, force=force)
+
+  def close():
     mngr.wait_until_finished()
     mngr.close()
-    monitor.flush()
-    if metrics_log is not None:
-      metrics_log.close()
+
+  job = loop.Job(
+      total=steps, start=start, carry=state, batch=batch,
+      step=lambda state, b: step_fn(state, rest, b),
+      checkpoint_due=lambda step: step % config.train.checkpoint_every == 0,
+      save=save, latest_checkpoint=lambda: (mngr.latest_step(), str(mngr.directory)), close=close,
+      evaluate=evaluate, lr_field="train.base_lr", first_loss=loop.loop_data(data_state))
+  out = loop.run(job, config.train, preempt, monitor, workdir, is_main)
   monitor.close()
-  with open(os.path.join(workdir, "train_done.json") if step >= steps else os.devnull, "w") as f:
-    json.dump({"step": step, "loss": last.get("loss")}, f)
-  return {"step": step, "history": history, "preempted": preempt.requested, **last}
-
-
-def _save(mngr, step: int, state: core.TrainState, *, final: bool, preempted: bool) -> None:
-  """Periodic checkpoints are skipped inside a run of non-finite steps, so that the newest
-  checkpoint, the one a restart or the NonFiniteError message points to, is a good one. The final
-  and the preemption checkpoint are always written: skipped steps never change the parameters."""
-  streak = int(jax.device_get(state.bad_steps))  # same value on every process: they agree to skip
-  if streak and not final:
-    log.warning("step %d: checkpoint skipped (%d non-finite steps in a row); the newest one is step %s",
-                step, streak, mngr.latest_step())
-    return
-  core.save_checkpoint(mngr, step, state, {"next_batch": step}, force=preempted)
-
-
-class MetricsLog:
-  """`metrics.jsonl` in the workdir: one JSON object per logged step (`step`, `loss`, `lr`,
-  `grad_norm`, `finite`, `skipped_total`, ..., throughput), for scripts and plots. Floats are
-  written with `repr`, so float32 values read back exactly (a non-finite loss is written `NaN`,
-  which Python's json reads).
-
-  The file is only ever appended to, by the run that holds the workdir's lock. On resume, the lines
-  after the restored step (written by a run killed after its last checkpoint, or past a damaged
-  checkpoint that was set aside) are moved, not dropped: appended to `metrics.discarded.jsonl`
-  after a marker line, then cut from the end of `metrics.jsonl` in place. So `metrics.jsonl`
-  always describes the one history that produced the current state, one line per logged step."""
-
-  def __init__(self, path: str, start_step: int):
-    self.path = path
-    set_aside_after(path, start_step)
-    self._f = open(path, "a")
-
-  def write(self, step: int, metrics: dict) -> None:
-    try:
-      self._f.write(json.dumps({"step": int(step), **metrics}) + "\n")
-      self._f.flush()
-    except OSError as e:
-      raise core.SaveFailed(f"writing {self.path} failed at step {step}: {e.strerror or e}; "
-                            "free space (or make the workdir writable) and run the same command "
-                            "again to resume from the last checkpoint") from None
-
-  def close(self) -> None:
-    try:
-      self._f.close()
-    except OSError:  # the failed write above was already reported
-      pass
-
-
-def set_aside_after(path: str, step: int) -> int:
-  """Moves the lines of `path` from the first one past `step` (or cut short) to the end of
-  `<name>.discarded.jsonl`, marked with the step resumed from; returns how many lines moved."""
-  if not os.path.exists(path):
-    return 0
-  with open(path, "rb") as f:
-    data = f.read()
-  cut, offset = None, 0
-  for line in data.splitlines(keepends=True):
-    try:
-      beyond = int(json.loads(line).get("step", 0)) > step
-    except (ValueError, AttributeError):  # a line cut short by a kill
-      beyond = True
-    if beyond or not line.endswith(b"\n"):
-      cut = offset
-      break
-    offset += len(line)
-  if cut is None:
-    return 0
-  tail = data[cut:]
-  moved = tail.count(b"\n") + (not tail.endswith(b"\n"))
-  aside = path[:-len(".jsonl")] + ".discarded.jsonl" if path.endswith(".jsonl") else path + ".discarded"
-  with open(aside, "ab") as f:
-    f.write((json.dumps({"discarded": moved, "resumed_from_step": int(step), "from": os.path.basename(path)})
-             + "\n").encode())
-    f.write(tail if tail.endswith(b"\n") else tail + b"\n")
-    f.flush()
-    os.fsync(f.fileno())  # safely aside before it is cut from the record
-  os.truncate(path, cut)
-  log.info("%s: %d line(s) after step %d moved to %s", os.path.basename(path), moved, step,
-           os.path.basename(aside))
-  return moved
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  """The records of `metrics.jsonl` in `workdir`, in step order."""
-  out = []
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:  # the last line of a killed run may be cut short
-        pass
-  return out
-
-
-class NonFiniteError(RuntimeError):
-  pass
-
-
-def _check_finite(config, step, metrics, mngr):
-  streak = int(metrics["bad_streak"])
-  if streak:
-    log.warning("step %d: loss or gradient not finite; update skipped (%d in a row)", step, streak)
-  if streak >= config.train.max_bad_steps:
-    latest = mngr.latest_step()
-    where = (f"The last good checkpoint is step {latest} in {mngr.directory}" if latest is not None
-             else "No checkpoint was saved before it")
-    raise NonFiniteError(
-        f"{streak} consecutive non-finite steps (train.max_bad_steps={config.train.max_bad_steps}) at step "
-        f"{step}: stopping. {where}; lower train.base_lr, set train.grad_clip, check the data, or try "
-        f"model.dtype='float32'.")
+  last = out.last
+  if out.step >= steps and is_main:
+    with open(os.path.join(workdir, "train_done.json"), "w") as f:
+      json.dump({"step": out.step, "loss": last.get("loss")}, f)
+  history = [(s, m["loss"]) for s, m in out.history]
+  return {"step": out.step, "history": history, "preempted": out.preempted, **last}
 
 
 def _preview_batch(config, mean, std, n: int = 4):
@@ -380,7 +242,7 @@ def _preview_fn(config_json: str, graphdef, mean, std):
     x01 = images.astype(jnp.float32) / 255.0
     key = jax.random.key(1234)  # fixed: the same masks at every summary, so frames compare
     x01, inputs01, kwargs = recipes.augment_and_corrupt(config, key, x01, zoom)
-    return visualize.reconstruction_columns(model, x01, inputs01, mean, std,
+    return reconstruct.reconstruction_columns(model, x01, inputs01, mean, std,
                                             key=jax.random.fold_in(key, 1), **kwargs)
 
   return fn
@@ -389,4 +251,4 @@ def _preview_fn(config_json: str, graphdef, mean, std):
 def _preview_image(config, graphdef, state, rest, images, mean, std):
   fn = _preview_fn(config.to_json(), graphdef, mean, std)
   cols = jax.device_get(fn(state.params, rest, *(jnp.asarray(a) for a in images)))
-  return visualize.panel([np.asarray(c) for c in cols])
+  return reconstruct.panel([np.asarray(c) for c in cols])

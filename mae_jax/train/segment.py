@@ -56,12 +56,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from mae_jax import evaluate
 from mae_jax.data import sources
 from mae_jax.models import upernet
-from mae_jax.train import core, downstream, obs, preemption, transfer, writers
+from mae_jax.train import core, downstream, obs, optim, preemption, sharding, transfer, writers
 
 log = logging.getLogger("mae_jax")
 
@@ -114,19 +115,17 @@ def dice_loss(logits, labels, num_classes: int, smooth: float = 1.0, batch: bool
 
   Per image (`batch=False`): with `smooth` > 0 an empty truth predicted empty scores ≈ 1, as
   `evaluate.dice` does. `batch=True` pools the pixels of the whole batch into one Dice per class
-  (nnU-Net's batch Dice), which does not push every lesion-free image's prediction to zero."""
-  p = jax.nn.softmax(logits, axis=-1)
-  g = jax.nn.one_hot(labels, num_classes, dtype=p.dtype)
-  axes = (0, 1, 2) if batch else (1, 2)
-  inter = jnp.sum(p * g, axis=axes)
-  den = jnp.sum(p, axis=axes) + jnp.sum(g, axis=axes)
-  d = (2.0 * inter + smooth) / (den + smooth)
-  return 1.0 - jnp.mean(d[..., 1:])
+  (nnU-Net's batch Dice), which does not push every lesion-free image's prediction to zero.
+  optax's Tversky form at α = β = ½ is (I + s) / (½(P + T) + s): its `smooth` is half of ours in
+  (2I + s) / (P + T + s)."""
+  g = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
+  per = optax.losses.dice_loss(logits, g, smooth=smooth / 2, ignore_background=True,
+                               axis=(0, 1, 2) if batch else (1, 2))
+  return jnp.mean(per)
 
 
 def cross_entropy(logits, labels):
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
 # ------------------------------------------------------------------------------------ steps
@@ -468,18 +467,18 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
       aux_channels=int(m.get("aux_channels", 0)), seed=config.seed)
   pre.model = None  # the segmenter holds copies of its weights: free the pretraining model's
   graphdef, params, rest = core.split_model(model)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  n_head = sum(int(np.prod(x.shape)) for k in ("necks", "head") for x in jax.tree.leaves(params[k]))
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  n_head = sum(x.size for k in ("necks", "head") for x in jax.tree.leaves(params[k]))
 
   t = config.train
-  steps = downstream.Steps.of(t, n_train)
-  schedule = core.warmup_cosine(float(t.lr), steps.warmup, steps.total, t.min_lr)
+  steps = optim.Steps.of(t, n_train)
+  schedule = optim.warmup_cosine(float(t.lr), steps.warmup, steps.total, t.min_lr)
   # The pretrained depth, not the truncated one: block i keeps MAE's / mmseg's multiplier.
   tx, decay = downstream.layerwise_adamw(config, pcfg, schedule, params, model.full_depth)
 
   state = core.init_state(params, tx, config.seed)
-  shardings = core.state_shardings(mesh, state)
-  rest_sh = downstream.replicated(mesh, rest)
+  shardings = sharding.state_shardings(mesh, state)
+  rest_sh = sharding.replicated(mesh, rest)
   rest = jax.device_put(rest, rest_sh)
 
   # No non-trained state to checkpoint: `rest` (the position tables) is rebuilt from init_from.
@@ -488,11 +487,11 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   start, state, _ = ckpts.restore(val, state, shardings, {}, {})
 
   train_step, eval_step = make_steps(config, graphdef, tx, schedule, plan, num_classes, pre.mean, pre.std)
-  bsh = core.batch_sharding(mesh)
+  bsh = sharding.batch_sharding(mesh)
   step_fn = jax.jit(train_step, in_shardings=(shardings, rest_sh, bsh),
-                    out_shardings=(shardings, core.replicated(mesh)), donate_argnums=(0,))
+                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
   eval_fn = jax.jit(eval_step, in_shardings=(shardings.params, rest_sh, bsh),
-                    out_shardings=core.replicated(mesh))
+                    out_shardings=sharding.replicated(mesh))
 
   it = downstream.train_iterator(config, train_src, image_size=image_size, in_chans=in_chans,
                                  start=start, with_mask=True)
@@ -511,34 +510,29 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
     return downstream.predict(eval_fn, args, src, split, plan, config=config, image_size=image_size,
                               in_chans=in_chans, mesh=mesh, with_mask=False, unused=UNUSED,
                               host_fn=functools.partial(native_predictions, source=src.source))
-  steplog = downstream.StepLog(config, start, writer, "train.lr")
-  step, metrics = start, None
-  try:
-    while step < steps.total:
-      batch = downstream.next_train_batch(it, plan, UNUSED, mesh)
-      if steplog.stop_before(step, metrics, preempt, functools.partial(ckpts.save, step, state, {}, val)):
-        break
-      state, metrics = step_fn(state, rest, batch)
-      step += 1
-      steplog.after(step, metrics)
-      if steps.epoch_ends(step):
-        epoch = steps.epoch(step)
-        p = pred((state.params, rest), val_src, "validation")
-        vd = float(np.mean(per_image_dice(p["pred"], p["mask"], num_classes)))
-        writer.write_scalars(step, {"val_dice": vd})
-        improved = val.record(epoch, step, {"dice": vd}, state.params, {})
-        log.info("epoch %d (step %d): validation Dice %.4f%s", epoch, step, vd,
-                 " (best)" if improved else "")
-        if epoch % max(1, int(t.checkpoint_every)) == 0 or step == steps.total:
-          ckpts.save(step, state, {}, val)
-      # At SIGTERM: nothing more to save when this step's epoch checkpoint was just written.
-      if preempt.stop_after(step, functools.partial(ckpts.save, step, state, {}, val)):
-        break
-  finally:
-    ckpts.close()
-    writer.flush()
-  if (stopped := downstream.preempted(preempt, writer, step)) is not None:
-    return stopped
+  def validate_epoch(step, state):
+    if not steps.epoch_ends(step):
+      return
+    epoch = steps.epoch(step)
+    with writer.timed("validation"):
+      p = pred((state.params, rest), val_src, "validation")
+    vd = float(np.mean(per_image_dice(p["pred"], p["mask"], num_classes)))
+    writer.write_scalars(step, {"val_dice": vd})
+    improved = val.record(epoch, step, {"dice": vd}, state.params, {})
+    log.info("epoch %d (step %d): validation Dice %.4f%s", epoch, step, vd, " (best)" if improved else "")
+
+  every = max(1, int(t.checkpoint_every))
+  out = downstream.run_loop(
+      config, preempt, writer, workdir, is_main, steps=steps, start=start, carry=state,
+      batch=lambda step: downstream.next_train_batch(it, plan, UNUSED, mesh),
+      step=lambda state, batch: step_fn(state, rest, batch), ckpts=ckpts, val=val,
+      split=lambda state: (state, {}),
+      checkpoint_due=lambda step: steps.epoch_ends(step) and steps.epoch(step) % every == 0,
+      evaluate=validate_epoch, lr_field="train.lr")
+  step = out.step
+  if out.preempted:
+    writer.close()
+    return {"preempted": True, "step": step}
   p = pred((jax.device_put(val.best_params(workdir), shardings.params), rest), test_src, "test")
   per = per_image_metrics(p["pred"], p["mask"], num_classes)
   ci = aggregate(per, n_boot=int(config.eval.n_boot), alpha=float(config.eval.alpha), seed=config.seed)
