@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from mae_jax import recipes
 from mae_jax.corrupt import blur as blur_lib
+from mae_jax.corrupt import masking
 from mae_jax.corrupt import frequency
 from mae_jax.models.vit import PRESETS
 
@@ -26,6 +28,13 @@ def validate_model(m) -> None:
     _fail("model.mask_ratio", m.mask_ratio, "must lie in [0, 1)")
   if m.path not in ("mae", "simmim"):
     _fail("model.path", m.path, "expected 'mae' or 'simmim'")
+  if m.path == "mae":  # the SimMIM path masks by corrupt.spatial_ratio instead
+    n = (m.image_size // patch) ** 2
+    kept = masking.num_kept(n, m.mask_ratio)
+    if not 1 <= kept < n:
+      _fail("model.mask_ratio", m.mask_ratio,
+            f"keeps {kept} of the {n} patches of a {m.image_size} px image (patch {patch}): it must leave "
+            "at least one patch visible and mask at least one")
   if m.dtype not in ("auto", "float32", "bfloat16"):
     _fail("model.dtype", m.dtype, "expected 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32' or 'bfloat16'")
   if m.loss_on not in ("masked", "all"):
@@ -128,8 +137,7 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
   if t.grad_accum < 0 or (t.grad_accum and t.batch_size % (t.grad_accum * num_devices)):
     _fail("train.grad_accum", t.grad_accum,
           f"batch_size {t.batch_size} must split into grad_accum micro-batches divisible by {num_devices} devices")
-  if t.total_steps < 0 or (t.total_steps == 0 and t.epochs <= 0):
-    _fail("train.epochs", t.epochs, "set train.epochs > 0 or train.total_steps > 0")
+  validate_length(t)
   if t.warmup_epochs < 0:
     _fail("train.warmup_epochs", t.warmup_epochs, "must be >= 0")
   if t.base_lr <= 0:
@@ -184,6 +192,18 @@ def validate_augment(a) -> None:
           f"needs 0 < blur_sigma_min <= blur_sigma_max ({a.blur_sigma_max})")
 
 
+def validate_length(t) -> None:
+  """`train.total_steps` (0: from `train.epochs`) and `train.epochs`: the error names the field
+  that was given."""
+  if t.total_steps < 0:
+    _fail("train.total_steps", t.total_steps, "must be > 0 (or 0: the length comes from train.epochs)")
+  if t.get("epochs", 0) < 0:
+    _fail("train.epochs", t.epochs, "must be > 0")
+  if t.total_steps == 0 and t.get("epochs", 0) == 0:
+    _fail("train.epochs", t.get("epochs", 0), "with train.total_steps=0 the length comes from "
+          "train.epochs: set train.epochs > 0 or train.total_steps > 0")
+
+
 def validate_progress(t) -> None:
   """The progress fields of `config.train` every training job has."""
   if t.get("log_every_secs", 60.0) <= 0:
@@ -214,5 +234,13 @@ def validate_transfer(config, field: str = "init_from") -> None:
     _fail(field, src, "is not a directory (expected a pretraining workdir)")
   if not os.path.exists(os.path.join(path, "config.json")):
     _fail(field, src, "holds no config.json: is it a mae_jax pretraining workdir?")
+  try:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+      job = json.load(f).get("job", "pretrain")
+  except (OSError, ValueError, AttributeError) as e:
+    _fail(field, src, f"its config.json cannot be read ({type(e).__name__}: {e})")
+  if job != "pretrain":
+    _fail(field, src, f"holds a {job!r} job, not a pretraining run: set it to the pretraining workdir "
+          "that job started from")
   if not checkpoint_steps(path):
     _fail(field, src, f"holds no complete checkpoint (looked in {os.path.join(path, 'checkpoints')})")
