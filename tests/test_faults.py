@@ -309,9 +309,16 @@ def test_no_readable_checkpoint_exits_2_in_one_line(reference, tmp_path):
 
 
 def test_config_mismatch_is_an_error_not_damage(reference, tmp_path):
-  """Expected: a checkpoint whose shapes differ from the config (a changed model) is never moved
-  aside: the run fails and checkpoint 12 stays where it was."""
+  """Expected: a changed model in a used workdir stops at once (exit 2, the workdir's config.json
+  names the field); without config.json, a checkpoint whose shapes differ from the config is never
+  moved aside: the run fails and checkpoint 12 stays where it was."""
   run_dir = copy_run(reference, tmp_path / "run")
+  before = (run_dir / "config.json").read_bytes()
+  rc, out = H.run(H.cli(run_dir, *ARGS, "--config.model.decoder_width=48"), tmp_path / "identity.log")
+  assert rc == 2 and out.startswith(f"mae_jax: {run_dir} holds a run of another config: it differs in "
+                                    "model.decoder_width (32 there, 48 now)."), out
+  assert (run_dir / "config.json").read_bytes() == before
+  (run_dir / "config.json").unlink()
   rc, out = H.run(H.cli(run_dir, *ARGS, "--config.model.decoder_width=48"), tmp_path / "mismatch.log")
   assert rc != 0 and "is not compatible with the stored shape" in out, out
   assert H.committed_steps(run_dir) == [9, 12]
