@@ -338,6 +338,7 @@ def run(config, workdir: str, *, checked: bool = False) -> dict:
   if done is not None:
     log.info("already complete at step %d: %s; nothing to do", done, _where(job, workdir))
     return {"step": done, "already_complete": True}
+  workdir_identity.check_free_space(workdir)
   from mae_jax.train import workdir_lock
   # The lock first: a second run on a live workdir stops with its one line before it writes a
   # line to the console or to the owner's log.txt (the job takes it again, re-entrantly).
@@ -415,7 +416,8 @@ def _stop_line(e: BaseException, workdir: str) -> tuple[str, int] | None:
   reason = workdir_identity.refused_write(e)
   if reason is None:
     return None
-  where = getattr(e, "filename", None) or os.path.abspath(os.path.expanduser(workdir or "."))
+  filename = getattr(e, "filename", None)
+  where = filename or "in " + os.path.abspath(os.path.expanduser(workdir or "."))
   return (f"mae_jax: cannot write {where}: {reason}. Free space (or make the workdir writable) and "
           "run the same command again", 1)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 
 from mae_jax.train import workdir_lock
 
@@ -38,6 +39,16 @@ class IdentityMismatch(workdir_lock.RunStopped):
 
 class WrongInitFrom(workdir_lock.RunStopped):
   """`init_from` is the workdir itself, lies inside it, or comes from it."""
+
+
+class DiskFull(workdir_lock.RunStopped):
+  """The workdir's disk is (nearly) full before the run starts."""
+  exit_code = 1
+
+
+# Below this, a start would fail somewhere in its first writes (config.json, log.txt, TensorBoard's
+# event file, whose C++ writer prints its own error lines): stop first, in one line.
+MIN_FREE_BYTES = 1 << 20
 
 
 def as_dict(config) -> dict:
@@ -170,11 +181,28 @@ _REFUSED = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota e
 
 
 def refused_write(e: BaseException | None) -> str | None:
-  """The reason when `e`, or an error it was raised from, is a write the file system refused."""
+  """The reason when `e`, or an error it was raised from, is a write the file system refused
+  (TensorFlow's and tensorstore's errors carry it only in their text)."""
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
     if isinstance(e, OSError) and e.errno in _REFUSED:
       return _REFUSED[e.errno]
+    text = str(e).lower()
+    reason = next((r for r in _REFUSED.values() if r.lower() in text), None)
+    if reason is not None:
+      return reason
     e = e.__cause__ or e.__context__
   return None
+
+
+def check_free_space(workdir: str, need: int = MIN_FREE_BYTES) -> None:
+  """`DiskFull` when the disk that holds (or will hold) `workdir` has less than `need` bytes free."""
+  path = os.path.abspath(os.path.expanduser(workdir))
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  free = shutil.disk_usage(path).free
+  if free < need:
+    raise DiskFull(f"only {free // 1024} KiB free on the disk of {os.path.abspath(workdir)} (a run needs "
+                   f"{need // 1024} KiB to start, its checkpoints more). Free space and run the same "
+                   "command again")
