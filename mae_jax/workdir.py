@@ -48,7 +48,7 @@ class DiskFull(workdir_lock.RunStopped):
 
 # Below this, a start would fail somewhere in its first writes (config.json, log.txt, TensorBoard's
 # event file, whose C++ writer prints its own error lines): stop first, in one line.
-MIN_FREE_BYTES = 1 << 20
+MIN_FREE_BYTES = 128 << 10
 
 
 def as_dict(config) -> dict:

@@ -395,7 +395,7 @@ def test_full_disk_stops_with_one_line_and_the_next_run_resumes(reference, tmp_p
 
 def test_nearly_full_disk_at_start_stops_with_one_line(tmp_path):
   """Issue 27.5, was: 152 stdout + 871 stderr lines ('--- Logging error ---', shutdown tracebacks).
-  Expected: with less than 1 MiB free, exit 1 with one line saying how much is free; nothing
+  Expected: with less than 128 KiB free, exit 1 with one line saying how much is free; nothing
   written."""
   with tmpfs(tmp_path / "disk", "2m") as disk:
     base = disk or tmp_path
@@ -409,7 +409,7 @@ def test_nearly_full_disk_at_start_stops_with_one_line(tmp_path):
               "from mae_jax import main; sys.argv = sys.argv[1:]; main.cli()")
       rc, out = H.run([sys.executable, "-c", code, *H.cli(base / "run", *ARGS)[2:]], tmp_path / "full.log")
     assert rc == 1, out
-    assert re.fullmatch(rf"mae_jax: only \d+ KiB free on the disk of {base}/run \(a run needs 1024 KiB to "
+    assert re.fullmatch(rf"mae_jax: only \d+ KiB free on the disk of {base}/run \(a run needs 128 KiB to "
                         r"start, its checkpoints more\)\. Free space and run the same command again", out.strip()), out
     assert not (base / "run").exists()
 
