@@ -400,7 +400,7 @@ def main(argv):
     run(config, _WORKDIR.value, checked=True)
   except Exception as e:  # noqa: BLE001 - one line for the faults the user must act on
     stop = _stop_line(e, _WORKDIR.value)
-    if stop is None or _verbose(sys.argv):
+    if stop is None:
       raise
     print(stop[0], file=sys.stderr, flush=True)
     sys.exit(stop[1])
