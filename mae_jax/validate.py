@@ -28,13 +28,6 @@ def validate_model(m) -> None:
     _fail("model.mask_ratio", m.mask_ratio, "must lie in [0, 1)")
   if m.path not in ("mae", "simmim"):
     _fail("model.path", m.path, "expected 'mae' or 'simmim'")
-  if m.path == "mae":  # the SimMIM path masks by corrupt.spatial_ratio instead
-    n = (m.image_size // patch) ** 2
-    kept = masking.num_kept(n, m.mask_ratio)
-    if not 1 <= kept < n:
-      _fail("model.mask_ratio", m.mask_ratio,
-            f"keeps {kept} of the {n} patches of a {m.image_size} px image (patch {patch}): it must leave "
-            "at least one patch visible and mask at least one")
   if m.dtype not in ("auto", "float32", "bfloat16"):
     _fail("model.dtype", m.dtype, "expected 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32' or 'bfloat16'")
   if m.loss_on not in ("masked", "all"):
@@ -128,6 +121,7 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
       _fail("corrupt.rings_dropped", c.rings_dropped, f"must lie in [0, {frequency.NUM_RINGS}]")
     if config.model.ffl_weight < 0:
       _fail("model.ffl_weight", config.model.ffl_weight, "must be >= 0")
+  validate_masking(config.model)
   if config.model.blur_embed != "none" and config.recipe != "d2mae":
     _fail("model.blur_embed", config.model.blur_embed, "a blurriness embedding needs recipe='d2mae'")
   if t.batch_size <= 0 or t.batch_size % num_devices:
@@ -171,6 +165,20 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
     _fail("data.crop_scale_min", d.crop_scale_min, "must lie in (0, 1]")
   if config.mesh.fsdp < 1 or num_devices % config.mesh.fsdp:
     _fail("mesh.fsdp", config.mesh.fsdp, f"must divide the device count ({num_devices})")
+
+
+def validate_masking(m) -> None:
+  """MAE's token masking keeps int(n * (1 - mask_ratio)) of the n patches: at least one must stay
+  visible and one be masked (none masked: every loss is NaN; none kept: nothing to encode)."""
+  if m.path != "mae":  # the SimMIM path masks by corrupt.spatial_ratio instead
+    return
+  patch = m.patch_size or PRESETS[m.variant][3]
+  n = (m.image_size // patch) ** 2
+  kept = masking.num_kept(n, m.mask_ratio)
+  if not 1 <= kept < n:
+    _fail("model.mask_ratio", m.mask_ratio,
+          f"keeps {kept} of the {n} patches of a {m.image_size} px image (patch {patch}): it must leave "
+          "at least one patch visible and mask at least one")
 
 
 def validate_augment(a) -> None:
