@@ -97,7 +97,11 @@ def resumable_fields() -> str:
 def check_identity(config, workdir: str) -> None:
   """`IdentityMismatch` when `workdir` already holds a config.json that differs from `config` in
   a field a resume may not change; nothing when the workdir is new or the configs agree."""
-  saved = read(workdir)
+  try:
+    saved = read(workdir)
+  except ValueError as e:  # cut short or edited by hand: the workdir's identity is unknown
+    raise IdentityMismatch(f"{os.path.join(workdir, CONFIG_NAME)} cannot be read ({e}): restore it, "
+                           "or use a new --workdir") from None
   if saved is None:
     return
   current = as_dict(config)
@@ -130,7 +134,7 @@ def lineage(init_from: str, limit: int = 32) -> list[str]:
       saved = read(path)
     except (OSError, ValueError):
       break
-    path = (saved or {}).get("init_from") or ""
+    path = saved.get("init_from") or "" if isinstance(saved, dict) else ""
   return out
 
 

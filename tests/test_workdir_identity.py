@@ -146,3 +146,9 @@ def test_command_line_exit_2_with_two_lines_and_nothing_written(tmp_path):
       "train.log_every, train.log_every_secs, train.image_every, train.checkpoint_every, "
       "train.keep_checkpoints, train.profile_steps, mesh.*"], r.stderr
   assert _snapshot(wd) == before
+
+
+def test_an_unreadable_config_json_stops_with_one_line(tmp_path):
+  (tmp_path / "config.json").write_text('{"recipe": "ma')  # cut short
+  with pytest.raises(identity.IdentityMismatch, match=r"config.json cannot be read \(.*\): restore it, or use a new --workdir"):
+    identity.check(H.smoke_config(), str(tmp_path))
