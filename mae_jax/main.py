@@ -27,6 +27,8 @@ import traceback
 from absl import app, flags
 from ml_collections import config_flags
 
+from mae_jax import workdir as workdir_identity
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, with :ARGS.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs, figures and results go.")
 flags.DEFINE_bool("verbose", False, "With a rejected command line or config, print the traceback too "
@@ -156,6 +158,7 @@ def check(config) -> None:
   if job == "enhance":  # init_from is optional: without it, plain CycleGAN
     from mae_jax.train import enhance
     enhance.validate_config(config, n)
+    validate.validate_transfer(config)
     return
   if job in ("finetune", "linear_probe"):
     from mae_jax.train import finetune
@@ -220,6 +223,34 @@ def _setup_logging():
     logging.getLogger(name).setLevel(level)
 
 
+class _LogFileHandler(logging.FileHandler):
+  """A log file that stops, silently, once its disk refuses a write (full, read-only): logging's
+  own handler prints a '--- Logging error ---' traceback for every later line instead. The run
+  itself stops with one line when it next needs the disk (a checkpoint, a metrics line)."""
+
+  refused = None  # the reason, once a write was refused
+
+  def emit(self, record):
+    if self.refused is None:
+      super().emit(record)
+
+  def handleError(self, record):
+    reason = workdir_identity.refused_write(sys.exc_info()[1])
+    if reason is None:
+      super().handleError(record)
+      return
+    self.refused = reason
+    self.close()
+
+  def close(self):
+    try:
+      super().close()
+    except OSError as e:  # the last flush of a full disk
+      if workdir_identity.refused_write(e) is None:
+        raise
+      self.refused = self.refused or workdir_identity.refused_write(e)
+
+
 class _LogFile:
   """`workdir/log.txt`: the console lines, appended (never rewritten), on process 0."""
 
@@ -227,9 +258,14 @@ class _LogFile:
     self.handler = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      self.handler = logging.FileHandler(os.path.join(workdir, "log.txt"), mode="a", encoding="utf-8")
+      self.handler = _LogFileHandler(os.path.join(workdir, "log.txt"), mode="a", encoding="utf-8")
       self.handler.setFormatter(_FORMAT)
       self.handler.addFilter(_Once(console=False))
+
+  def record(self, message: str) -> None:
+    """One line in log.txt only (the console gets it from `main`), when the disk still takes it."""
+    if self.handler is not None:
+      self.handler.handle(logging.LogRecord("mae_jax", logging.ERROR, __file__, 0, message, None, None))
 
   def __enter__(self):
     if self.handler is not None:
@@ -285,17 +321,27 @@ def run(config, workdir: str, *, checked: bool = False) -> dict:
     config.init_from = os.path.abspath(os.path.expanduser(config.init_from))
   if not checked:
     check(config)
+  # Before anything is written: a config that differs from the workdir's own, or a workdir that
+  # init_from reads, stops here with its one or two lines (exit 2).
+  workdir_identity.check(config, workdir)
   job = config.get("job", "pretrain")
   done = completed_step(config, workdir)
   if done is not None:
     log.info("already complete at step %d: %s; nothing to do", done, _where(job, workdir))
     return {"step": done, "already_complete": True}
+  workdir_identity.check_free_space(workdir)
   from mae_jax.train import workdir_lock
   # The lock first: a second run on a live workdir stops with its one line before it writes a
   # line to the console or to the owner's log.txt (the job takes it again, re-entrantly).
-  with workdir_lock.hold(workdir), _LogFile(workdir, jax.process_index() == 0):
+  with workdir_lock.hold(workdir), _LogFile(workdir, jax.process_index() == 0) as log_file:
     log.info("%s in %s (this log also goes to log.txt there)", job, workdir)
-    result = _dispatch(job, config, workdir)
+    try:
+      result = _dispatch(job, config, workdir)
+    except Exception as e:  # noqa: BLE001 - re-raised; the one-line reason also goes to log.txt
+      stop = _stop_line(e, workdir)
+      if stop is not None:
+        log_file.record(stop[0])
+      raise
     step = result.get("step")
     if result.get("preempted"):
       log.warning("stopped by SIGTERM at step %s: run the same command again to resume", step)
@@ -336,12 +382,30 @@ def main(argv):
     check(config)
   except ValueError as e:
     _reject(e, sys.argv)
-  from mae_jax.train import workdir_lock
   try:
     run(config, _WORKDIR.value, checked=True)
-  except workdir_lock.RunStopped as e:  # a busy workdir, no readable checkpoint, a failed save
-    print(f"mae_jax: {e}", file=sys.stderr, flush=True)
-    sys.exit(e.exit_code)
+  except Exception as e:  # noqa: BLE001 - one line for the faults the user must act on
+    stop = _stop_line(e, _WORKDIR.value)
+    if stop is None:
+      raise
+    print(stop[0], file=sys.stderr, flush=True)
+    sys.exit(stop[1])
+
+
+def _stop_line(e: BaseException, workdir: str) -> tuple[str, int] | None:
+  """(the one line, the exit status) for a fault the user must act on: a busy or foreign workdir,
+  no readable checkpoint, a failed save (`RunStopped`), or any write the disk refused; else None
+  (a bug: its traceback)."""
+  from mae_jax.train import workdir_lock
+  if isinstance(e, workdir_lock.RunStopped):
+    return f"mae_jax: {e}", e.exit_code
+  reason = workdir_identity.refused_write(e)
+  if reason is None:
+    return None
+  filename = getattr(e, "filename", None)
+  where = filename or "in " + os.path.abspath(os.path.expanduser(workdir or "."))
+  return (f"mae_jax: cannot write {where}: {reason}. Free space (or make the workdir writable) and "
+          "run the same command again", 1)
 
 
 def cli():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from mae_jax import recipes
 from mae_jax.corrupt import blur as blur_lib
+from mae_jax.corrupt import masking
 from mae_jax.corrupt import frequency
 from mae_jax.presets import PRESETS
 
@@ -119,6 +121,7 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
       _fail("corrupt.rings_dropped", c.rings_dropped, f"must lie in [0, {frequency.NUM_RINGS}]")
     if config.model.ffl_weight < 0:
       _fail("model.ffl_weight", config.model.ffl_weight, "must be >= 0")
+  validate_masking(config.model)
   if config.model.blur_embed != "none" and config.recipe != "d2mae":
     _fail("model.blur_embed", config.model.blur_embed, "a blurriness embedding needs recipe='d2mae'")
   if t.batch_size <= 0 or t.batch_size % num_devices:
@@ -128,8 +131,7 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
   if t.grad_accum < 0 or (t.grad_accum and t.batch_size % (t.grad_accum * num_devices)):
     _fail("train.grad_accum", t.grad_accum,
           f"batch_size {t.batch_size} must split into grad_accum micro-batches divisible by {num_devices} devices")
-  if t.total_steps < 0 or (t.total_steps == 0 and t.epochs <= 0):
-    _fail("train.epochs", t.epochs, "set train.epochs > 0 or train.total_steps > 0")
+  validate_length(t)
   if t.warmup_epochs < 0:
     _fail("train.warmup_epochs", t.warmup_epochs, "must be >= 0")
   if t.base_lr <= 0:
@@ -165,6 +167,20 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
     _fail("mesh.fsdp", config.mesh.fsdp, f"must divide the device count ({num_devices})")
 
 
+def validate_masking(m) -> None:
+  """MAE's token masking keeps int(n * (1 - mask_ratio)) of the n patches: at least one must stay
+  visible and one be masked (none masked: every loss is NaN; none kept: nothing to encode)."""
+  if m.path != "mae":  # the SimMIM path masks by corrupt.spatial_ratio instead
+    return
+  patch = m.patch_size or PRESETS[m.variant][3]
+  n = (m.image_size // patch) ** 2
+  kept = masking.num_kept(n, m.mask_ratio)
+  if not 1 <= kept < n:
+    _fail("model.mask_ratio", m.mask_ratio,
+          f"keeps {kept} of the {n} patches of a {m.image_size} px image (patch {patch}): it must leave "
+          "at least one patch visible and mask at least one")
+
+
 def validate_augment(a) -> None:
   """The on-device augmentation's ranges (`config.augment`, mae_jax/corrupt/augment.py)."""
   if a is None or not a.enabled:
@@ -182,6 +198,18 @@ def validate_augment(a) -> None:
   if not 0.0 < a.blur_sigma_min <= a.blur_sigma_max:
     _fail("augment.blur_sigma_min", a.blur_sigma_min,
           f"needs 0 < blur_sigma_min <= blur_sigma_max ({a.blur_sigma_max})")
+
+
+def validate_length(t) -> None:
+  """`train.total_steps` (0: from `train.epochs`) and `train.epochs`: the error names the field
+  that was given."""
+  if t.total_steps < 0:
+    _fail("train.total_steps", t.total_steps, "must be > 0 (or 0: the length comes from train.epochs)")
+  if t.get("epochs", 0) < 0:
+    _fail("train.epochs", t.epochs, "must be > 0")
+  if t.total_steps == 0 and t.get("epochs", 0) == 0:
+    _fail("train.epochs", t.get("epochs", 0), "with train.total_steps=0 the length comes from "
+          "train.epochs: set train.epochs > 0 or train.total_steps > 0")
 
 
 def validate_progress(t) -> None:
@@ -214,5 +242,13 @@ def validate_transfer(config, field: str = "init_from") -> None:
     _fail(field, src, "is not a directory (expected a pretraining workdir)")
   if not os.path.exists(os.path.join(path, "config.json")):
     _fail(field, src, "holds no config.json: is it a mae_jax pretraining workdir?")
+  try:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+      job = json.load(f).get("job", "pretrain")
+  except (OSError, ValueError, AttributeError) as e:
+    _fail(field, src, f"its config.json cannot be read ({type(e).__name__}: {e})")
+  if job != "pretrain":
+    _fail(field, src, f"holds a {job!r} job, not a pretraining run: set it to the pretraining workdir "
+          "that job started from")
   if not checkpoint_steps(path):
     _fail(field, src, f"holds no complete checkpoint (looked in {os.path.join(path, 'checkpoints')})")

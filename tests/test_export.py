@@ -524,6 +524,12 @@ def test_cli_linear_probe_run_reproduces_its_test_predictions(probe_run, mae_run
   np.testing.assert_allclose(theirs, np.log(probs), atol=1e-4, rtol=0)
 
 
+def _rewrite_config(config, workdir):
+  """Edits a workdir's config.json in place (a run never does: core.save_config refuses)."""
+  workdir.mkdir(exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
 def test_cli_linear_probe_errors_before_restoring(probe_run, tmp_path):
   def fails(workdir, *args, match, fmt="timm"):
     with pytest.raises(SystemExit, match=match):
@@ -534,16 +540,16 @@ def test_cli_linear_probe_errors_before_restoring(probe_run, tmp_path):
   config = core.load_config(str(probe_run))
   moved = tmp_path / "moved"
   config.init_from = str(tmp_path / "gone")
-  core.save_config(config, str(moved))
+  _rewrite_config(config, moved)
   fails(moved, match="config.init_from=.*gone")
   config.init_from = str(probe_run.parent)  # a folder, but no pretraining workdir
-  core.save_config(config, str(moved))
+  _rewrite_config(config, moved)
   fails(moved, match="config.init_from of .*moved.*no config.json")
   config.init_from = core.load_config(str(probe_run)).init_from
-  core.save_config(config, str(moved))
+  _rewrite_config(config, moved)
   fails(moved, match="no best checkpoint in .*moved")  # a probe that never finished an epoch
   config.job = "segment"
-  core.save_config(config, str(moved))
+  _rewrite_config(config, moved)
   fails(moved, match="job='segment'")
   assert sorted(os.listdir(tmp_path)) == ["moved"]
 

@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -275,7 +276,16 @@ def delete(step_dir):
     p.unlink()
 
 
-@pytest.mark.parametrize("damage", [corrupt, truncate, delete], ids=lambda f: f.__name__)
+def bitflip(step_dir):
+  """One bit in the middle of the biggest data file: zstd without a content checksum mostly
+  decodes it to a different array (issue 27.3), which only the checkpoint's checksums catch."""
+  p = max(_data_files(step_dir), key=lambda f: f.stat().st_size)
+  data = bytearray(p.read_bytes())
+  data[len(data) // 2] ^= 0x08
+  p.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [corrupt, truncate, delete, bitflip], ids=lambda f: f.__name__)
 def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_restored(reference, tmp_path,
                                                                                damage):
   """Expected: one warning line names checkpoint 12 and why, it moves to checkpoints/bad-12, the
@@ -309,9 +319,16 @@ def test_no_readable_checkpoint_exits_2_in_one_line(reference, tmp_path):
 
 
 def test_config_mismatch_is_an_error_not_damage(reference, tmp_path):
-  """Expected: a checkpoint whose shapes differ from the config (a changed model) is never moved
-  aside: the run fails and checkpoint 12 stays where it was."""
+  """Expected: a changed model in a used workdir stops at once (exit 2, the workdir's config.json
+  names the field); without config.json, a checkpoint whose shapes differ from the config is never
+  moved aside: the run fails and checkpoint 12 stays where it was."""
   run_dir = copy_run(reference, tmp_path / "run")
+  before = (run_dir / "config.json").read_bytes()
+  rc, out = H.run(H.cli(run_dir, *ARGS, "--config.model.decoder_width=48"), tmp_path / "identity.log")
+  assert rc == 2 and out.startswith(f"mae_jax: {run_dir} holds a run of another config: it differs in "
+                                    "model.decoder_width (32 there, 48 now)."), out
+  assert (run_dir / "config.json").read_bytes() == before
+  (run_dir / "config.json").unlink()
   rc, out = H.run(H.cli(run_dir, *ARGS, "--config.model.decoder_width=48"), tmp_path / "mismatch.log")
   assert rc != 0 and "is not compatible with the stored shape" in out, out
   assert H.committed_steps(run_dir) == [9, 12]
@@ -364,6 +381,8 @@ def test_full_disk_stops_with_one_line_and_the_next_run_resumes(reference, tmp_p
         "on device; the newest intact checkpoint is step 9. Free space (or make the workdir "
         "writable) and run the same command again to resume from it"), out
     assert_quiet(out)
+    # The reason is in log.txt too, where the disk still took the line.
+    assert (run_dir / "log.txt").read_text().splitlines()[-1].endswith(last_line(out))
     assert H.committed_steps(run_dir) == [9]
     assert checkpoint.restore_params(str(run_dir))[0] == 9
     if disk is not None:
@@ -372,6 +391,45 @@ def test_full_disk_stops_with_one_line_and_the_next_run_resumes(reference, tmp_p
     assert rc == 0, out
     assert "resumed from the checkpoint at step 9" in out
     assert_equals_reference(run_dir, reference["dir"])
+
+
+def test_nearly_full_disk_at_start_stops_with_one_line(tmp_path):
+  """Issue 27.5, was: 152 stdout + 871 stderr lines ('--- Logging error ---', shutdown tracebacks).
+  Expected: with less than 128 KiB free, exit 1 with one line saying how much is free; nothing
+  written."""
+  with tmpfs(tmp_path / "disk", "2m") as disk:
+    base = disk or tmp_path
+    if disk is not None:
+      print("nearly full disk: a 2 MiB tmpfs filled to 16 KiB free")
+      fill(disk, 16 * 1024)
+      rc, out = H.run(H.cli(base / "run", *ARGS), tmp_path / "full.log")
+    else:
+      print("nearly full disk: tmpfs not allowed here; the threshold raised above the free space")
+      code = ("import sys; from mae_jax import workdir; workdir.MIN_FREE_BYTES = 1 << 62; "
+              "from mae_jax import main; sys.argv = sys.argv[1:]; main.cli()")
+      rc, out = H.run([sys.executable, "-c", code, *H.cli(base / "run", *ARGS)[2:]], tmp_path / "full.log")
+    assert rc == 1, out
+    assert re.fullmatch(rf"mae_jax: only \d+ KiB free on the disk of {base}/run \(a run needs 128 KiB to "
+                        r"start, its checkpoints more\)\. Free space and run the same command again", out.strip()), out
+    assert not (base / "run").exists()
+
+
+def test_refused_writes_at_start_stop_with_one_line_and_no_logging_errors(tmp_path):
+  """Writes the disk refuses once the run has started (config.json and log.txt on a device that is
+  always full, /dev/full): exit 1 with one line naming the file and the reason, no '--- Logging
+  error ---' traceback for the log lines log.txt could not take, no temporary file left."""
+  H.build_smoke_dataset()
+  run_dir = tmp_path / "run"
+  run_dir.mkdir()
+  (run_dir / "log.txt").symlink_to("/dev/full")
+  (run_dir / "config.json.tmp").symlink_to("/dev/full")
+  rc, out = H.run(H.cli(run_dir, *ARGS), tmp_path / "full.log")
+  assert rc == 1, out
+  assert last_line(out) == (f"mae_jax: cannot write in {run_dir}: No space left on device. Free space "
+                            "(or make the workdir writable) and run the same command again"), out
+  assert "Logging error" not in out and len(out.splitlines()) <= 4, out
+  assert_quiet(out)
+  assert not (run_dir / "config.json.tmp").exists() and not (run_dir / "config.json").exists()
 
 
 def test_read_only_workdir_exits_2_in_one_line_and_changes_nothing(reference, tmp_path):

@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mae_jax import distributed
-from mae_jax.train import workdir_lock
+from mae_jax.train import checksums, workdir_lock
 
 log = logging.getLogger("mae_jax")
 
@@ -172,10 +172,10 @@ def checkpoint_manager(workdir: str, *, keep: int, async_save: bool = True,
 
 def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state, data_state, *, stats=None,
                     force: bool = False) -> None:
-  items = {"state": ocp.args.StandardSave(state),
-           "data": ocp.args.JsonSave(data_state if data_state is not None else {})}
-  if stats is not None and jax.tree.leaves(stats):
-    items["stats"] = ocp.args.StandardSave(stats)
+  arrays = {"state": state, **({"stats": stats} if stats is not None and jax.tree.leaves(stats) else {})}
+  data = checksums.with_record(arrays, data_state if data_state is not None else {})
+  items = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
+  items["data"] = ocp.args.JsonSave(data)
   mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
 
@@ -281,7 +281,9 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, abstract_state, step: int | 
       break
     try:
       r = mngr.restore(latest, args=ocp.args.Composite(**items))
-      return Restored(int(latest), r["state"], r["stats"] if with_stats else {}, r["data"])
+      data, sums = checksums.split(r["data"])
+      checksums.verify(sums, {"state": r["state"], **({"stats": r["stats"]} if with_stats else {})}, data)
+      return Restored(int(latest), r["state"], r["stats"] if with_stats else {}, data)
     except Exception as e:  # noqa: BLE001 - sorted below into damage and everything else
       try:
         damaged = _matches_metadata(os.path.join(directory, str(latest)), abstract_state)
@@ -312,20 +314,33 @@ def restore_params(workdir: str, step: int | None = None):
   if not os.path.isdir(path):
     raise ValueError(f"no checkpoints in {workdir!r} (looked for {path})")
   mngr = ocp.CheckpointManager(path, item_names=("state", "data"))
-  step = mngr.latest_step() if step is None else step
-  if step is None:
+  steps = sorted(mngr.all_steps()) if step is None else [step]
+  if not steps:
+    mngr.close()
     raise ValueError(f"no complete checkpoint in {path}")
   _quiet_closed_loops()
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  except Exception as e:  # noqa: BLE001 - someone else's workdir: report, never move aside
-    raise NoGoodCheckpoint(f"checkpoint {step} in {path} cannot be read ({_short(e)}); pick another "
-                           "step or restore the pretraining workdir") from None
+    # Someone else's workdir: a damaged checkpoint is reported and skipped, never moved aside.
+    for i, step in enumerate(reversed(steps)):
+      try:
+        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                              data=ocp.args.JsonRestore()))
+        data, sums = checksums.split(restored["data"])
+        checksums.verify(sums, {"state": {"params": _params(restored["state"])}}, data,
+                         only="state/params/")
+        break
+      except Exception as e:  # noqa: BLE001
+        if i + 1 == len(steps):
+          raise NoGoodCheckpoint(f"checkpoint {step} in {path} cannot be read ({_short(e)}); pick "
+                                 "another step or restore the pretraining workdir") from None
+        log.warning("checkpoint %d in %s is unreadable (%s): using the one before it", step, path, _short(e))
   finally:
     mngr.close()
-  state = restored["state"]
-  params = state["params"] if isinstance(state, dict) else state.params
-  return step, _int_keys(jax.tree.map(np.asarray, params))
+  return step, _int_keys(jax.tree.map(np.asarray, _params(restored["state"])))
+
+
+def _params(state):
+  return state["params"] if isinstance(state, dict) else state.params
 
 
 def _int_keys(tree):

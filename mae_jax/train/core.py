@@ -90,9 +90,10 @@ def apply_if_finite(state: TrainState, grads, loss, tx, *, branch: bool | None =
 
 
 def save_config(config, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  """config.json, written once by the run that creates the workdir; later runs are checked
+  against it (mae_jax/workdir.py)."""
+  from mae_jax import workdir as workdir_identity
+  workdir_identity.claim(config, workdir)
 
 
 def load_config(workdir: str):

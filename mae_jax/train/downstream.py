@@ -268,8 +268,7 @@ def validate_steps(t, num_devices: int) -> None:
     v = t[name] or t.batch_size
     if v <= 0 or v % num_devices:
       fail(f"train.{name}", t[name], f"must be a positive multiple of the device count ({num_devices})")
-  if t.total_steps < 0 or (t.total_steps == 0 and t.epochs <= 0):
-    fail("train.epochs", t.epochs, "set train.epochs > 0 or train.total_steps > 0")
+  validate.validate_length(t)
 
 
 def validate_common(config, num_devices: int, lr_field: str) -> None:
