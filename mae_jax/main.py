@@ -150,6 +150,8 @@ def check(config) -> None:
   from mae_jax import validate
   job = config.get("job", "pretrain")
   n = jax.device_count()
+  if job in JOBS:
+    validate.validate_data(config)
   if job == "pretrain":
     validate.validate_pretrain(config, num_devices=n, process_count=jax.process_count())
     return
@@ -176,10 +178,11 @@ def check(config) -> None:
 # ------------------------------------------------------------------------------------ logging
 
 
-# The console shows our lines and other libraries' warnings and errors, each once. Libraries that
-# log through absl (orbax's checkpoint notes) reach it only at ERROR: their warnings are routine
-# there and go to log.txt (docs/console.md names them).
-_CONSOLE_MIN_LEVEL = {"absl": logging.ERROR}
+# The console shows our lines and other libraries' warnings and errors, each once. What libraries
+# log through absl (orbax's checkpoint notes, and the tracebacks its save threads log for a write the
+# disk refused, before the main thread learns of it) goes to log.txt only: the checkpoint layer turns
+# what matters into one line of its own (docs/console.md names them).
+_CONSOLE_MIN_LEVEL = {"absl": logging.CRITICAL + 1}
 _LIBRARY_LEVELS = {"absl": logging.WARNING, "orbax": logging.WARNING, "jax._src": logging.WARNING,
                    "grain": logging.WARNING, "matplotlib": logging.WARNING, "PIL": logging.WARNING}
 
@@ -187,7 +190,7 @@ _LIBRARY_LEVELS = {"absl": logging.WARNING, "orbax": logging.WARNING, "jax._src"
 class _Once(logging.Filter):
   """Other libraries' warnings once each (a fallback logged at every use says nothing new);
   on the console also: no `mae_jax.log_file` lines (the parameter table, the scalars a job reports
-  in its own line) and absl-routed lines below ERROR."""
+  in its own line) and no absl-routed lines."""
 
   def __init__(self, console: bool):
     super().__init__()
@@ -292,22 +295,53 @@ def _where(job: str, workdir: str) -> str:
   return f"results in {os.path.join(workdir, 'results.md')} (and results.json)"
 
 
+COMPLETED = "completed.json"  # the step and the length fields of the last run that finished
+
+
+def _length(config) -> dict:
+  """The fields a resume may change that decide where a run ends (mae_jax/workdir.py: RESUMABLE)."""
+  train = config.get("train") or {}
+  return json.loads(json.dumps({f"train.{k}": train.get(k) for k in ("total_steps", "epochs")}))
+
+
 def completed_step(config, workdir: str) -> int | None:
-  """The final step of a finished run of this very config in `workdir` (same config.json, results
-  written), else None: a changed config (more steps, say) runs and resumes."""
+  """The final step of a finished run in `workdir` that `config` would repeat (same identity, the
+  same length as the run that finished, results written), else None. A longer run (a raised
+  `train.total_steps`, a documented resume change) is not complete: it resumes."""
   from mae_jax import validate
   job = config.get("job", "pretrain")
   saved = os.path.join(workdir, "config.json")
   if not (os.path.exists(saved) and os.path.exists(_results_path(job, workdir))):
     return None
   with open(saved) as f:
-    if json.load(f) != json.loads(config.to_json_best_effort()):
+    saved = json.load(f)
+  current = json.loads(config.to_json_best_effort())
+  marker = os.path.join(workdir, COMPLETED)
+  if os.path.exists(marker):
+    with open(marker) as f:
+      done = json.load(f)
+    if workdir_identity.differences(saved, current) or done.get("length") != _length(config):
       return None
+    return int(done["step"])
+  if saved != current:  # finished before completed.json existed: only the very same config is done
+    return None
   if job == "pretrain":
     with open(_results_path(job, workdir)) as f:
       return int(json.load(f)["step"])
   steps = validate.checkpoint_steps(workdir)
   return steps[-1] if steps else 0
+
+
+def _record_completion(config, workdir: str, step) -> None:
+  """`completed.json` after a run that finished: what a rerun compares its length with."""
+  if step is None:
+    from mae_jax import validate
+    steps = validate.checkpoint_steps(workdir)
+    step = steps[-1] if steps else 0
+  path = os.path.join(workdir, COMPLETED)
+  with open(f"{path}.tmp", "w") as f:
+    json.dump({"step": int(step), "length": _length(config)}, f)
+  os.replace(f"{path}.tmp", path)
 
 
 def run(config, workdir: str, *, checked: bool = False) -> dict:
@@ -346,6 +380,8 @@ def run(config, workdir: str, *, checked: bool = False) -> dict:
     if result.get("preempted"):
       log.warning("stopped by SIGTERM at step %s: run the same command again to resume", step)
     else:
+      if jax.process_index() == 0:
+        _record_completion(config, workdir, step)
       log.info("done: %s finished%s; %s", job, f" at step {step}" if step is not None else "",
                _where(job, workdir))
   return result

@@ -200,6 +200,29 @@ def validate_augment(a) -> None:
           f"needs 0 < blur_sigma_min <= blur_sigma_max ({a.blur_sigma_max})")
 
 
+# The dataset task each job builds a folder for (mae_jax/data/sources.py: open_source).
+_FOLDER_TASKS = {"pretrain": "pretrain", "finetune": "classify", "linear_probe": "classify",
+                 "obs": "classify", "segment": "segment", "enhance": "enhance"}
+
+
+def validate_data(config) -> None:
+  """A folder dataset's options and the layout mistakes a listing shows (a flat folder given to a
+  classification job, an empty class folder), before the workdir or the converted dataset exists."""
+  d = config.get("data")
+  if d is None or d.get("name") != "folder":
+    return
+  from mae_jax.data import dicom, folder_scan
+  try:
+    dicom.parse_frames(d.get("dicom_frames", "all"))
+  except ValueError as e:
+    raise ValueError(f"config.{e}") from None
+  if d.get("group_by", "study") not in dicom.GROUP_TAGS:
+    _fail("data.group_by", d.get("group_by"), "expected 'study' (StudyInstanceUID) or 'patient' (PatientID)")
+  if not d.get("folder"):
+    _fail("data.folder", d.get("folder"), "is empty: with data.name='folder' it must name a directory of images")
+  folder_scan.check_layout(d.folder, _FOLDER_TASKS.get(config.get("job", "pretrain"), "pretrain"))
+
+
 def validate_length(t) -> None:
   """`train.total_steps` (0: from `train.epochs`) and `train.epochs`: the error names the field
   that was given."""

@@ -155,8 +155,18 @@ def check_init_from(config, workdir: str) -> None:
                           "pretraining workdir's config.json; choose another --workdir")
 
 
+class NotADirectory(workdir_lock.RunStopped):
+  """`--workdir` names something that exists and is not a directory."""
+
+
 def check(config, workdir: str) -> None:
-  """Both checks, before the run takes the workdir."""
+  """The checks before the run takes the workdir: a directory (or nothing yet), not the job's own
+  `init_from`, and the same identity."""
+  path = os.path.abspath(os.path.expanduser(workdir))
+  while not os.path.lexists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)  # the part that exists must be a directory, to create the rest in
+  if not os.path.isdir(path):
+    raise NotADirectory(f"--workdir={workdir}: {path} is a file, not a directory; choose another --workdir")
   check_init_from(config, workdir)
   check_identity(config, workdir)
 

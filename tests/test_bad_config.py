@@ -69,3 +69,71 @@ def test_command_line_rejects_before_creating_anything(tmp_path):
   assert r.returncode == 2
   assert r.stderr.splitlines()[0].startswith("mae_jax.main: error: config.model.mask_ratio=0.0: keeps 16 of")
   assert not os.path.exists(wd)
+
+
+def _png(path, value: int = 100):
+  from PIL import Image
+  import numpy as np
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(np.full((40, 40), value, np.uint8)).save(path)
+
+
+def _cli(workdir, config: str, *overrides):
+  return subprocess.run([sys.executable, "-m", "mae_jax.main", f"--config={REPO / 'configs' / config}",
+                         f"--workdir={workdir}", *overrides], capture_output=True, text=True,
+                        env=H.env(), timeout=300)
+
+
+def _stop(r) -> list[str]:
+  """The run's output when it stopped as a rejected start must: exit 2, one or two lines."""
+  lines = (r.stdout + r.stderr).strip().splitlines()
+  assert r.returncode == 2, r.stdout + r.stderr
+  assert 1 <= len(lines) <= 2, lines
+  return lines
+
+
+def test_flat_folder_for_finetuning_stops_in_two_lines_before_the_workdir(tmp_path):
+  """A flat folder (images, no class folders) given to fine-tuning: the layout check names it
+  before anything is created (was: a workdir, a dataset conversion, then the error)."""
+  for i in range(3):
+    _png(tmp_path / "flat" / f"{i}.png", 10 * i)
+  wd = tmp_path / "ft"
+  lines = _stop(_cli(wd, "finetune.py:smoke,init_from=/nonexistent", "--config.data.name=folder",
+                     f"--config.data.folder={tmp_path / 'flat'}"))
+  assert lines[0] == (f"mae_jax.main: error: dataset folder {tmp_path / 'flat'}: its 3 image(s) are not "
+                      "inside a class folder (classification needs one sub-folder per class, e.g. "
+                      "benign/ and malignant/)"), lines
+  assert not wd.exists()
+
+
+def test_empty_class_folder_stops_in_two_lines_before_the_workdir(tmp_path):
+  _png(tmp_path / "data" / "benign" / "a.png")
+  (tmp_path / "data" / "malignant").mkdir()
+  wd = tmp_path / "ft"
+  lines = _stop(_cli(wd, "finetune.py:smoke,init_from=/nonexistent", "--config.data.name=folder",
+                     f"--config.data.folder={tmp_path / 'data'}"))
+  assert lines[0] == (f"mae_jax.main: error: dataset folder {tmp_path / 'data'}: class folder malignant/ "
+                      "holds no image file (remove it or add its images)"), lines
+  assert not wd.exists()
+
+
+def test_folder_options_name_their_field(tmp_path):
+  _png(tmp_path / "data" / "benign" / "a.png")
+  config = H.smoke_config()
+  config.data.name, config.data.folder = "folder", str(tmp_path / "data")
+  config.data.dicom_frames = "every:0"
+  with pytest.raises(ValueError, match=r"^config\.data\.dicom_frames='every:0': expected 'all', 'first' or 'every:K'"):
+    cli_main.check(config)
+  config.data.dicom_frames, config.data.group_by = "first", "series"
+  with pytest.raises(ValueError, match=r"^config\.data\.group_by='series': expected 'study'"):
+    cli_main.check(config)
+
+
+def test_workdir_that_is_a_file_stops_in_one_line(tmp_path):
+  """Issue 29.3: --workdir naming a file (or a path below one) is one line naming it, exit 2."""
+  f = tmp_path / "notes.txt"
+  f.write_text("mine\n")
+  for wd in (f, f / "run"):
+    lines = _stop(_cli(wd, "mae.py:smoke"))
+    assert lines == [f"mae_jax: --workdir={wd}: {f} is a file, not a directory; choose another --workdir"], lines
+    assert f.read_text() == "mine\n"

@@ -152,3 +152,26 @@ def test_an_unreadable_config_json_stops_with_one_line(tmp_path):
   (tmp_path / "config.json").write_text('{"recipe": "ma')  # cut short
   with pytest.raises(identity.IdentityMismatch, match=r"config.json cannot be read \(.*\): restore it, or use a new --workdir"):
     identity.check(H.smoke_config(), str(tmp_path))
+
+
+def test_a_raised_total_steps_trains_the_extra_steps_and_a_finished_rerun_is_complete(tmp_path):
+  """config.json keeps the first run's train.total_steps; a rerun with a larger one must train up
+  to it (not stop at the old total, not call itself complete), and a rerun of that longer run is
+  "already complete" at its own last step."""
+  from mae_jax.train import loop
+  H.build_smoke_dataset()
+  wd = tmp_path / "w"
+  args = (*H.FAST, "--config.train.checkpoint_every=2")
+  rc, out = H.run(H.cli(wd, *args, "--config.train.total_steps=4"), tmp_path / "run1.log")
+  assert rc == 0 and "done: pretrain finished at step 4" in out, out
+  rc, out = H.run(H.cli(wd, *args, "--config.train.total_steps=6"), tmp_path / "run2.log")
+  assert rc == 0 and "resumed from the checkpoint at step 4" in out, out
+  assert "done: pretrain finished at step 6" in out, out
+  assert [r["step"] for r in loop.read_metrics(str(wd))] == list(range(1, 7))
+  assert json.loads((wd / "config.json").read_text())["train"]["total_steps"] == 4  # the identity
+  assert json.loads((wd / "train_done.json").read_text())["step"] == 6
+  rc, out = H.run(H.cli(wd, *args, "--config.train.total_steps=6"), tmp_path / "run3.log")
+  assert rc == 0 and "already complete at step 6" in out, out
+  assert [r["step"] for r in loop.read_metrics(str(wd))] == list(range(1, 7))
+  # The first length again is another run, not "complete" at step 6 under a 4-step config.
+  assert cli_main.completed_step(H.smoke_config(total_steps=4, checkpoint_every=2), str(wd)) is None

@@ -3,9 +3,11 @@ one sentence when the disk refuses a save (`SaveFailed`), (2) sets a damaged che
 `bad-<step>` with one warning and falls back to the previous one, and (3) reads just the parameters of
 another workdir (`restore_params`).
 
-Still here (docs/reliability.md, "Library output"): the filters that drop the tracebacks orbax's
-save threads log for a write the disk refused (`_QuietWriteErrors`) and the reports of reads a failed
-restore abandoned (`_quiet_closed_loops`, which also wraps `sys.unraisablehook`).
+Nothing here patches process-wide state. A checkpoint is read once, array by array, before orbax
+restores it (`_read_every_array`): damage is found while no orbax read is in flight, so a failed
+restore never leaves reads that complete later on a closed event loop. What orbax's save threads log
+about a refused write goes through absl, which `main` keeps off the console (docs/reliability.md,
+"Library output").
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ import dataclasses
 import errno
 import logging
 import os
-import sys
-import traceback
 from typing import Any
 
 import jax
@@ -64,43 +64,6 @@ def _write_error(e: BaseException) -> str | None:
 def _write_error_text(text: str) -> str | None:
   text = text.lower()
   return next((reason for m, reason in _WRITE_MESSAGES.items() if m in text), None)
-
-
-class _QuietWriteErrors(logging.Filter):
-  """orbax's background threads and asyncio log every failed write of a refused save with its
-  traceback (hundreds of lines for one full disk) before the main thread learns of it;
-  `SaveFailed` says it in one line instead. Only records about a checkpoint write refused by the
-  disk are dropped. Still a filter on the shared `absl` logger because clu's progress lines go
-  through it too (docs/reliability.md: what is left to do)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno < logging.ERROR:
-      return True
-    try:
-      text = record.getMessage()
-    except Exception:  # noqa: BLE001 - a record that cannot format is not ours to judge
-      return True
-    exc = record.exc_info[1] if record.exc_info else None
-    refused = _write_error_text(text) or (exc is not None and _write_error(exc))
-    about_checkpoint = ("checkpoint" in text.lower() or (exc is not None and "checkpoint" in str(exc).lower())
-                        or _from_orbax(record))
-    return not (refused and about_checkpoint)
-
-
-def _from_orbax(record: logging.LogRecord) -> bool:
-  """Whether orbax logged the record or raised its exception (its save threads say 'No space left'
-  without naming the checkpoint)."""
-  if f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
-    return True
-  tb = record.exc_info[2] if record.exc_info else None
-  return tb is not None and any(f"{os.sep}orbax{os.sep}" in f.filename for f in traceback.extract_tb(tb))
-
-
-def _quiet_save_errors() -> None:
-  for name in ("absl", "asyncio"):
-    logger = logging.getLogger(name)
-    if not any(isinstance(f, _QuietWriteErrors) for f in logger.filters):
-      logger.addFilter(_QuietWriteErrors())
 
 
 class _Manager(ocp.CheckpointManager):
@@ -161,7 +124,6 @@ def checkpoint_manager(workdir: str, *, keep: int, async_save: bool = True,
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                          enable_async_checkpointing=async_save)
   path = os.path.join(os.path.abspath(workdir), subdir)
-  _quiet_save_errors()
   try:
     return _Manager(path, options=options, item_names=("state", "stats", "data"))
   except OSError as e:
@@ -185,39 +147,6 @@ class Restored:
   state: Any
   stats: Any
   data: dict
-
-
-class _QuietAbandonedReads(logging.Filter):
-  """asyncio's 'Future/Task exception was never retrieved' records for the reads of a checkpoint
-  whose restore already failed (and was reported in one line): the same error once per array.
-  Which of the two asyncio logs depends on whether a read was still a bare future or already a
-  task when the restore gave up."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not (isinstance(record.msg, str) and record.msg.startswith(
-        ("Future exception was never retrieved", "Task exception was never retrieved")))
-
-
-def _quiet_closed_loops() -> None:
-  """A failed restore leaves tensorstore reads in flight; each one that completes later calls back
-  into orbax's closed asyncio loop, and Python prints an 'Event loop is closed' traceback for
-  every such callback (hundreds, seconds after the error), and asyncio logs each read's error as a
-  future nobody retrieved. They are harmless: filter exactly those."""
-  asyncio_logger = logging.getLogger("asyncio")
-  if not any(isinstance(f, _QuietAbandonedReads) for f in asyncio_logger.filters):
-    asyncio_logger.addFilter(_QuietAbandonedReads())
-  if getattr(sys.unraisablehook, "_mae_jax", False):
-    return
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    e = unraisable.exc_value
-    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
-      return
-    previous(unraisable)
-
-  hook._mae_jax = True
-  sys.unraisablehook = hook
 
 
 def _short(e: BaseException, limit: int = 240) -> str:
@@ -244,6 +173,44 @@ def _matches_metadata(directory, abstract_state) -> bool:
   from etils import epath
   md = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / "state")
   return _names(getattr(md, "tree", md)) == _names(abstract_state)
+
+
+# Reads in flight at once while checking a checkpoint: bounds the host memory the check holds.
+_READ_WINDOW = 8
+
+
+def _read_every_array(step_dir: str) -> None:
+  """Reads and decodes every array saved under `step_dir` with tensorstore, waiting for each read,
+  and raises the first error once none is in flight. orbax's own restore stops at its first failed
+  read and abandons the rest, whose completions then land on its closed event loop (an 'Event loop
+  is closed' traceback each, printed by Python itself); after this check it reads only data that
+  decodes. A bit flip that still decodes is left to the checksums."""
+  import tensorstore as ts
+  for item in ("state", "stats"):
+    base = os.path.join(step_dir, item)
+    if not os.path.exists(os.path.join(base, "manifest.ocdbt")):
+      continue  # not saved (stats), or not an OCDBT checkpoint: orbax reports what is missing
+    kvstore = {"driver": "ocdbt", "base": f"file://{os.path.abspath(base)}/"}
+    keys = ts.KvStore.open(kvstore).result().list().result()
+    arrays = sorted((k.decode()[: -len(suffix)], driver) for k in keys
+                    for suffix, driver in (("/.zarray", "zarr"), ("/zarr.json", "zarr3"))
+                    if k.decode(errors="replace").endswith(suffix))
+    errors = []
+    for i in range(0, len(arrays), _READ_WINDOW):
+      reads = []
+      for name, driver in arrays[i: i + _READ_WINDOW]:
+        try:
+          reads.append(ts.open({"driver": driver, "kvstore": {**kvstore, "path": name}}, open=True,
+                               read=True).result().read())
+        except Exception as e:  # noqa: BLE001 - collected; raised once nothing is in flight
+          errors.append(e)
+      for r in reads:
+        try:
+          r.result()
+        except Exception as e:  # noqa: BLE001
+          errors.append(e)
+      if errors:
+        raise errors[0]
 
 
 def set_aside(directory: str, step: int) -> str:
@@ -273,13 +240,13 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, abstract_state, step: int | 
   if with_stats:
     items["stats"] = ocp.args.StandardRestore(abstract_stats)
   directory = str(mngr.directory)
-  _quiet_closed_loops()
   bad = []
   while True:
     latest = mngr.latest_step() if step is None else step
     if latest is None:
       break
     try:
+      _read_every_array(os.path.join(directory, str(latest)))
       r = mngr.restore(latest, args=ocp.args.Composite(**items))
       data, sums = checksums.split(r["data"])
       checksums.verify(sums, {"state": r["state"], **({"stats": r["stats"]} if with_stats else {})}, data)
@@ -318,11 +285,11 @@ def restore_params(workdir: str, step: int | None = None):
   if not steps:
     mngr.close()
     raise ValueError(f"no complete checkpoint in {path}")
-  _quiet_closed_loops()
   try:
     # Someone else's workdir: a damaged checkpoint is reported and skipped, never moved aside.
     for i, step in enumerate(reversed(steps)):
       try:
+        _read_every_array(os.path.join(path, str(step)))
         restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                               data=ocp.args.JsonRestore()))
         data, sums = checksums.split(restored["data"])

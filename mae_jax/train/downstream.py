@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mae_jax import validate
+from mae_jax import evaluate, validate
 from mae_jax.data import pipeline, transforms
 from mae_jax.train import checkpoint, core, loop, lr_decay, obs, sharding
 
@@ -318,3 +318,15 @@ def provenance(pre: Pretrained, plan, decay) -> dict:
 def ci_note(config) -> str:
   return (f"percentile bootstrap over test images, {int(config.eval.n_boot)} resamples, "
           f"{1 - float(config.eval.alpha):.0%}")
+
+
+def write_results(workdir: str, results: dict, metrics: list, source) -> None:
+  """`results.json` / `results.md` (`evaluate.write_results`); for a folder dataset, results.md
+  also gives the images and groups of each split and the classes a split lacks, next to the
+  metrics: a class absent from the test split has no score, and the table must say so."""
+  _, md = evaluate.write_results(workdir, "results", results, metrics=metrics)
+  if hasattr(source, "out_dir"):
+    from mae_jax.data import groups
+    lines = ["", "## Data splits", "", *groups.split_summary_lines(source.out_dir)]
+    with open(md, "a", encoding="utf-8") as f:
+      f.write("\n".join(lines) + "\n")

@@ -349,7 +349,7 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
       "ci": downstream.ci_note(config),
   }
   if is_main:
-    evaluate.write_results(workdir, "results", results, metrics=list(reported))
+    downstream.write_results(workdir, results, list(reported), full["train"])
     np.savez(os.path.join(workdir, "predictions_test.npz"), probs=p["probs"], label=p["label"],
              index=p["index"], classes=np.array(names))
   log.info("test (best epoch %d, validation %s %.4f): %s", best["epoch"], val.name, best[select],

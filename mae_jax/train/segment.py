@@ -566,7 +566,7 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
       "ci": downstream.ci_note(config),
   }
   if is_main:
-    evaluate.write_results(workdir, "results", results, metrics=list(METRICS))
+    downstream.write_results(workdir, results, list(METRICS), full["train"])
     write_per_image(os.path.join(workdir, "metrics_test.csv"), p["index"], per, sizes)
     save_predictions(os.path.join(workdir, "predictions_test.npz"), p["pred"], p["mask"], p["index"],
                      names)
