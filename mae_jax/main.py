@@ -151,7 +151,7 @@ def check(config) -> None:
   job = config.get("job", "pretrain")
   n = jax.device_count()
   if job in JOBS:
-    validate.validate_data(config)
+    validate.validate_folder(config)
   if job == "pretrain":
     validate.validate_pretrain(config, num_devices=n, process_count=jax.process_count())
     return

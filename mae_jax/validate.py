@@ -205,7 +205,7 @@ _FOLDER_TASKS = {"pretrain": "pretrain", "finetune": "classify", "linear_probe":
                  "obs": "classify", "segment": "segment", "enhance": "enhance"}
 
 
-def validate_data(config) -> None:
+def validate_folder(config) -> None:
   """A folder dataset's options and the layout mistakes a listing shows (a flat folder given to a
   classification job, an empty class folder), before the workdir or the converted dataset exists."""
   d = config.get("data")
