@@ -83,6 +83,7 @@ def main():
           f"(median of {args.repeats})")
   checksums.with_record, checksums.verify = real_with_record, real_verify
   # The restore above includes the check that reads every array before orbax does; alone:
+  shutil.rmtree(args.dir, ignore_errors=True)
   mngr = checkpoint.checkpoint_manager(args.dir, keep=1, async_save=False)
   checkpoint.save_checkpoint(mngr, 1000, state, {"next_batch": 1000}, force=True)
   mngr.close()
