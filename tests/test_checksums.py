@@ -150,3 +150,18 @@ def test_restore_params_of_a_damaged_init_from_uses_the_checkpoint_before(two_ch
   assert not (work / "checkpoints" / "bad-2").exists()
   with pytest.raises(checkpoint.NoGoodCheckpoint, match="checkpoint 2 in"):
     checkpoint.restore_params(str(work), step=2)
+
+
+def test_restore_params_skips_an_empty_numbered_checkpoint_folder(two_checkpoints, tmp_path, caplog):
+  """Issue 27 item 7: an init_from whose newest numbered checkpoint folder is empty (a save killed
+  before it wrote anything) gives the last good checkpoint with one warning, as pretraining does."""
+  root, states = two_checkpoints
+  work = tmp_path / "pre"
+  shutil.copytree(root, work)
+  (work / "checkpoints" / "7").mkdir()
+  with caplog.at_level(logging.WARNING, logger="mae_jax"):
+    step, params = checkpoint.restore_params(str(work))
+  assert step == 2
+  assert _same(params["embed"], states[2].params["embed"])
+  warnings = [r.getMessage() for r in caplog.records if r.name == "mae_jax" and r.levelno >= logging.WARNING]
+  assert len(warnings) == 1 and warnings[0].startswith(f"checkpoint 7 in {work}/checkpoints is unreadable")
