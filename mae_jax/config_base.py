@@ -91,7 +91,13 @@ def base(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.corrupt.spatial_ratio = 0.4  # USFM spatial mean masking
   c.corrupt.spatial_unit = 32
   c.corrupt.frequency = True  # USFM band-stop masking (False = USFM-woF)
-  c.corrupt.rings_dropped = 2
+  # USFM's Frequency_MASK fields (CenterProtect, BaseBW, IncreaseFactor, MaxIncrease, Ratio), in
+  # spectrum bins; the project's reading of §4.2 (mae_jax/corrupt/frequency.py, docs/methods.md#usfm).
+  c.corrupt.freq_center_protect = 5
+  c.corrupt.freq_base_bw = 8
+  c.corrupt.freq_increase_factor = 0.5
+  c.corrupt.freq_max_increase = 32
+  c.corrupt.freq_ratio = 0.3
 
   # On-device augmentation of the clean image before the corruption (USFM §3.1: rotation, scaling,
   # brightness, contrast, Gaussian blur; cropping is the host's random resized crop). Off here; on in

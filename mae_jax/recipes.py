@@ -143,7 +143,7 @@ def corrupt(config, key, x01, zoom=None):
   if recipe == "usfm":
     xc, pixel_mask = frequency.dual_mask(key, x01, spatial_ratio=ccfg.spatial_ratio,
                                          unit=ccfg.spatial_unit, use_frequency=ccfg.frequency,
-                                         num_rings_dropped=ccfg.rings_dropped)
+                                         params=frequency.params_from_config(ccfg))
     return xc, {"pixel_mask": pixel_mask}
   raise ValueError(f"recipe={recipe!r}: expected one of {RECIPES}")
 
