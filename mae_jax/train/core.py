@@ -12,7 +12,6 @@ import dataclasses
 import errno
 import json
 import logging
-import math
 import os
 import sys
 import traceback
@@ -522,7 +521,9 @@ def load_config(workdir: str):
 
 
 def steps_from_epochs(epochs: float, num_examples: int, batch_size: int) -> int:
-  return max(1, int(math.ceil(epochs * num_examples / batch_size)))
+  """An epoch is ⌊N/B⌋ steps (the official MAE's `drop_last=True` loader), for the total as for
+  the warm-up; fractional epochs round to the nearest step."""
+  return max(1, int(round(epochs * max(1, num_examples // batch_size))))
 
 
 def load_pretrained(workdir: str, step: int | None = None):
