@@ -3,8 +3,8 @@ Gaussian blur, per sample, inside the jitted step.
 
 USFM (Medical Image Analysis 2024) §3.1: "we performed image augmentation on the input data ...
 random rotation, scaling, cropping, brightness and contrast adjustment, and Gaussian blur". The
-paper gives no parameters and its pretraining code was never published (openmedlab/USFM holds the
-downstream code only), so the ranges are config fields (`config.augment`, docs/methods.md#usfm-augmentation
+paper gives no parameters, and openmedlab/USFM publishes its masking (usdsgen/data/transforms.py)
+and downstream code but no pretraining augmentation, so the ranges are config fields (`config.augment`, docs/methods.md#usfm-augmentation
 says what was chosen and why). Cropping is the host's random resized crop (`mae_jax.data.pipeline`),
 which every recipe already gets.
 
@@ -123,3 +123,34 @@ def augment(key, x01, **kw):
   """USFM's augmentation of a batch of [0, 1] images (N, H, W, C), parameters drawn per sample."""
   p = draw(key, x01.shape[0], **kw)
   return apply(x01, p, blur_kernel=blur_lib.gaussian_kernel_size(kw["blur_sigma_max"]))
+
+
+def flip_rot90(key, images, masks=None, *, vflip: bool = True, rot90: bool = True):
+  """USFM's segmentation augmentation past the resize (usdsgen/data/datasets.py: albumentations
+  RandomRotate90(p=0.5), then horizontal and vertical flips, p = 0.5 each), per sample, image and mask
+  alike; the horizontal flip is the host pipeline's (`data.hflip`). With probability 1/2 a rotation by
+  k·90°, k ~ U{0..3} (albumentations draws k in 0..3 inclusive); then a vertical flip with
+  probability 1/2. NHWC, square images. Returns (images, masks)."""
+  n, h, w = images.shape[:3]
+  if rot90 and h != w:
+    raise ValueError(f"rot90 needs square images, got {h}x{w}")
+  k_apply, k_k, k_flip = jax.random.split(key, 3)
+  k = jnp.where(jax.random.bernoulli(k_apply, 0.5, (n,)) if rot90 else jnp.zeros((n,), bool),
+                jax.random.randint(k_k, (n,), 0, 4), 0)
+  flip = jax.random.bernoulli(k_flip, 0.5, (n,)) if vflip else jnp.zeros((n,), bool)
+
+  def one(x):
+    if x is None:
+      return None
+    out = x
+    for r in (1, 2, 3):
+      out = jnp.where((k == r)[:, None, None, None], jnp.rot90(x, r, axes=(1, 2)), out)
+    return jnp.where(flip[:, None, None, None], out[:, ::-1], out)
+
+  return one(images), one(masks)
+
+
+def flip_rot90_batch(key, batch: dict, *, vflip: bool, rot90: bool) -> dict:
+  """`flip_rot90` on a segmentation batch's `image` and `mask`."""
+  image, mask = flip_rot90(key, batch["image"], batch["mask"], vflip=vflip, rot90=rot90)
+  return {**batch, "image": image, "mask": mask}

@@ -171,8 +171,40 @@ def layerwise_adamw(config, pretrain_config, schedule, params, depth: int):
   t = config.train
   decay = lr_decay.layer_decay_for(config, pretrain_config)
   tx = lr_decay.layerwise_adamw(schedule, params, depth=depth, layer_decay=decay, b1=t.b1, b2=t.b2,
-                                weight_decay=t.weight_decay, grad_clip=t.grad_clip)
+                                weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+                                no_decay=t.get("no_decay", "mae"))
   return tx, decay
+
+
+SCHEDULES = ("warmup_cosine", "timm_cosine")
+
+
+def schedule_for(train_config, peak_lr: float, steps: Steps):
+  """The lr schedule of `train.schedule`; the cosine spans `train.decay_epochs` epochs when set
+  (DeblurringMIM's 10^7, a constant lr in practice), else the run."""
+  t = train_config
+  decay_epochs = t.get("decay_epochs", 0) or 0
+  total = int(math.ceil(decay_epochs * steps.per_epoch)) if decay_epochs else steps.total
+  kind = t.get("schedule", "warmup_cosine")
+  if kind == "timm_cosine":
+    return core.timm_cosine(peak_lr, float(t.get("warmup_lr", 0.0)), steps.warmup, total, t.min_lr)
+  if kind != "warmup_cosine":
+    raise ValueError(f"config.train.schedule={kind!r}: expected one of {SCHEDULES}")
+  return core.warmup_cosine(peak_lr, steps.warmup, total, t.min_lr)
+
+
+def validates(config, epoch: int) -> bool:
+  """Whether the validation split is scored after (1-based) `epoch`: every `eval.every_epochs`
+  epochs from the first, as USFM's `epoch % val_freq == 0` on 0-based epochs."""
+  every = int(config.eval.get("every_epochs", 1) or 1)
+  return (epoch - 1) % every == 0
+
+
+def early_stop(config, epoch: int, best_epoch: int) -> bool:
+  """DeblurringMIM main_finetune.py: training ends once `train.early_stop_epochs` epochs have
+  passed since the best validation score (0: never)."""
+  patience = int(config.train.get("early_stop_epochs", 0) or 0)
+  return patience > 0 and best_epoch > 0 and epoch - best_epoch >= patience
 
 
 def replicated(mesh, tree):
@@ -332,6 +364,12 @@ def validate_common(config, num_devices: int, lr_field: str) -> None:
     fail("train.layer_decay", t.layer_decay, "must lie in (0, 1]")
   if config.data.name not in ("us_phantom", "folder"):
     fail("data.name", config.data.name, "expected 'us_phantom' or 'folder'")
+  if t.get("schedule", "warmup_cosine") not in SCHEDULES:
+    fail("train.schedule", t.schedule, f"expected one of {SCHEDULES}")
+  if t.get("no_decay", "mae") not in lr_decay.NO_DECAY_MODES:
+    fail("train.no_decay", t.no_decay, f"expected one of {lr_decay.NO_DECAY_MODES}")
+  if int(config.eval.get("every_epochs", 1) or 1) < 1:
+    fail("eval.every_epochs", config.eval.every_epochs, "must be >= 1")
 
 
 # ----------------------------------------------------------------------------------- results

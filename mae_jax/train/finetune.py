@@ -14,7 +14,8 @@
      (`lr_decay.layerwise_adamw`); or LARS (trust 0.001, momentum 0.9, no weight decay) for the
      probe. lr = base_lr · batch / 256, linear warm-up then half-cosine to `min_lr` (1e-6).
   5. Loss: cross-entropy with label smoothing 0.1 (fine-tuning), optional mixup / cutmix on device.
-  6. After every epoch: macro-F1 on the validation split; the best parameters are kept in host
+  6. After every `eval.every_epochs` epochs: `eval.select` (macro-F1, accuracy or balanced accuracy) on
+     the validation split, optional early stopping; the best parameters are kept in host
      memory and in `workdir/best/checkpoints` (`core.restore_params(workdir + '/best')` reads them).
   7. The best model is evaluated on the test split: metrics with bootstrap 95% CIs, written as
      `results.json` / `results.md` (`evaluate.write_results`) and `predictions_test.npz`.
@@ -47,10 +48,10 @@ from mae_jax.train import core, downstream, lr_decay, obs, preemption, transfer,
 log = logging.getLogger("mae_jax")
 
 JOBS = ("finetune", "linear_probe")
-METRICS = ("accuracy", "macro_f1", "auroc", "precision", "recall", "mcc")
-# What picks the best epoch (`eval.select`): D²MAE / USFM macro-F1; Deblurring MAE accuracy (its
-# official code keeps the checkpoint of the best `acc1`).
-SELECT = {"macro_f1": "macro-F1", "accuracy": "accuracy"}
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "precision", "recall", "mcc")
+# What picks the best epoch (`eval.select`): D²MAE macro-F1; Deblurring MAE accuracy (its official
+# code keeps the checkpoint of the best `acc1`); USFM balanced accuracy (usdsgen/trainer/cls_trainer.py).
+SELECT = {"macro_f1": "macro-F1", "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy"}
 F1_MODES = ("macro", "positive")
 
 
@@ -262,7 +263,7 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   steps = downstream.Steps.of(t, n_train)
   # base_lr · batch / 256 (MAE); USFM's code divides by 512 (train.lr_batch_base).
   peak_lr = t.base_lr * t.batch_size / t.get("lr_batch_base", 256)
-  schedule = core.warmup_cosine(peak_lr, steps.warmup, steps.total, t.min_lr)
+  schedule = downstream.schedule_for(t, peak_lr, steps)
   if probe:
     tx = lr_decay.lars(schedule, params, momentum=0.9, trust_coefficient=0.001, weight_decay=t.weight_decay)
     decay = None
@@ -313,13 +314,19 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
       steplog.after(step, metrics)
       if steps.epoch_ends(step):
         epoch = steps.epoch(step)
-        p = pred((state.params, stats, frozen), val_src, "validation")
-        vm = metric_fn(p["label"], p["probs"])
-        writer.write_scalars(step, {f"val_{k}": v for k, v in vm.items()})
-        improved = val.record(epoch, step, vm, state.params, stats)
-        log.info("epoch %d (step %d): validation macro-F1 %.4f acc %.4f AUROC %.4f%s", epoch, step,
-                 vm["macro_f1"], vm["accuracy"], vm["auroc"], " (best)" if improved else "")
+        if downstream.validates(config, epoch):
+          p = pred((state.params, stats, frozen), val_src, "validation")
+          vm = metric_fn(p["label"], p["probs"])
+          writer.write_scalars(step, {f"val_{k}": v for k, v in vm.items()})
+          improved = val.record(epoch, step, vm, state.params, stats)
+          log.info("epoch %d (step %d): validation %s %.4f, macro-F1 %.4f acc %.4f AUROC %.4f%s", epoch,
+                   step, val.name, vm[select], vm["macro_f1"], vm["accuracy"], vm["auroc"],
+                   " (best)" if improved else "")
         ckpts.save(step, state, stats, val)
+        if downstream.early_stop(config, epoch, val.best["epoch"]):
+          log.info("early stop after epoch %d: no better validation %s since epoch %d", epoch, val.name,
+                   val.best["epoch"])
+          break
       # At SIGTERM: nothing more to save when this step's epoch checkpoint was just written.
       if preempt.stop_after(step, functools.partial(ckpts.save, step, state, stats, val)):
         break

@@ -59,6 +59,7 @@ import numpy as np
 from flax import nnx
 
 from mae_jax import evaluate
+from mae_jax.corrupt import augment
 from mae_jax.data import sources
 from mae_jax.models import upernet
 from mae_jax.train import core, downstream, obs, preemption, transfer, writers
@@ -165,7 +166,11 @@ def make_steps(config, graphdef, tx, schedule, plan, num_classes: int, mean, std
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+  vflip, rot90 = bool(config.data.get("vflip", False)), bool(config.data.get("rot90", False))
+
   def train_step(state: core.TrainState, rest, batch):
+    if vflip or rot90:  # USFM's RandomRotate90 + VerticalFlip, on device
+      batch = augment.flip_rot90_batch(core.step_key(state, salt=11), batch, vflip=vflip, rot90=rot90)
     (loss, aux), grads = grad_fn(state.params, rest, batch, core.step_key(state))
     new_state, grad_norm, ok = core.apply_if_finite(state, grads, loss, tx)
     metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": schedule(state.step),
@@ -473,7 +478,7 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
 
   t = config.train
   steps = downstream.Steps.of(t, n_train)
-  schedule = core.warmup_cosine(float(t.lr), steps.warmup, steps.total, t.min_lr)
+  schedule = downstream.schedule_for(t, float(t.lr), steps)
   # The pretrained depth, not the truncated one: block i keeps MAE's / mmseg's multiplier.
   tx, decay = downstream.layerwise_adamw(config, pcfg, schedule, params, model.full_depth)
 
@@ -523,12 +528,13 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
       steplog.after(step, metrics)
       if steps.epoch_ends(step):
         epoch = steps.epoch(step)
-        p = pred((state.params, rest), val_src, "validation")
-        vd = float(np.mean(per_image_dice(p["pred"], p["mask"], num_classes)))
-        writer.write_scalars(step, {"val_dice": vd})
-        improved = val.record(epoch, step, {"dice": vd}, state.params, {})
-        log.info("epoch %d (step %d): validation Dice %.4f%s", epoch, step, vd,
-                 " (best)" if improved else "")
+        if downstream.validates(config, epoch):
+          p = pred((state.params, rest), val_src, "validation")
+          vd = float(np.mean(per_image_dice(p["pred"], p["mask"], num_classes)))
+          writer.write_scalars(step, {"val_dice": vd})
+          improved = val.record(epoch, step, {"dice": vd}, state.params, {})
+          log.info("epoch %d (step %d): validation Dice %.4f%s", epoch, step, vd,
+                   " (best)" if improved else "")
         if epoch % max(1, int(t.checkpoint_every)) == 0 or step == steps.total:
           ckpts.save(step, state, {}, val)
       # At SIGTERM: nothing more to save when this step's epoch checkpoint was just written.
