@@ -82,6 +82,9 @@ def base(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # native: σ (and D²MAE's σ_t, OBS's σ*) in the stored image's pixels, as DeblurringMIM blurs before
   # the random resized crop; the device blurs with σ·zoom per axis. model: σ in model pixels.
   c.corrupt.sigma_units = "native"
+  # Mean / median / motion / defocus sizes: 'native' = stored pixels (as the Gaussian's σ; the paper
+  # blurs the stored images), 'model' = model pixels after crop and resize (before issue 26).
+  c.corrupt.kernel_units = "native"
   c.corrupt.sigma_levels = ""  # D²MAE "start:stop:step", e.g. "0.1:1.1:0.1"; empty = fixed σ
   c.corrupt.kernel = 5  # mean/median/motion length
   c.corrupt.defocus_radius = 5

@@ -79,6 +79,9 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
   if c.get("sigma_units", "native") not in recipes.SIGMA_UNITS:
     _fail("corrupt.sigma_units", c.sigma_units,
           f"expected one of {recipes.SIGMA_UNITS} (native: σ in the stored image's pixels)")
+  if c.get("kernel_units", "native") not in recipes.SIGMA_UNITS:
+    _fail("corrupt.kernel_units", c.kernel_units,
+          f"expected one of {recipes.SIGMA_UNITS} (native: kernel sizes in the stored image's pixels)")
   gaussian = config.recipe == "d2mae" or (config.recipe == "deblur" and c.blur == "gaussian")
   if gaussian and recipes.native_units(c) and config.data.native_size < 8:
     _fail("data.native_size", config.data.native_size,
