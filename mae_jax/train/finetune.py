@@ -233,6 +233,10 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   validate_config(config, jax.device_count())
   workdir, is_main, mesh, pre = downstream.set_up(config, workdir)
   probe = config.job == "linear_probe"
+  if config.train.get("randaugment") or config.train.get("random_erasing"):
+    log.warning("train.randaugment=%r / train.random_erasing=%r (DeblurringMIM's transform) are not "
+                "implemented yet: training without them", config.train.get("randaugment"),
+                config.train.get("random_erasing"))
   pcfg = pre.config
   image_size, in_chans = pcfg.model.image_size, pcfg.model.in_chans
 
