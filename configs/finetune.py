@@ -18,7 +18,8 @@ Per-paper presets (`paper=`, docs/methods.md#presets; the values land in config.
     on binary tasks (`f1_positive`); fine-tuning as openmedlab/DeblurringMIM main_finetune.py runs:
     base lr 1e-3, plain AdamW (weight decay 0.01 on every parameter, no layer decay), 5 warm-up
     epochs then a cosine over 10^7 epochs (constant), early stopping 200 epochs after the best,
-    RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, label smoothing 0.1.
+    random erasing 0.25 (on device), label smoothing 0.1; RandAugment rand-m9-mstd0.5-inc1 is recorded
+    but not implemented yet (a warning says so).
   usfm: openmedlab/USFM configs/experiment/task/Cls.yaml + baseconfig.yaml + configs/model/Cls/vit.yaml
     as usdsgen/ runs them: 200 epochs, batch 64, 20 warm-up epochs, base lr 1.25e-3 · B/512
     (usdsgen/trainer/basetrainer.py scales by 512), timm CosineLRScheduler over all steps with

@@ -149,3 +149,31 @@ def test_schedule_for_spans_decay_epochs():
   # the cosine over 10^7 epochs has barely moved after 1,000 epochs: a constant lr in practice
   assert float(sched(10_000)) == pytest.approx(1e-3, rel=1e-4)
   assert float(sched(25)) == pytest.approx(0.5e-3)
+
+
+def test_random_erasing_boxes_match_timms_distribution():
+  """One box per erased sample, filled with N(0, 1), the rest untouched; the box sizes follow timm's
+  RandomErasing(mode='pixel') (compared by the mean and quartiles of the erased fraction)."""
+  from timm.data.random_erasing import RandomErasing
+  n, s = 2000, 32
+  x = jnp.full((n, s, s, 1), 7.0)
+  y = np.asarray(augment.random_erasing(jax.random.key(0), x, 1.0))
+  changed = y != 7.0
+  fracs = changed.reshape(n, -1).mean(1)
+  for i in range(0, n, 97):
+    rows, cols = np.nonzero(changed[i, ..., 0])
+    assert changed[i, rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # one rectangle
+  assert abs(y[changed].mean()) < 0.02 and abs(y[changed].std() - 1) < 0.02
+  torch.manual_seed(0)
+  import random
+  random.seed(0)
+  eraser = RandomErasing(probability=1.0, mode="pixel", device="cpu")
+  ref = np.array([float((eraser(torch.full((1, s, s), 7.0)) != 7.0).float().mean()) for _ in range(n)])
+  assert abs(fracs.mean() - ref.mean()) < 0.01
+  np.testing.assert_allclose(np.quantile(fracs, [0.25, 0.5, 0.75]), np.quantile(ref, [0.25, 0.5, 0.75]),
+                             atol=0.02)
+  none = np.asarray(augment.random_erasing(jax.random.key(1), x, 0.0))
+  assert (none == 7.0).all()
+  some = np.asarray(augment.random_erasing(jax.random.key(2), x, 0.25))
+  rate = (some != 7.0).reshape(n, -1).any(1).mean()
+  assert abs(rate - 0.25) < 5 * np.sqrt(0.25 * 0.75 / n)

@@ -154,3 +154,31 @@ def flip_rot90_batch(key, batch: dict, *, vflip: bool, rot90: bool) -> dict:
   """`flip_rot90` on a segmentation batch's `image` and `mask`."""
   image, mask = flip_rot90(key, batch["image"], batch["mask"], vflip=vflip, rot90=rot90)
   return {**batch, "image": image, "mask": mask}
+
+
+def random_erasing(key, x, prob: float, *, min_area: float = 0.02, max_area: float = 1 / 3,
+                   min_aspect: float = 0.3, attempts: int = 10):
+  """timm's RandomErasing(probability=prob, mode='pixel', max_count=1) on a batch of normalised NHWC
+  images, per sample, on device: with probability `prob`, up to `attempts` draws of an area fraction
+  ~ U(min_area, max_area) and a log aspect ratio ~ U(log min_aspect, −log min_aspect); the first whose
+  box h = round(√(area·aspect)), w = round(√(area/aspect)) fits strictly inside (h < H, w < W) is
+  placed at top ~ U{0..H−h}, left ~ U{0..W−w} and filled with N(0, 1) noise per pixel and channel."""
+  n, h, w, _ = x.shape
+  k_p, k_a, k_r, k_t, k_l, k_n = jax.random.split(key, 6)
+  area = jax.random.uniform(k_a, (n, attempts), minval=min_area, maxval=max_area) * h * w
+  log_r = jax.random.uniform(k_r, (n, attempts), minval=math.log(min_aspect),
+                             maxval=-math.log(min_aspect))
+  bh = jnp.round(jnp.sqrt(area * jnp.exp(log_r))).astype(jnp.int32)
+  bw = jnp.round(jnp.sqrt(area / jnp.exp(log_r))).astype(jnp.int32)
+  fits = (bh < h) & (bw < w)
+  first = jnp.argmax(fits, axis=1)
+  bh = jnp.take_along_axis(bh, first[:, None], 1)[:, 0]
+  bw = jnp.take_along_axis(bw, first[:, None], 1)[:, 0]
+  erase = (jax.random.uniform(k_p, (n,)) < prob) & jnp.any(fits, axis=1)
+  top = jnp.floor(jax.random.uniform(k_t, (n,)) * (h - bh + 1)).astype(jnp.int32)
+  left = jnp.floor(jax.random.uniform(k_l, (n,)) * (w - bw + 1)).astype(jnp.int32)
+  rows, cols = jnp.arange(h)[None, :, None], jnp.arange(w)[None, None, :]
+  box = ((rows >= top[:, None, None]) & (rows < (top + bh)[:, None, None])
+         & (cols >= left[:, None, None]) & (cols < (left + bw)[:, None, None]) & erase[:, None, None])
+  noise = jax.random.normal(k_n, x.shape, x.dtype)
+  return jnp.where(box[..., None], noise, x)

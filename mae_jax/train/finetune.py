@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from mae_jax import evaluate
+from mae_jax.corrupt import augment
 from mae_jax.data import sources
 from mae_jax.models import heads
 from mae_jax.train import core, downstream, lr_decay, obs, preemption, transfer, writers
@@ -153,6 +154,7 @@ def make_steps(config, graphdef, tx, schedule, plan: transfer.TransferPlan, num_
                probe):
   t = config.train
   smoothing = float(t.label_smoothing)
+  erasing = 0.0 if probe else float(t.get("random_erasing", 0.0) or 0.0)
 
   def forward(params, stats, frozen, batch):
     model = nnx.merge(graphdef, params, stats, frozen)
@@ -167,6 +169,8 @@ def make_steps(config, graphdef, tx, schedule, plan: transfer.TransferPlan, num_
                           prob=float(t.mixup_prob), switch_prob=float(t.mixup_switch_prob))
     blur_t = batch["blur_t"] if plan.use_t else None
     x = _normalize(x01, mean, std)
+    if erasing > 0:  # timm RandomErasing after Normalize, as DeblurringMIM's transform
+      x = augment.random_erasing(jax.random.fold_in(key, 3), x, erasing)
     if probe:
       logits = model(x, blur_t=blur_t, train=True)
     else:
@@ -233,10 +237,9 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   validate_config(config, jax.device_count())
   workdir, is_main, mesh, pre = downstream.set_up(config, workdir)
   probe = config.job == "linear_probe"
-  if config.train.get("randaugment") or config.train.get("random_erasing"):
-    log.warning("train.randaugment=%r / train.random_erasing=%r (DeblurringMIM's transform) are not "
-                "implemented yet: training without them", config.train.get("randaugment"),
-                config.train.get("random_erasing"))
+  if config.train.get("randaugment"):
+    log.warning("train.randaugment=%r (DeblurringMIM's transform) is not implemented yet: training "
+                "without it", config.train.randaugment)
   pcfg = pre.config
   image_size, in_chans = pcfg.model.image_size, pcfg.model.in_chans
 
