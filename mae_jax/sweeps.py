@@ -159,6 +159,34 @@ def plan(exp: dict, root: str, *, seeds, scale: str) -> list[dict]:
   return out
 
 
+def selection_metric(config) -> str:
+  """The validation metric that picks a transfer job's kept epoch, and how often it is evaluated."""
+  every = int(config.get("eval", {}).get("every_epochs", 1) or 1)
+  if config.job == "segment":
+    metric = "dice"
+  elif config.job == "enhance":
+    metric = "ssim"
+  else:
+    metric = config.eval.get("select", "macro_f1")
+  return metric + (f" every {every} epochs" if every > 1 else "")
+
+
+def protocol(job: dict, pretrain_overrides=None, transfer_overrides=None) -> str:
+  """One line for a planned run: the pretraining batch and length, the transfer's selection metric,
+  so a reader can check a table's protocol without opening configs."""
+  p_name, p_args, _ = job["pretrain"]
+  parts = []
+  if p_name:
+    pc = load_config(p_name, p_args, dict(pretrain_overrides or {}))
+    t = pc.train
+    length = f"{int(t.total_steps)} steps" if t.total_steps else f"{t.epochs:g} epochs"
+    parts.append(f"pretrain batch {int(t.batch_size)}, {length}")
+  t_name, t_args, _ = job["transfer"]
+  tc = load_config(t_name, t_args, dict(transfer_overrides or {}))
+  parts.append(f"{tc.job} selects on validation {selection_metric(tc)}")
+  return "; ".join(parts)
+
+
 # -------------------------------------------------------------------------------------- run
 
 
@@ -309,7 +337,9 @@ def main(argv=None) -> int:
     for job in plan(exp, args.root, seeds=seeds, scale=args.scale):
       pre = "configs/%s.py:%s" % job["pretrain"][:2] if job["pretrain"][0] else "no pretraining"
       print(_label_text(job["label"]), "seed", job["seed"], "|", pre, "->",
-            "configs/%s.py:%s" % job["transfer"][:2])
+            "configs/%s.py:%s" % job["transfer"][:2], "|",
+            protocol(job, parse_overrides(args.pretrain_override),
+                     parse_overrides(args.transfer_override)))
     return 0
   try:
     run_sweep(exp, args.root, seeds=seeds, scale=args.scale,

@@ -157,3 +157,25 @@ def test_deblur_tables_use_its_protocol_and_show_the_positive_f1(tmp_path):
                          pretrain_fn=lambda *a: None, transfer_fn=fake_transfer)
   assert all(r["f1_positive"] == [0.5, 0.6] for r in res["rows"])
   assert "f1_positive" in (tmp_path / "d1.md").read_text().split("\n")[2]
+
+
+def test_dry_run_prints_each_rows_protocol(tmp_path, capsys):
+  """At --scale=paper the MAE (US) baseline trains with the deblurring rows' batch and epochs
+  (DeblurringMIM scripts/pretrain/mae.sh runs the same main_pretrain.py as de_mae.sh), and the dry
+  run shows each row's pretraining batch / length and the transfer's selection metric."""
+  assert sweeps.main(["--experiment=deblur_table1", f"--root={tmp_path}", "--scale=paper", "--seeds=1",
+                      "--dry_run"]) == 0
+  lines = {l.split(" seed ")[0]: l for l in capsys.readouterr().out.splitlines() if " seed " in l}
+  deblur = sweeps.load_config("deblur_mae", "blur=gaussian")
+  want = f"pretrain batch {deblur.train.batch_size}, {deblur.train.epochs:g} epochs"
+  assert want == "pretrain batch 256, 12000 epochs"
+  for label in ("MAE (US)", "Deblurring MAE (Gaussian)", "Deblurring MAE (SRAD)"):
+    assert want in lines[label], lines[label]
+    assert "selects on validation accuracy" in lines[label]
+  assert sweeps.main(["--experiment=usfm_ablation", f"--root={tmp_path}", "--scale=paper", "--seeds=1",
+                      "--dry_run"]) == 0
+  out = capsys.readouterr().out.splitlines()
+  cls = [l for l in out if l.startswith("classification")]
+  seg = [l for l in out if l.startswith("segmentation")]
+  assert cls and all("selects on validation balanced_accuracy every 5 epochs" in l for l in cls)
+  assert seg and all("selects on validation dice every 5 epochs" in l for l in seg)
