@@ -42,6 +42,7 @@ import sys
 import time
 
 import numpy as np
+from absl import flags
 
 from mae_jax import config_files, evaluate
 from mae_jax.train import workdir_lock
@@ -309,24 +310,47 @@ def _run_sweep(exp, root, *, seeds, scale, pretrain_overrides, transfer_override
 # -------------------------------------------------------------------------------------- CLI
 
 
+# The sweep's own flag set: importing this module beside another absl tool (tests do) defines no flag
+# in absl's global FLAGS that could clash with theirs.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("experiment", None, "a file of configs/experiments/ (without .py)", flag_values=FLAGS)
+flags.DEFINE_string("root", None, "where the runs and the table go", flag_values=FLAGS)
+flags.DEFINE_enum("scale", "tiny", SCALES, "tiny: smoke configs; paper: as published", flag_values=FLAGS)
+flags.DEFINE_integer("seeds", 3, "seeds 0..N-1", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_multi_string("pretrain_override", [], "KEY=VALUE on every pretraining config (repeatable)",
+                          flag_values=FLAGS)
+flags.DEFINE_multi_string("transfer_override", [], "KEY=VALUE on every transfer config (repeatable)",
+                          flag_values=FLAGS)
+flags.DEFINE_bool("list", False, "list the experiments and exit", flag_values=FLAGS)
+flags.DEFINE_bool("dry_run", False, "print the runs and each row's protocol, and exit", flag_values=FLAGS)
+
+
+def _usage_error(message: str) -> int:
+  print(f"python -m mae_jax.sweeps: {message} (--help lists the flags)", file=sys.stderr, flush=True)
+  return 2
+
+
 def main(argv=None) -> int:
-  import argparse
-  parser = argparse.ArgumentParser(prog="python -m mae_jax.sweeps", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--experiment", help="a file of configs/experiments/ (without .py)")
-  parser.add_argument("--root", help="where the runs and the table go")
-  parser.add_argument("--scale", default="tiny", choices=SCALES)
-  parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
-  parser.add_argument("--pretrain_override", action="append", default=[], metavar="KEY=VALUE")
-  parser.add_argument("--transfer_override", action="append", default=[], metavar="KEY=VALUE")
-  parser.add_argument("--list", action="store_true", help="list the experiments and exit")
-  parser.add_argument("--dry_run", action="store_true", help="print the runs and exit")
-  args = parser.parse_args(argv)
+  """The command line (`argv` without the program name; default `sys.argv[1:]`): 0 done, 2 a
+  rejected command line."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv):
+    print(__doc__.split("\n\n")[0] + "\n\nflags:\n" + FLAGS.get_help(include_special_flags=False))
+    return 0
+  FLAGS.unparse_flags()  # every call parses from the defaults
+  try:
+    rest = FLAGS(["mae_jax.sweeps", *argv])
+  except flags.Error as e:  # an unknown flag, a value of the wrong type or out of range
+    return _usage_error(str(e))
+  if len(rest) > 1:
+    return _usage_error(f"unexpected argument(s) {rest[1:]}")
+  args = FLAGS
   if args.list:
     for name in list_experiments():
       print(f"{name}: {get_experiment(name).get('title', '')}")
     return 0
   if not args.experiment or not args.root:
-    parser.error("--experiment and --root are required")
+    return _usage_error("--experiment and --root are required")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s",
                       datefmt="%H:%M:%S", stream=sys.stdout, force=True)
   for noisy in ("absl", "orbax", "jax._src", "grain"):

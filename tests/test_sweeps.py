@@ -179,3 +179,21 @@ def test_dry_run_prints_each_rows_protocol(tmp_path, capsys):
   seg = [l for l in out if l.startswith("segmentation")]
   assert cls and all("selects on validation balanced_accuracy every 5 epochs" in l for l in cls)
   assert seg and all("selects on validation dice every 5 epochs" in l for l in seg)
+
+
+def test_cli_flags(tmp_path, capsys, monkeypatch):
+  """absl flags as mae_jax.main: a rejected command line exits 2 with one line naming the flag, and
+  each call parses from the defaults (a flag of one call does not carry into the next)."""
+  assert sweeps.main(["--experiment=d2mae_table3", "--scale=huge", f"--root={tmp_path}"]) == 2
+  assert "--scale=huge" in capsys.readouterr().err
+  assert sweeps.main(["--experiment=d2mae_table3", "--no_such_flag=1"]) == 2
+  assert sweeps.main(["--experiment=d2mae_table3"]) == 2
+  assert "--experiment and --root are required" in capsys.readouterr().err
+  assert sweeps.main(["--help"]) == 0 and "--transfer_override" in capsys.readouterr().out
+  assert sweeps.main(["--experiment=d2mae_table3", f"--root={tmp_path}", "--seeds=1", "--dry_run",
+                      "--transfer_override=train.epochs=2"]) == 0
+  assert capsys.readouterr().out.count(" seed 0 ") == 12
+  calls = []
+  monkeypatch.setattr(sweeps, "run_sweep", lambda *a, **k: calls.append(k))
+  assert sweeps.main(["--experiment=d2mae_table3", f"--root={tmp_path}"]) == 0
+  assert calls[0]["seeds"] == [0, 1, 2] and calls[0]["transfer_overrides"] == {}
