@@ -216,3 +216,34 @@ def test_linear_probe_smoke_learns_more_than_the_majority_class(mae_pretrain, tm
   majority_macro_f1 = 2 * p / (1 + p) / 3
   assert len(np.unique(guess)) > 1, np.bincount(guess)
   assert res["test"]["macro_f1"] > majority_macro_f1 + 0.05, (res["test"]["macro_f1"], majority_macro_f1)
+
+
+def test_scanned_finetune_gives_the_plain_loss(mae_pretrain, tmp_path, monkeypatch):
+  """A downstream config's model.scan_layers / remat reach the classifier (`run=` of
+  heads.from_pretrained): its blocks are stacked, and the first steps' losses are the plain run's."""
+  from mae_jax.models import vit
+  from mae_jax.train import loop
+  built = []
+  original = heads.from_pretrained
+
+  def spy(*a, **k):
+    model = original(*a, **k)
+    built.append(vit.is_scanned(model.encoder.blocks))
+    return model
+
+  monkeypatch.setattr(heads, "from_pretrained", spy)
+  losses = {}
+  for name, run in (("plain", {}), ("scan", {"scan_layers": True, "remat": "full"})):
+    c = load_config("finetune", f"smoke,init_from={mae_pretrain}")
+    c.train.total_steps, c.train.log_every, c.eval.n_boot = 4, 1, 10
+    c.model.drop_path = 0.0  # the per-block drop-path draws are not the scan's
+    c.model.update(run)
+    finetune.run(c, str(tmp_path / name))
+    losses[name] = [r["loss"] for r in loop.read_metrics(str(tmp_path / name))]
+  assert built == [False, True]
+  assert len(losses["plain"]) == 4
+  np.testing.assert_allclose(losses["scan"], losses["plain"], rtol=1e-5)
+  with pytest.raises(ValueError, match="model.remat"):
+    c = load_config("finetune", f"smoke,init_from={mae_pretrain}")
+    c.model.remat = "sometimes"
+    finetune.validate_config(c, 1)
