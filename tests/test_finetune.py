@@ -247,3 +247,25 @@ def test_scanned_finetune_gives_the_plain_loss(mae_pretrain, tmp_path, monkeypat
     c = load_config("finetune", f"smoke,init_from={mae_pretrain}")
     c.model.remat = "sometimes"
     finetune.validate_config(c, 1)
+
+
+def test_early_stop_ends_the_run_and_a_rerun_trains_no_further(mae_pretrain, tmp_path, caplog):
+  """`train.early_stop_epochs`: once that many epochs passed without a better validation score the
+  loop ends at that epoch's last step (checkpointed), the test split is scored with the best epoch,
+  and a rerun in the same workdir resumes into a run that is already over."""
+  from mae_jax.train import optim
+  c = load_config("finetune", f"smoke,init_from={mae_pretrain}")
+  c.train.epochs, c.train.early_stop_epochs, c.eval.n_boot = 6, 1, 10
+  c.train.base_lr, c.train.min_lr = 1e-9, 0.0  # next to nothing learns: the best epoch comes early
+  wd = str(tmp_path / "es")
+  res = finetune.run(c, wd)
+  from mae_jax.data import sources
+  per_epoch = optim.Steps.of(c.train, len(sources.open_source(c.data, "train", task="classify"))).per_epoch
+  best = res["best"]["epoch"]
+  # stopped after the first epoch that is `early_stop_epochs` past the best, not at epoch 6
+  assert res["step"] == (best + 1) * per_epoch < 6 * per_epoch, (res["step"], best)
+  assert [h["epoch"] for h in res["history"]] == list(range(1, best + 2))
+  assert os.path.exists(os.path.join(wd, "results.json"))
+  os.remove(os.path.join(wd, "results.md"))  # as if killed before its results: a rerun resumes
+  again = finetune.run(c, wd)
+  assert again["step"] == res["step"] and again["best"]["epoch"] == best
