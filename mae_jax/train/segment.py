@@ -520,13 +520,14 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
       return
     epoch = steps.epoch(step)
     if not downstream.validates(config, epoch):
-      return
+      return downstream.stops_early(config, val, epoch)
     with writer.timed("validation"):
       p = pred((state.params, rest), val_src, "validation")
     vd = float(np.mean(per_image_dice(p["pred"], p["mask"], num_classes)))
     writer.write_scalars(step, {"val_dice": vd})
     improved = val.record(epoch, step, {"dice": vd}, state.params, {})
     log.info("epoch %d (step %d): validation Dice %.4f%s", epoch, step, vd, " (best)" if improved else "")
+    return downstream.stops_early(config, val, epoch)  # train.early_stop_epochs
 
   every = max(1, int(t.checkpoint_every))
   out = downstream.run_loop(
