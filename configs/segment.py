@@ -15,10 +15,13 @@ Loss: cross-entropy + soft Dice (batch Dice, see `train.dice_batch`), weights 1 
 the pretraining size (`model.image_size` segments at another size, resizing the position table).
 
 Per-paper presets (`paper=`): d2mae / deblur (default): the setting above. usfm: openmedlab/USFM
-configs/experiment/task/Seg.yaml + baseconfig.yaml + configs/model/Seg/Upernet.yaml: batch 64, 400
-epochs, 20 warm-up, lr 3e-4 · 64/512 (basetrainer.py scales by 512) to 0, weight decay 0.05, layer decay
-0.65, grad clip 5, drop path 0.1, UperNet channels 768, cross-entropy only with the auxiliary FCN head
-(weight 0.4), features after 0-based blocks 3, 5, 7, 11.
+configs/experiment/task/Seg.yaml + baseconfig.yaml + configs/model/Seg/Upernet.yaml as usdsgen/ runs them:
+batch 64, 400 epochs, 20 warm-up, lr 3e-4 · 64/512 (basetrainer.py scales by 512) to 0 with timm's
+CosineLRScheduler (warm-up from 5e-5 · 64/512), plain AdamW with weight decay 0.05 on every parameter
+and no layer decay (usdsgen/utils/optimizer.py groups only swin / vit models), grad clip 5, drop path
+0.1, UperNet channels 768, cross-entropy only with the auxiliary FCN head (weight 0.4), features
+after 0-based blocks 3, 5, 7, 11; training images resized, RandomRotate90 and horizontal and vertical
+flips (p = 0.5 each); validated every 5 epochs, the best validation Dice kept.
 
 ARGS: init_from=DIR, fraction=0.2 (label efficiency), seed=N, obs=none|fixed|search, step=S, paper=d2mae|deblur|usfm,
 fixed_sigma=σ (D²MAE; default: the pretraining config's `obs`), epochs=N, smoke.
@@ -31,7 +34,12 @@ fixed_sigma=σ (D²MAE; default: the pretraining config's `obs`), epochs=N, smok
       --config.data.name=folder --config.data.folder=/data/BUSI
 """
 
-from mae_jax import config_base
+import os
+
+from mae_jax import config_base, config_files
+
+# The protocol fields fine-tuning and segmentation share are set in configs/finetune.py.
+finetune_config = config_files.load_module(os.path.join(os.path.dirname(__file__), "finetune.py"))
 
 
 def get_config(arg=None):
@@ -65,6 +73,9 @@ def get_config(arg=None):
   c.train.checkpoint_every = 1  # epochs between checkpoints of the latest and the best state
 
   c.eval.overlay_images = 8  # test images in overlays_test.png (0 = no figure)
+  finetune_config.common_fields(c)
+  c.data.vflip = False  # random vertical flip, p = 0.5 (on device, image and mask alike)
+  c.data.rot90 = False  # RandomRotate90 with p = 0.5: k·90°, k ~ U{0..3} (on device, square images)
 
   if c.paper == "usfm":
     c.train.batch_size = 64
@@ -72,9 +83,21 @@ def get_config(arg=None):
     c.train.warmup_epochs = 20
     c.train.lr = 3e-4 * 64 / 512
     c.train.min_lr = 0.0
+    c.train.schedule = "timm_cosine"
+    c.train.warmup_lr = 5e-5 * 64 / 512  # Seg.yaml warmup_lr, scaled by B/512
+    # usdsgen/utils/optimizer.py builds layer groups only for model types swin / vit: the
+    # EncoderDecoder runs `model.parameters()`, plain AdamW with weight decay 0.05 on every
+    # parameter; Seg.yaml's layer_decay 0.65 is never read.
     c.train.weight_decay = 0.05
-    c.train.layer_decay = 0.65
+    c.train.layer_decay = 1.0
+    c.train.no_decay = "none"
     c.train.grad_clip = 5.0
+    c.eval.every_epochs = 5  # Seg.yaml val_freq; the kept epoch is the best validation Dice
+    # usdsgen/data/datasets.py: A.Resize + RandomRotate90 + HorizontalFlip + VerticalFlip, p = 0.5 each
+    c.data.crop_scale_min = 1.0
+    c.data.hflip = True
+    c.data.vflip = True
+    c.data.rot90 = True
     c.model.drop_path = 0.1
     c.model.channels = 768
     c.model.blocks = "4,6,8,12"  # 1-based = USFM's 0-based out_indices [3, 5, 7, 11]

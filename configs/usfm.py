@@ -1,8 +1,10 @@
 """USFM (Medical Image Analysis 2024) spatial-frequency dual masked image modelling.
 
 Published setting (§3.2, §4.2): ViT-B/16 encoder, SimMIM-style linear decoder, 224 px; spatial mean
-masking ratio 0.4 (masked units 32×32 px filled with the image mean); frequency band-stop masking
-(protected centre, 7 rings, 2 dropped per image); loss L1 + λ·FFL with λ = 0.4 and α = 1;
+masking ratio 0.4 (masked units 32×32 px filled with the image mean); frequency band-stop masking as
+the authors' `Frequency_MASK` (openmedlab/USFM usdsgen/data/transforms.py: a protected disk of radius
+5, 7 rings, 2 dropped per image, abs of the inverse FFT; the five values are the project's reading,
+docs/methods.md#usfm); loss L1 + λ·FFL with λ = 0.4 and α = 1;
 organ-balanced sampling (Eq. 1: every image drawn with weight 1/√N_organ, so an organ's share is
 ∝ √N_organ; docs/methods.md#organ-balanced-sampling). The pretraining optimizer is not published: we
 keep MAE's.
@@ -37,6 +39,11 @@ def get_config(arg=None):
   c.corrupt.frequency = not args.nofreq
   c.data.sampler = "shuffle" if args.nobalance else "balanced"
   c.augment.enabled = not (args.noaug or args.simmim)
+  if args.smoke:
+    # The radii are in bins (as USFM's Frequency_MASK): at 32 px the 224-px values leave 2 rings and
+    # drop none. These give 7 rings, radii 1 | 2 | 3 | 4 | 6 | 9 | 12 | 15, and drop 2, as at 224.
+    c.corrupt.freq_center_protect, c.corrupt.freq_base_bw = 1, 2
+    c.corrupt.freq_increase_factor, c.corrupt.freq_max_increase = 0.5, 3
   if args.simmim:
     c.corrupt.spatial_ratio = 0.6  # SimMIM's mask ratio, 32-px mask units (spatial_unit)
     c.corrupt.frequency = False

@@ -85,6 +85,9 @@ def base(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # native: σ (and D²MAE's σ_t, OBS's σ*) in the stored image's pixels, as DeblurringMIM blurs before
   # the random resized crop; the device blurs with σ·zoom per axis. model: σ in model pixels.
   c.corrupt.sigma_units = "native"
+  # Mean / median / motion / defocus sizes: 'native' = stored pixels (as the Gaussian's σ; the paper
+  # blurs the stored images), 'model' = model pixels after crop and resize (before issue 26).
+  c.corrupt.kernel_units = "native"
   c.corrupt.sigma_levels = ""  # D²MAE "start:stop:step", e.g. "0.1:1.1:0.1"; empty = fixed σ
   c.corrupt.kernel = 5  # mean/median/motion length
   c.corrupt.defocus_radius = 5
@@ -94,7 +97,13 @@ def base(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.corrupt.spatial_ratio = 0.4  # USFM spatial mean masking
   c.corrupt.spatial_unit = 32
   c.corrupt.frequency = True  # USFM band-stop masking (False = USFM-woF)
-  c.corrupt.rings_dropped = 2
+  # USFM's Frequency_MASK fields (CenterProtect, BaseBW, IncreaseFactor, MaxIncrease, Ratio), in
+  # spectrum bins; the project's reading of §4.2 (mae_jax/corrupt/frequency.py, docs/methods.md#usfm).
+  c.corrupt.freq_center_protect = 5
+  c.corrupt.freq_base_bw = 8
+  c.corrupt.freq_increase_factor = 0.5
+  c.corrupt.freq_max_increase = 32
+  c.corrupt.freq_ratio = 0.3
 
   # On-device augmentation of the clean image before the corruption (USFM §3.1: rotation, scaling,
   # brightness, contrast, Gaussian blur; cropping is the host's random resized crop). Off here; on in
@@ -219,6 +228,10 @@ def downstream(args: ml_collections.ConfigDict, job: str) -> ml_collections.Conf
 
   c.model = ml_collections.ConfigDict()
   c.model.num_classes = 0  # 0: from the data (class names / labels, or the mask values)
+  # How the encoder's blocks run downstream (vit.downstream_spec); None: as in pretraining.
+  c.model.attention = config_dict.placeholder(str)  # xla | cudnn
+  c.model.remat = config_dict.placeholder(str)  # none | full | a jax.checkpoint_policies name
+  c.model.scan_layers = config_dict.placeholder(bool)
 
   c.train = ml_collections.ConfigDict()
   c.train.eval_batch_size = 0  # 0: batch_size

@@ -11,6 +11,8 @@ Classification (`classification_metrics`)
     `labels=None`: the average runs over the classes present in `labels` or in the predictions.
     A class in that set with a zero denominator scores 0 (scikit-learn's default
     `zero_division="warn"` behaves as 0). F1 is `2·TP / (2·TP + FP + FN)`.
+  * balanced_accuracy is the mean recall over the classes present in `labels`, as scikit-learn's
+    `balanced_accuracy_score` (USFM keeps the fine-tuning epoch with the best one).
   * mcc is the multi-class Matthews coefficient (Gorodkin's R_K, as `matthews_corrcoef`);
     0 when its denominator is 0.
   * auroc uses the rank (Mann–Whitney U) formula with average ranks for tied scores, which equals
@@ -116,7 +118,8 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 def classification_metrics(labels, probs, num_classes: int) -> dict[str, float]:
-  """accuracy, macro_f1, auroc, precision, recall, mcc (conventions in the module docstring).
+  """accuracy, balanced_accuracy, macro_f1, auroc, precision, recall, mcc (conventions in the module
+  docstring).
 
   labels: (N,) int class ids. probs: (N, num_classes) scores (softmax probabilities or logits;
   only their order matters), or (N,) class-1 scores when num_classes == 2.
@@ -158,6 +161,7 @@ def classification_metrics(labels, probs, num_classes: int) -> dict[str, float]:
 
   return {
       "accuracy": float(np.mean(pred == y)),
+      "balanced_accuracy": float(np.mean(tp[true_sum > 0] / true_sum[true_sum > 0])),
       "macro_f1": float(np.mean(f1)),
       "auroc": auroc(y, s, num_classes),
       "precision": float(np.mean(precision)),

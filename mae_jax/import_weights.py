@@ -10,7 +10,8 @@ Layouts (found from the key names; the state dict may sit under 'model', 'state_
 its keys may carry a 'module.', 'backbone.' or 'encoder.' prefix):
   * BEiT (USFM's backbone `usdsgen/modules/backbone/vision_transformer.py`, and timm's `Beit`):
     `blocks.N.attn.q_bias / v_bias`, `blocks.N.attn.relative_position_bias_table` or a shared
-    `rel_pos_bias.relative_position_bias_table`, `blocks.N.gamma_1 / gamma_2`, no `pos_embed`.
+    `rel_pos_bias.relative_position_bias_table` (a file with both is refused), `blocks.N.gamma_1 /
+    gamma_2`, no `pos_embed`.
     Becomes recipe 'usfm' (SimMIM path, `model.backbone='beit'`); the linear pixel decoder was not
     released, so `decoder_pred` keeps its initialisation (downstream jobs never read it).
   * MAE (facebookresearch/mae `mae_pretrain_vit_*.pth`: the encoder in timm's ViT names; the
@@ -208,6 +209,12 @@ def beit_encoder_params(sd: dict, *, conv_w, conv_b, grid_in, grid_out, shared: 
     if shared_key not in sd:
       raise ValueError("the checkpoint has one relative position table per block; import it with "
                        "shared_rel_pos=False")
+    # A file with both kinds would train on the shared table alone: its per-block tables would be lost.
+    per_block = [k for k in sd if k.startswith("blocks.") and k.endswith(".attn.relative_position_bias_table")]
+    if per_block:
+      raise ValueError(f"the checkpoint has a shared relative position table ({shared_key}) and "
+                       f"per-block ones ({per_block[0]}, ...): a pretraining encoder keeps one table, so "
+                       "the per-block tables would be dropped; remove one kind from the state dict")
     out["rel_pos_bias"] = resize(sd[shared_key])
   for i in range(depth):
     p = f"blocks.{i}"

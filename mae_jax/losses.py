@@ -80,7 +80,7 @@ def focal_frequency_loss(pred, target, *, alpha: float = 1.0):
     not balance it against the L1 term; the package keeps FFL on the scale of a pixel MSE.
   - weight: USFM says w is min–max normalised to [0, 1]; the package divides by the maximum only,
     so the smallest weight is min/max rather than 0. USFM cites Jiang et al. for the loss and
-    never published its pretraining code; the package is those authors' implementation, the only
+    never published its pretraining loss code; the package is those authors' implementation, the only
     executable definition of the loss there is.
   """
   diff = pred.astype(jnp.float32) - target.astype(jnp.float32)

@@ -13,9 +13,10 @@ output, the loss compares with that output).
 openmedlab/DeblurringMIM, which blurs the stored images offline before `RandomResizedCrop`; the
 blur then runs with σ·zoom per axis, zoom = model pixels per stored pixel of each sample's crop,
 passed with the batch (`mae_jax.data.pipeline`). 'model' is σ in model pixels after crop and
-resize (the project's behaviour before). Only the Gaussian changes: SRAD, mean, median, motion and
-defocus have integer kernel sizes or iteration counts and stay in model pixels (see
-docs/methods.md#blur-strength).
+resize (the project's behaviour before). `corrupt.kernel_units` does the same for the mean, median,
+motion and defocus sizes ('native', the default: stored pixels, the kernel seen through each crop's
+resize, `blur.apply_blur_native`; 'model': the size in model pixels, as before). SRAD's iteration
+count is not a size and runs on the model grid (docs/methods.md#blur-strength).
 
 | recipe  | paper                       | corruption                                  | model path |
 |---------|-----------------------------|---------------------------------------------|------------|
@@ -113,9 +114,22 @@ def d2mae_blur(key, x01, levels: np.ndarray, *, zoom=None, kernel_size: int | No
   return blur_lib.gaussian_blur(x01, sigma, kernel_size=size), t
 
 
+def native_kernels(ccfg) -> bool:
+  """Whether mean / median / motion / defocus sizes are in stored pixels (`corrupt.kernel_units`);
+  a config saved before the field existed trained them in model pixels."""
+  return ccfg.get("kernel_units", "model") == "native"
+
+
 def _fixed_blur(config, key, x01, zoom, data_cfg):
-  """Deblurring MAE's fixed blur; the Gaussian with σ in the configured units."""
+  """Deblurring MAE's fixed blur; the Gaussian with σ, and the kernel blurs with their sizes, in the
+  configured units (SRAD's iteration count is not a size: it stays on the model grid)."""
   ccfg = config.corrupt
+  if ccfg.blur in blur_lib.NATIVE and native_kernels(ccfg):
+    if zoom is None:
+      zoom = jnp.ones((x01.shape[0], 2), jnp.float32)
+    bound = pipeline.max_zoom(int(data_cfg.native_size), int(config.model.image_size),
+                              float(data_cfg.crop_scale_min))
+    return blur_lib.apply_blur_native(ccfg.blur, key, x01, zoom, bound, **blur_params(ccfg))
   if ccfg.blur != "gaussian":
     return blur_lib.apply_blur(ccfg.blur, key, x01, **blur_params(ccfg))
   bound = zoom_bound(ccfg, data_cfg, config.model.image_size)
@@ -143,7 +157,7 @@ def corrupt(config, key, x01, zoom=None):
   if recipe == "usfm":
     xc, pixel_mask = frequency.dual_mask(key, x01, spatial_ratio=ccfg.spatial_ratio,
                                          unit=ccfg.spatial_unit, use_frequency=ccfg.frequency,
-                                         num_rings_dropped=ccfg.rings_dropped)
+                                         params=frequency.params_from_config(ccfg))
     return xc, {"pixel_mask": pixel_mask}
   raise ValueError(f"recipe={recipe!r}: expected one of {RECIPES}")
 

@@ -197,9 +197,9 @@ def corrupt_for_figure(config, key, x01, *, zoom=None, sigma=None, t=None, noise
     spec_mask = None
     if c.frequency:
       _, k_freq = jax.random.split(key)  # the key dual_mask gives its frequency mask
-      spec_mask = frequency.band_stop_mask(k_freq, n, h, w, c.rings_dropped)
+      spec_mask = frequency.band_stop_mask(k_freq, n, h, w, frequency.params_from_config(c))
     xc, pix = frequency.dual_mask(key, x01, spatial_ratio=ratio, unit=c.spatial_unit,
-                                  use_frequency=c.frequency, num_rings_dropped=c.rings_dropped,
+                                  use_frequency=c.frequency, params=frequency.params_from_config(c),
                                   spectrum_mask=spec_mask)
     full = np.ones((n, h, w), np.float32) if spec_mask is None else np.asarray(spec_mask)
     return xc, {"pixel_mask": pix}, {"spectrum_mask": full, "spatial_ratio": ratio,

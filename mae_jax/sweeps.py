@@ -42,6 +42,7 @@ import sys
 import time
 
 import numpy as np
+from absl import flags
 
 from mae_jax import config_files, evaluate
 from mae_jax.train import workdir_lock
@@ -157,6 +158,34 @@ def plan(exp: dict, root: str, *, seeds, scale: str) -> list[dict]:
       out.append({"label": row["label"], "seed": seed, "pretrain": (p_name, p_args, pre),
                   "transfer": (t_name, t_args, ft), "kind": kind})
   return out
+
+
+def selection_metric(config) -> str:
+  """The validation metric that picks a transfer job's kept epoch, and how often it is evaluated."""
+  every = int(config.get("eval", {}).get("every_epochs", 1) or 1)
+  if config.job == "segment":
+    metric = "dice"
+  elif config.job == "enhance":
+    metric = "ssim"
+  else:
+    metric = config.eval.get("select", "macro_f1")
+  return metric + (f" every {every} epochs" if every > 1 else "")
+
+
+def protocol(job: dict, pretrain_overrides=None, transfer_overrides=None) -> str:
+  """One line for a planned run: the pretraining batch and length, the transfer's selection metric,
+  so a reader can check a table's protocol without opening configs."""
+  p_name, p_args, _ = job["pretrain"]
+  parts = []
+  if p_name:
+    pc = load_config(p_name, p_args, dict(pretrain_overrides or {}))
+    t = pc.train
+    length = f"{int(t.total_steps)} steps" if t.total_steps else f"{t.epochs:g} epochs"
+    parts.append(f"pretrain batch {int(t.batch_size)}, {length}")
+  t_name, t_args, _ = job["transfer"]
+  tc = load_config(t_name, t_args, dict(transfer_overrides or {}))
+  parts.append(f"{tc.job} selects on validation {selection_metric(tc)}")
+  return "; ".join(parts)
 
 
 # -------------------------------------------------------------------------------------- run
@@ -281,24 +310,47 @@ def _run_sweep(exp, root, *, seeds, scale, pretrain_overrides, transfer_override
 # -------------------------------------------------------------------------------------- CLI
 
 
+# The sweep's own flag set: importing this module beside another absl tool (tests do) defines no flag
+# in absl's global FLAGS that could clash with theirs.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("experiment", None, "a file of configs/experiments/ (without .py)", flag_values=FLAGS)
+flags.DEFINE_string("root", None, "where the runs and the table go", flag_values=FLAGS)
+flags.DEFINE_enum("scale", "tiny", SCALES, "tiny: smoke configs; paper: as published", flag_values=FLAGS)
+flags.DEFINE_integer("seeds", 3, "seeds 0..N-1", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_multi_string("pretrain_override", [], "KEY=VALUE on every pretraining config (repeatable)",
+                          flag_values=FLAGS)
+flags.DEFINE_multi_string("transfer_override", [], "KEY=VALUE on every transfer config (repeatable)",
+                          flag_values=FLAGS)
+flags.DEFINE_bool("list", False, "list the experiments and exit", flag_values=FLAGS)
+flags.DEFINE_bool("dry_run", False, "print the runs and each row's protocol, and exit", flag_values=FLAGS)
+
+
+def _usage_error(message: str) -> int:
+  print(f"python -m mae_jax.sweeps: {message} (--help lists the flags)", file=sys.stderr, flush=True)
+  return 2
+
+
 def main(argv=None) -> int:
-  import argparse
-  parser = argparse.ArgumentParser(prog="python -m mae_jax.sweeps", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--experiment", help="a file of configs/experiments/ (without .py)")
-  parser.add_argument("--root", help="where the runs and the table go")
-  parser.add_argument("--scale", default="tiny", choices=SCALES)
-  parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
-  parser.add_argument("--pretrain_override", action="append", default=[], metavar="KEY=VALUE")
-  parser.add_argument("--transfer_override", action="append", default=[], metavar="KEY=VALUE")
-  parser.add_argument("--list", action="store_true", help="list the experiments and exit")
-  parser.add_argument("--dry_run", action="store_true", help="print the runs and exit")
-  args = parser.parse_args(argv)
+  """The command line (`argv` without the program name; default `sys.argv[1:]`): 0 done, 2 a
+  rejected command line."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv):
+    print(__doc__.split("\n\n")[0] + "\n\nflags:\n" + FLAGS.get_help(include_special_flags=False))
+    return 0
+  FLAGS.unparse_flags()  # every call parses from the defaults
+  try:
+    rest = FLAGS(["mae_jax.sweeps", *argv])
+  except flags.Error as e:  # an unknown flag, a value of the wrong type or out of range
+    return _usage_error(str(e))
+  if len(rest) > 1:
+    return _usage_error(f"unexpected argument(s) {rest[1:]}")
+  args = FLAGS
   if args.list:
     for name in list_experiments():
       print(f"{name}: {get_experiment(name).get('title', '')}")
     return 0
   if not args.experiment or not args.root:
-    parser.error("--experiment and --root are required")
+    return _usage_error("--experiment and --root are required")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s",
                       datefmt="%H:%M:%S", stream=sys.stdout, force=True)
   for noisy in ("absl", "orbax", "jax._src", "grain"):
@@ -309,7 +361,9 @@ def main(argv=None) -> int:
     for job in plan(exp, args.root, seeds=seeds, scale=args.scale):
       pre = "configs/%s.py:%s" % job["pretrain"][:2] if job["pretrain"][0] else "no pretraining"
       print(_label_text(job["label"]), "seed", job["seed"], "|", pre, "->",
-            "configs/%s.py:%s" % job["transfer"][:2])
+            "configs/%s.py:%s" % job["transfer"][:2], "|",
+            protocol(job, parse_overrides(args.pretrain_override),
+                     parse_overrides(args.transfer_override)))
     return 0
   try:
     run_sweep(exp, args.root, seeds=seeds, scale=args.scale,

@@ -81,6 +81,9 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
   if c.get("sigma_units", "native") not in recipes.SIGMA_UNITS:
     _fail("corrupt.sigma_units", c.sigma_units,
           f"expected one of {recipes.SIGMA_UNITS} (native: σ in the stored image's pixels)")
+  if c.get("kernel_units", "native") not in recipes.SIGMA_UNITS:
+    _fail("corrupt.kernel_units", c.kernel_units,
+          f"expected one of {recipes.SIGMA_UNITS} (native: kernel sizes in the stored image's pixels)")
   gaussian = config.recipe == "d2mae" or (config.recipe == "deblur" and c.blur == "gaussian")
   if gaussian and recipes.native_units(c) and config.data.native_size < 8:
     _fail("data.native_size", config.data.native_size,
@@ -117,8 +120,11 @@ def validate_pretrain(config, *, num_devices: int, process_count: int = 1) -> No
             f"must be a multiple of the patch size {patch} and divide image_size {config.model.image_size}")
     if not 0.0 <= c.spatial_ratio < 1.0:
       _fail("corrupt.spatial_ratio", c.spatial_ratio, "must lie in [0, 1)")
-    if c.frequency and not 0 <= c.rings_dropped <= frequency.NUM_RINGS:
-      _fail("corrupt.rings_dropped", c.rings_dropped, f"must lie in [0, {frequency.NUM_RINGS}]")
+    if c.frequency:
+      try:
+        frequency.check_params(frequency.params_from_config(c))
+      except ValueError as e:
+        raise ValueError(f"config.{e}") from None
     if config.model.ffl_weight < 0:
       _fail("model.ffl_weight", config.model.ffl_weight, "must be >= 0")
   validate_masking(config.model)

@@ -1,5 +1,7 @@
 """USFM's BEiT-style encoder (mae_jax/models/beit.py) against timm's `Beit` on shared random weights."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +83,18 @@ def test_shared_bias_matches_timm_and_expands_per_block():
   ft = model.encoder.finetune_copy()
   assert ft.rel_pos_bias is None and ft.blocks[1].attn.relative_position_bias_table is not None
   np.testing.assert_allclose(np.asarray(ft(jnp.asarray(x))), want, atol=1e-5, rtol=0)
+
+
+def test_patch_embedding_starts_as_usfms():
+  """USFM's backbone `_init_weights` re-initialises the patch Conv2d: trunc_normal(std 0.02; timm's
+  cut at ±2 is ±100σ there, so a plain normal) and a zero bias."""
+  spec = models.vit_spec(config_files.load("usfm", "smoke").model)
+  spec = dataclasses.replace(spec, width=256)  # 64·256 kernel samples
+  enc = beit.Encoder(spec, rngs=nnx.Rngs(3))
+  k = np.asarray(enc.patch_embed.proj.kernel[...])
+  assert k.shape == (spec.patch_dim, spec.width)
+  assert abs(k.std() - 0.02) < 0.02 * 0.05 and abs(k.mean()) < 0.02 * 0.05
+  np.testing.assert_array_equal(np.asarray(enc.patch_embed.proj.bias[...]), 0.0)
 
 
 def test_kept_tokens_bias_is_the_full_grid_bias_restricted():

@@ -23,6 +23,7 @@ def _sklearn_all(y, probs, num_classes):
     warnings.simplefilter("ignore")  # zero-division warnings are part of the cases tested
     out = {
         "accuracy": skm.accuracy_score(y, pred),
+        "balanced_accuracy": skm.balanced_accuracy_score(y, pred),
         "macro_f1": skm.f1_score(y, pred, average="macro"),
         "precision": skm.precision_score(y, pred, average="macro"),
         "recall": skm.recall_score(y, pred, average="macro"),
@@ -42,6 +43,7 @@ def _check_against_sklearn(y, probs, num_classes):
   assert set(ours) == set(ref)
   for k in ("accuracy", "macro_f1", "precision", "recall", "mcc"):
     assert ours[k] == ref[k], (k, ours[k], ref[k])
+  assert ours["balanced_accuracy"] == pytest.approx(ref["balanced_accuracy"], abs=1e-12)
   assert ours["auroc"] == pytest.approx(ref["auroc"], abs=1e-7)
 
 
@@ -310,7 +312,7 @@ def test_bootstrap_joint_resampling_and_dict():
   assert (pt, lo, hi) == (1.0, 1.0, 1.0)
   res = ev.bootstrap_ci(lambda a, b: ev.classification_metrics(a, b, 2), y, probs, n_boot=200,
                         seed=5)
-  assert set(res) == {"accuracy", "macro_f1", "auroc", "precision", "recall", "mcc"}
+  assert set(res) == {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "precision", "recall", "mcc"}
   for k, (pt, lo, hi) in res.items():
     assert lo <= pt <= hi, k
   assert res == ev.bootstrap_ci(lambda a, b: ev.classification_metrics(a, b, 2), y, probs,

@@ -216,3 +216,56 @@ def test_linear_probe_smoke_learns_more_than_the_majority_class(mae_pretrain, tm
   majority_macro_f1 = 2 * p / (1 + p) / 3
   assert len(np.unique(guess)) > 1, np.bincount(guess)
   assert res["test"]["macro_f1"] > majority_macro_f1 + 0.05, (res["test"]["macro_f1"], majority_macro_f1)
+
+
+def test_scanned_finetune_gives_the_plain_loss(mae_pretrain, tmp_path, monkeypatch):
+  """A downstream config's model.scan_layers / remat reach the classifier (`run=` of
+  heads.from_pretrained): its blocks are stacked, and the first steps' losses are the plain run's."""
+  from mae_jax.models import vit
+  from mae_jax.train import loop
+  built = []
+  original = heads.from_pretrained
+
+  def spy(*a, **k):
+    model = original(*a, **k)
+    built.append(vit.is_scanned(model.encoder.blocks))
+    return model
+
+  monkeypatch.setattr(heads, "from_pretrained", spy)
+  losses = {}
+  for name, run in (("plain", {}), ("scan", {"scan_layers": True, "remat": "full"})):
+    c = load_config("finetune", f"smoke,init_from={mae_pretrain}")
+    c.train.total_steps, c.train.log_every, c.eval.n_boot = 4, 1, 10
+    c.model.drop_path = 0.0  # the per-block drop-path draws are not the scan's
+    c.model.update(run)
+    finetune.run(c, str(tmp_path / name))
+    losses[name] = [r["loss"] for r in loop.read_metrics(str(tmp_path / name))]
+  assert built == [False, True]
+  assert len(losses["plain"]) == 4
+  np.testing.assert_allclose(losses["scan"], losses["plain"], rtol=1e-5)
+  with pytest.raises(ValueError, match="model.remat"):
+    c = load_config("finetune", f"smoke,init_from={mae_pretrain}")
+    c.model.remat = "sometimes"
+    finetune.validate_config(c, 1)
+
+
+def test_early_stop_ends_the_run_and_a_rerun_trains_no_further(mae_pretrain, tmp_path, caplog):
+  """`train.early_stop_epochs`: once that many epochs passed without a better validation score the
+  loop ends at that epoch's last step (checkpointed), the test split is scored with the best epoch,
+  and a rerun in the same workdir resumes into a run that is already over."""
+  from mae_jax.train import optim
+  c = load_config("finetune", f"smoke,init_from={mae_pretrain}")
+  c.train.epochs, c.train.early_stop_epochs, c.eval.n_boot = 6, 1, 10
+  c.train.base_lr, c.train.min_lr = 1e-9, 0.0  # next to nothing learns: the best epoch comes early
+  wd = str(tmp_path / "es")
+  res = finetune.run(c, wd)
+  from mae_jax.data import sources
+  per_epoch = optim.Steps.of(c.train, len(sources.open_source(c.data, "train", task="classify"))).per_epoch
+  best = res["best"]["epoch"]
+  # stopped after the first epoch that is `early_stop_epochs` past the best, not at epoch 6
+  assert res["step"] == (best + 1) * per_epoch < 6 * per_epoch, (res["step"], best)
+  assert [h["epoch"] for h in res["history"]] == list(range(1, best + 2))
+  assert os.path.exists(os.path.join(wd, "results.json"))
+  os.remove(os.path.join(wd, "results.md"))  # as if killed before its results: a rerun resumes
+  again = finetune.run(c, wd)
+  assert again["step"] == res["step"] and again["best"]["epoch"] == best

@@ -1,4 +1,5 @@
-"""USFM band-stop masking and the spatial-frequency dual mask (Eq. 8)."""
+"""USFM band-stop masking as the authors' `Frequency_MASK` builds it (openmedlab/USFM
+usdsgen/data/transforms.py), and the spatial-frequency dual mask (Eq. 8)."""
 
 import itertools
 
@@ -8,86 +9,90 @@ import pytest
 
 from mae_jax.corrupt import frequency as fq
 
-# USFM §4.2: a preserved 10×10 centre, then 7 rings of increasing width. Restated here from the rule
-# in the module docstring (geometric edges from the centre's edge 5 to the corner 112√2, rounded to
-# whole bins at 224) rather than imported.
-Q = (112 * np.sqrt(2) / 5) ** (1 / 7)
-EDGES_224 = [5] + [round(5 * Q**k) for k in range(1, 7)] + [112 * np.sqrt(2)]
+# Two settings with their disk radii worked out by hand from the rule R_0 = CenterProtect,
+# R_1 = BaseBW, R_{k+1} = R_k + min(int(R_k·IncreaseFactor), MaxIncrease), used while R ≤ N/2:
+# - the project's reading at 224: 5, 8, 8+4, 12+6, 18+9, 27+int(13.5), 40+20, 60+30; next 90+32 > 112.
+# - 64 px, (2, 4, 1.0, 6): 2, 4, 4+4, 8+6, 14+6, 20+6, 26+6 = 32 ≤ 32 (the cap binds); next 38 > 32.
+SETTINGS = [
+    (224, fq.FrequencyParams(5, 8, 0.5, 32, 0.3), (5, 8, 12, 18, 27, 40, 60, 90), 2),
+    (64, fq.FrequencyParams(2, 4, 1.0, 6, 0.5), (2, 4, 8, 14, 20, 26, 32), 3),
+]
 
 
-def _reference_rings(h, w):
-  """Centre square and rings from a float64 distance map in 224-px units (per-axis scaling)."""
-  yy, xx = np.mgrid[0:h, 0:w]
-  uy, ux = (yy - h // 2) * 224 / h, (xx - w // 2) * 224 / w
-  dist = np.hypot(uy, ux)
-  centre = (np.abs(uy) <= 5 + 1e-9) & (np.abs(ux) <= 5 + 1e-9)
-  r = np.array(EDGES_224, dtype=np.float64)
-  r[0], r[-1] = 0.0, np.inf  # ring 1 starts at the centre's edge, ring 7 ends at the corner
-  rings = np.stack([(dist > r[k] + 1e-9) & (dist <= r[k + 1] + 1e-9) & ~centre for k in range(7)])
-  return centre, rings
+def _reference_rings(size, radii):
+  """Differences of nested disks from a float distance map (bin centre to DC at size // 2), as the
+  description reads: ring k = disk(R_{k+1}) minus disk(R_k)."""
+  yy, xx = np.mgrid[0:size, 0:size]
+  dist = np.sqrt((yy - size // 2) ** 2.0 + (xx - size // 2) ** 2.0)
+  disks = [dist <= r for r in radii]
+  return np.stack([disks[k + 1] & ~disks[k] for k in range(len(radii) - 1)])
 
 
-def test_ring_radii_follow_the_rule_and_widen():
-  assert fq.RING_EDGES_224 == tuple(EDGES_224[1:-1]) == (8, 13, 22, 36, 59, 97)
-  radii = fq.ring_radii(224)
-  np.testing.assert_allclose(radii, list(zip(EDGES_224[:-1], EDGES_224[1:])), rtol=1e-12)
-  assert radii[0][0] == 5 and radii[-1][1] == pytest.approx(np.hypot(112, 112))  # centre edge → corner
-  widths = [o - i for i, o in radii]
-  assert all(b > a for a, b in zip(widths, widths[1:])), widths  # "gradually increases"
-  np.testing.assert_allclose(fq.ring_radii(112), np.array(radii) / 2)
-  assert fq.centre_half_side(224) == 5 and fq.centre_half_side(448) == 10
+@pytest.mark.parametrize("size,params,radii,dropped", SETTINGS)
+def test_radii_and_ring_edges_worked_by_hand(size, params, radii, dropped):
+  assert fq.radii(size, size, params) == radii
+  assert fq.num_rings(size, size, params) == len(radii) - 1
+  assert fq.num_dropped(size, size, params) == dropped
+  rings = fq.ring_masks(size, size, params)
+  np.testing.assert_array_equal(rings, _reference_rings(size, radii))
+  c = size // 2
+  # Along an axis (towards index 0, where the Nyquist bin at −N/2 lies), the outer edge of each
+  # ring belongs to it, the bin past its inner edge too, the inner edge itself does not.
+  for k, (a, b) in enumerate(zip(radii[:-1], radii[1:])):
+    assert rings[k, c, c - b] and rings[k, c, c - a - 1] and not rings[k, c, c - a]
+  assert not rings[:, c, c - radii[0]].any()  # the protected disk's edge is kept
+  assert not rings[:, c, : c - radii[-1]].any()  # beyond the last radius: never masked
+  assert not rings[:, 0, 0].any()  # the spectrum's corner is never masked
+  assert (rings.sum(0) <= 1).all()
 
 
-@pytest.mark.parametrize("h,w", [(32, 32), (64, 64), (224, 224), (32, 48)])
-def test_rings_cover_every_bin_outside_the_centre(h, w):
-  """Pairwise disjoint, their union exactly the complement of the centre (no bin can never be
-  masked), every ring non-empty, and equal to a float distance map."""
-  centre, rings = fq.ring_masks(h, w)
-  ref_centre, ref_rings = _reference_rings(h, w)
-  np.testing.assert_array_equal(centre, ref_centre)
-  np.testing.assert_array_equal(rings, ref_rings)
-  assert (rings.sum(0) <= 1).all()  # disjoint
-  np.testing.assert_array_equal(rings.any(0), ~centre)  # union = complement of the centre
-  assert all(r.any() for r in rings)  # every ring holds bins even at 32 px
-  assert centre[h // 2, w // 2]  # DC preserved
-  # the centre and every ring are point-symmetric about DC (mirror of index i is (−i) mod n after
-  # the shift), so the filtered spectrum stays Hermitian
-  def mirror(m):
-    return np.roll(np.flip(m, axis=(-2, -1)), shift=(1 - h % 2, 1 - w % 2), axis=(-2, -1))
-  np.testing.assert_array_equal(mirror(centre), centre)
-  np.testing.assert_array_equal(mirror(rings), rings)
+def test_default_is_the_papers_reading_at_224():
+  assert fq.DEFAULT == fq.FrequencyParams(5, 8, 0.5, 32, 0.3)
+  r = fq.radii(224, 224)
+  widths = np.diff(r)
+  assert len(r) - 1 == 7 and (np.diff(widths) > 0).all()  # 7 rings, widths increase
+  assert fq.num_dropped(224, 224) == 2  # "2 of these 7"
+  rings = fq.ring_masks(224, 224)
+  # the protected centre is a disk of radius 5: (5, 5) off DC (distance 7.07) lies in ring 1
+  assert rings[0, 117, 117] and not rings[:, 112, 117].any() and not rings[:, 115, 116].any()
 
 
-def test_centre_is_the_papers_10_by_10_region_at_224():
-  centre, rings = fq.ring_masks(224, 224)
-  ys, xs = np.nonzero(centre)
-  assert (ys.min(), ys.max(), xs.min(), xs.max()) == (107, 117, 107, 117)  # DC ± 5: side 10
-  assert centre.sum() == 121
-  assert rings[6, 0, 0] and rings[:, 0, 0].sum() == 1  # the corner is in the last ring
-  assert rings[0, 112, 118] and rings[0, 112, 120] and rings[1, 112, 121]  # 6..8 → ring 1, 9 → ring 2
+def test_small_images_have_fewer_rings():
+  """The radii are in bins whatever the size (the authors' code does not rescale them)."""
+  assert fq.radii(32, 32) == (5, 8, 12)
+  assert fq.num_dropped(32, 32) == 0  # int(0.3 · 2)
+  assert fq.radii(8, 8) == ()
+  np.testing.assert_array_equal(fq.band_stop_mask(jax.random.key(0), 2, 8, 8), np.ones((2, 8, 8)))
 
 
-@pytest.mark.parametrize("size", [32, 64])
-def test_band_stop_mask_drops_exactly_two_rings(size):
-  n = 16
-  m = np.asarray(jax.jit(lambda k: fq.band_stop_mask(k, n, size, size))(jax.random.key(0)))
-  centre, rings = _reference_rings(size, size)
+@pytest.mark.parametrize("bad,field", [
+    (fq.FrequencyParams(5, 5, 0.5, 32, 0.3), "freq_base_bw"),
+    (fq.FrequencyParams(5, 8, 0.1, 32, 0.3), "freq_increase_factor"),
+    (fq.FrequencyParams(5, 8, 0.5, 0, 0.3), "freq_max_increase"),
+    (fq.FrequencyParams(5, 8, 0.5, 32, 1.5), "freq_ratio"),
+])
+def test_bad_params_name_the_field(bad, field):
+  with pytest.raises(ValueError, match=field):
+    fq.radii(224, 224, bad)
+
+
+@pytest.mark.parametrize("size,params,radii,dropped", SETTINGS)
+def test_band_stop_mask_drops_int_ratio_rings(size, params, radii, dropped):
+  n = 12
+  m = np.asarray(jax.jit(lambda k: fq.band_stop_mask(k, n, size, size, params))(jax.random.key(0)))
+  rings = _reference_rings(size, radii)
   assert m.shape == (n, size, size) and m.dtype == np.float32
   assert set(np.unique(m)) <= {0.0, 1.0}
   for i in range(n):
-    assert (m[i][centre] == 1).all()  # protected centre untouched
-    zero_rings = [k for k in range(7) if (m[i][rings[k]] == 0).all()]
-    assert len(zero_rings) == 2
-    for k in set(range(7)) - set(zero_rings):
-      assert (m[i][rings[k]] == 1).all()
-    assert (m[i][~rings.any(0)] == 1).all()  # outside all rings (the centre): kept
-    assert (m[i][centre] == 1).all() and m[i][size // 2, size // 2] == 1  # DC and centre kept
+    zero = [k for k in range(len(rings)) if (m[i][rings[k]] == 0).all()]
+    assert len(zero) == dropped
+    np.testing.assert_array_equal(m[i] == 0, rings[zero].any(0))  # nothing else removed
   assert len({tuple(m[i].ravel()) for i in range(n)}) > 1
 
 
 def test_rings_are_chosen_uniformly():
   n = 21000
-  drop = np.asarray(fq.choose_rings(jax.random.key(1), n, 2))
+  drop = np.asarray(fq.choose_rings(jax.random.key(1), n, 7, 2))
   assert (drop.sum(1) == 2).all()
   # each ring: p = 2/7, sd of the count ≈ 65; each of the 21 pairs: p = 1/21, sd ≈ 31
   np.testing.assert_allclose(drop.sum(0), n * 2 / 7, atol=5 * 65)
@@ -98,53 +103,62 @@ def test_rings_are_chosen_uniformly():
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_frequency_mask_matches_numpy_and_keeps_mean(channels):
-  n, size = 4, 32
-  x = np.random.default_rng(channels).random((n, size, size, channels), dtype=np.float32)
+def test_frequency_mask_is_abs_of_ifft2_as_numpy(channels):
+  """fftshift → multiply → ifftshift → ifft2 → abs, float64 numpy; on images with negative values
+  abs differs from the real part, which the result must not be."""
+  n, size = 3, 64
+  params = SETTINGS[1][1]
+  x = np.random.default_rng(channels).uniform(-1, 1, (n, size, size, channels)).astype(np.float32)
   key = jax.random.key(2)
-  y = np.asarray(jax.jit(fq.frequency_mask)(key, x))
-  mask = np.asarray(fq.band_stop_mask(key, n, size, size))
-  # reference: fftshift → multiply → ifftshift → ifft2, float64, per channel
+  y = np.asarray(jax.jit(lambda k, a: fq.frequency_mask(k, a, params=params))(key, x))
+  mask = np.asarray(fq.band_stop_mask(key, n, size, size, params))
   spec = np.fft.fftshift(np.fft.fft2(x.astype(np.float64), axes=(1, 2)), axes=(1, 2))
   back = np.fft.ifft2(np.fft.ifftshift(spec * mask[..., None], axes=(1, 2)), axes=(1, 2))
-  assert np.abs(back.imag).max() < 1e-12  # the masked spectrum stays Hermitian: result is real
   assert y.shape == x.shape and y.dtype == np.float32
-  np.testing.assert_allclose(y, back.real, atol=1e-5)
-  np.testing.assert_allclose(y.mean(axis=(1, 2)), x.mean(axis=(1, 2)), atol=1e-6)  # DC kept
-  assert np.abs(y - x).max() > 1e-2  # it did filter
-  # x − y has no spectrum outside the two dropped rings
-  removed = np.fft.fft2(x - y, axes=(1, 2))
-  assert np.abs(np.fft.fftshift(removed, axes=(1, 2)) * mask[..., None]).max() < 1e-3
+  np.testing.assert_allclose(y, np.abs(back), atol=1e-5)
+  assert np.abs(y - back.real).max() > 0.1  # abs, not the real part
+  assert (y >= 0).all()
 
 
-def test_frequency_mask_non_square_and_zero_rings():
+def test_frequency_mask_non_square_and_zero_ratio():
   x = np.random.default_rng(0).random((2, 32, 48, 1), dtype=np.float32)
-  y = np.asarray(fq.frequency_mask(jax.random.key(0), x))
-  np.testing.assert_allclose(y.mean(axis=(1, 2)), x.mean(axis=(1, 2)), atol=1e-6)
-  np.testing.assert_allclose(np.asarray(fq.frequency_mask(jax.random.key(0), x,
-                                                          num_rings_dropped=0)), x, atol=1e-6)
+  p = fq.FrequencyParams(1, 2, 1.0, 4, 0.5)
+  assert fq.radii(32, 48, p) == (1, 2, 4, 8, 12, 16)  # stops at min(H, W) / 2
+  y = np.asarray(fq.frequency_mask(jax.random.key(0), x, params=p))
+  assert np.abs(y - x).max() > 1e-2
+  none = fq.FrequencyParams(1, 2, 1.0, 4, 0.0)
+  np.testing.assert_allclose(np.asarray(fq.frequency_mask(jax.random.key(0), x, params=none)), x,
+                             atol=1e-6)
+
+
+def test_params_from_config():
+  import ml_collections
+  c = ml_collections.ConfigDict(dict(freq_center_protect=2, freq_base_bw=4, freq_increase_factor=1.0,
+                                     freq_max_increase=6, freq_ratio=0.5))
+  assert fq.params_from_config(c) == SETTINGS[1][1]
+  assert fq.params_from_config(ml_collections.ConfigDict()) == fq.DEFAULT
 
 
 @pytest.mark.parametrize("use_frequency", [True, False])
 def test_dual_mask_composition(use_frequency):
-  n, size, unit = 3, 32, 8
+  n, size, unit = 3, 64, 16
+  params = SETTINGS[1][1]
   x = np.random.default_rng(4).random((n, size, size, 1), dtype=np.float32)
   noise = np.random.default_rng(5).random((n, 16)).astype(np.float32)
-  spec_mask = fq.band_stop_mask(jax.random.key(6), n, size, size)
-  y, pm = jax.jit(lambda k, a: fq.dual_mask(k, a, spatial_ratio=0.4, unit=unit,
+  spec_mask = fq.band_stop_mask(jax.random.key(6), n, size, size, params)
+  y, pm = jax.jit(lambda k, a: fq.dual_mask(k, a, spatial_ratio=0.4, unit=unit, params=params,
                                             use_frequency=use_frequency, spatial_noise=noise,
                                             spectrum_mask=spec_mask))(jax.random.key(7), x)
   y, pm = np.asarray(y), np.asarray(pm)
   assert pm.shape == (n, size, size, 1)
-  np.testing.assert_array_equal(pm.reshape(n, -1).sum(1), 7 * unit * unit)  # 16 − int(9.6)
+  np.testing.assert_array_equal(pm.reshape(n, -1).sum(1), 7 * unit * unit)  # ceil(16 · 0.4)
   base = np.asarray(fq.frequency_mask(None, x, mask=spec_mask)) if use_frequency else x
   mean = x.mean(axis=(1, 2), keepdims=True)  # the ORIGINAL image's mean (Eq. 2)
-  expected = np.where(pm > 0, mean, base)
-  np.testing.assert_allclose(y, expected, atol=1e-6)
+  np.testing.assert_allclose(y, np.where(pm > 0, mean, base), atol=1e-6)
 
 
 def test_dual_mask_from_key_only():
   x = np.random.default_rng(8).random((2, 64, 64, 3), dtype=np.float32)
   y, pm = fq.dual_mask(jax.random.key(0), x, spatial_ratio=0.4, unit=16)
   assert y.shape == x.shape and np.isfinite(np.asarray(y)).all()
-  np.testing.assert_array_equal(np.asarray(pm).reshape(2, -1).sum(1), 7 * 256)  # 16 − int(9.6)
+  np.testing.assert_array_equal(np.asarray(pm).reshape(2, -1).sum(1), 7 * 256)  # ceil(6.4)

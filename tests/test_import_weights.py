@@ -82,6 +82,19 @@ def test_usfm_layout_3_channels_imports_for_1_channel_data(tmp_path, shared, cap
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
 
 
+def test_shared_table_with_per_block_tables_is_refused(tmp_path):
+  """A shared table makes a pretraining (shared) target; per-block tables beside it are refused, not
+  silently dropped."""
+  ckpt = tmp_path / "both.pth"
+  _usfm_checkpoint(ckpt, shared=True)
+  sd = import_weights.load_state_dict(str(ckpt))
+  shared = sd["rel_pos_bias.relative_position_bias_table"]
+  import_weights.import_state_dict(dict(sd))  # the shared table alone imports
+  sd["blocks.1.attn.relative_position_bias_table"] = np.ones_like(shared)
+  with pytest.raises(ValueError, match="per-block ones .*blocks.1.attn.relative_position_bias_table"):
+    import_weights.import_state_dict(sd)
+
+
 def test_usfm_layout_to_another_image_size(tmp_path):
   """224 -> other sizes: every relative table resampled as timm's checkpoint filter does it."""
   ckpt = tmp_path / "usfm.pth"

@@ -116,3 +116,23 @@ def test_lars_masks_vectors():
   trust = 0.001 * np.linalg.norm(np.full((4, 3), 0.5)) / np.linalg.norm(np.full((4, 3), 2.0))
   np.testing.assert_allclose(upd["head"]["kernel"], -0.1 * trust * 2.0, rtol=1e-5)
   assert isinstance(tx, optax.GradientTransformation)
+
+
+def test_weight_decay_modes_follow_the_scanned_layout():
+  """Every `train.no_decay` mode gives a scanned block stack the per-block layout's mask: a stacked
+  bias has two axes but is still a bias."""
+  clf, params = _classifier()
+  scanned = heads.from_pretrained(mae_lib.MAE(clf.encoder.spec, decoder_width=16, decoder_depth=1,
+                                              decoder_heads=2, rngs=nnx.Rngs(0)), 3,
+                                  run={"scan_layers": True})
+  sparams = nnx.to_pure_dict(nnx.state(scanned, nnx.Param))
+  for mode in lr_decay.NO_DECAY_MODES:
+    plain = _flat_names(lr_decay.weight_decay_mask(params, mode))
+    stacked = _flat_names(lr_decay.weight_decay_mask(sparams, mode))
+    for name, decays in stacked.items():
+      if ".blocks." in name:  # encoder.blocks.<leaf path>: block 0's entry in the plain tree
+        head, tail = name.split(".blocks.")
+        assert decays == plain[f"{head}.blocks.0.{tail}"], (mode, name)
+      else:
+        assert decays == plain[name], (mode, name)
+    assert stacked["encoder.blocks.norm1.bias"] == (mode == "none")

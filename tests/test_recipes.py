@@ -101,7 +101,7 @@ def _usfm_config():
   import ml_collections
   c = ml_collections.ConfigDict()
   c.recipe = "usfm"
-  c.corrupt = dict(spatial_ratio=0.4, spatial_unit=16, frequency=True, rings_dropped=2)
+  c.corrupt = dict(spatial_ratio=0.4, spatial_unit=16, frequency=True)
   return c
 
 

@@ -157,3 +157,43 @@ def test_deblur_tables_use_its_protocol_and_show_the_positive_f1(tmp_path):
                          pretrain_fn=lambda *a: None, transfer_fn=fake_transfer)
   assert all(r["f1_positive"] == [0.5, 0.6] for r in res["rows"])
   assert "f1_positive" in (tmp_path / "d1.md").read_text().split("\n")[2]
+
+
+def test_dry_run_prints_each_rows_protocol(tmp_path, capsys):
+  """At --scale=paper the MAE (US) baseline trains with the deblurring rows' batch and epochs
+  (DeblurringMIM scripts/pretrain/mae.sh runs the same main_pretrain.py as de_mae.sh), and the dry
+  run shows each row's pretraining batch / length and the transfer's selection metric."""
+  assert sweeps.main(["--experiment=deblur_table1", f"--root={tmp_path}", "--scale=paper", "--seeds=1",
+                      "--dry_run"]) == 0
+  lines = {l.split(" seed ")[0]: l for l in capsys.readouterr().out.splitlines() if " seed " in l}
+  deblur = sweeps.load_config("deblur_mae", "blur=gaussian")
+  want = f"pretrain batch {deblur.train.batch_size}, {deblur.train.epochs:g} epochs"
+  assert want == "pretrain batch 256, 12000 epochs"
+  for label in ("MAE (US)", "Deblurring MAE (Gaussian)", "Deblurring MAE (SRAD)"):
+    assert want in lines[label], lines[label]
+    assert "selects on validation accuracy" in lines[label]
+  assert sweeps.main(["--experiment=usfm_ablation", f"--root={tmp_path}", "--scale=paper", "--seeds=1",
+                      "--dry_run"]) == 0
+  out = capsys.readouterr().out.splitlines()
+  cls = [l for l in out if l.startswith("classification")]
+  seg = [l for l in out if l.startswith("segmentation")]
+  assert cls and all("selects on validation balanced_accuracy every 5 epochs" in l for l in cls)
+  assert seg and all("selects on validation dice every 5 epochs" in l for l in seg)
+
+
+def test_cli_flags(tmp_path, capsys, monkeypatch):
+  """absl flags as mae_jax.main: a rejected command line exits 2 with one line naming the flag, and
+  each call parses from the defaults (a flag of one call does not carry into the next)."""
+  assert sweeps.main(["--experiment=d2mae_table3", "--scale=huge", f"--root={tmp_path}"]) == 2
+  assert "--scale=huge" in capsys.readouterr().err
+  assert sweeps.main(["--experiment=d2mae_table3", "--no_such_flag=1"]) == 2
+  assert sweeps.main(["--experiment=d2mae_table3"]) == 2
+  assert "--experiment and --root are required" in capsys.readouterr().err
+  assert sweeps.main(["--help"]) == 0 and "--transfer_override" in capsys.readouterr().out
+  assert sweeps.main(["--experiment=d2mae_table3", f"--root={tmp_path}", "--seeds=1", "--dry_run",
+                      "--transfer_override=train.epochs=2"]) == 0
+  assert capsys.readouterr().out.count(" seed 0 ") == 12
+  calls = []
+  monkeypatch.setattr(sweeps, "run_sweep", lambda *a, **k: calls.append(k))
+  assert sweeps.main(["--experiment=d2mae_table3", f"--root={tmp_path}"]) == 0
+  assert calls[0]["seeds"] == [0, 1, 2] and calls[0]["transfer_overrides"] == {}

@@ -80,7 +80,8 @@ PRETRAIN_CASES = [
     ("denoise_mae", "corrupt.noise_std", 0.0, 1),
     ("usfm", "corrupt.spatial_unit", 12, 1),  # not a multiple of the patch size
     ("usfm", "corrupt.spatial_ratio", 1.0, 1),
-    ("usfm", "corrupt.rings_dropped", 99, 1),
+    ("usfm", "corrupt.freq_base_bw", 1, 1),  # not above freq_center_protect (1 in the smoke config)
+    ("usfm", "corrupt.freq_ratio", 1.5, 1),
     ("usfm", "model.ffl_weight", -0.4, 1),
     ("usfm", "model.path", "mae", 1),
 ]

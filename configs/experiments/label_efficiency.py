@@ -1,7 +1,7 @@
 """Label-efficiency curves (USFM §5.3, Fig. 10): each recipe fine-tuned on 20/40/60/80/100 % of the
 training labels (stratified; the same subset for every method at a given seed; nested across
 fractions). One pretraining per recipe and seed serves all fractions. The MAE row is He et al.'s
-recipe (norm-pix loss); `("mae", "norm_pix=false")` would be the Deblurring MAE tables' pixel-space
+recipe (norm-pix loss); `("mae", "us")` would be the Deblurring MAE tables' pixel-space
 "MAE (US)" (docs/methods.md#label-efficiency).
 
   python -m mae_jax.sweeps --experiment=label_efficiency --root=runs/label_eff --scale=tiny --seeds=3

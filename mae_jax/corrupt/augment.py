@@ -3,8 +3,8 @@ Gaussian blur, per sample, inside the jitted step.
 
 USFM (Medical Image Analysis 2024) §3.1: "we performed image augmentation on the input data ...
 random rotation, scaling, cropping, brightness and contrast adjustment, and Gaussian blur". The
-paper gives no parameters and its pretraining code was never published (openmedlab/USFM holds the
-downstream code only), so the ranges are config fields (`config.augment`, docs/methods.md#usfm-augmentation
+paper gives no parameters, and openmedlab/USFM publishes its masking (usdsgen/data/transforms.py)
+and downstream code but no pretraining augmentation, so the ranges are config fields (`config.augment`, docs/methods.md#usfm-augmentation
 says what was chosen and why). Cropping is the host's random resized crop (`mae_jax.data.pipeline`),
 which every recipe already gets.
 
@@ -123,3 +123,62 @@ def augment(key, x01, **kw):
   """USFM's augmentation of a batch of [0, 1] images (N, H, W, C), parameters drawn per sample."""
   p = draw(key, x01.shape[0], **kw)
   return apply(x01, p, blur_kernel=blur_lib.gaussian_kernel_size(kw["blur_sigma_max"]))
+
+
+def flip_rot90(key, images, masks=None, *, vflip: bool = True, rot90: bool = True):
+  """USFM's segmentation augmentation past the resize (usdsgen/data/datasets.py: albumentations
+  RandomRotate90(p=0.5), then horizontal and vertical flips, p = 0.5 each), per sample, image and mask
+  alike; the horizontal flip is the host pipeline's (`data.hflip`). With probability 1/2 a rotation by
+  k·90°, k ~ U{0..3} (albumentations draws k in 0..3 inclusive); then a vertical flip with
+  probability 1/2. NHWC, square images. Returns (images, masks)."""
+  n, h, w = images.shape[:3]
+  if rot90 and h != w:
+    raise ValueError(f"rot90 needs square images, got {h}x{w}")
+  k_apply, k_k, k_flip = jax.random.split(key, 3)
+  k = jnp.where(jax.random.bernoulli(k_apply, 0.5, (n,)) if rot90 else jnp.zeros((n,), bool),
+                jax.random.randint(k_k, (n,), 0, 4), 0)
+  flip = jax.random.bernoulli(k_flip, 0.5, (n,)) if vflip else jnp.zeros((n,), bool)
+
+  def one(x):
+    if x is None:
+      return None
+    out = x
+    for r in (1, 2, 3):
+      out = jnp.where((k == r)[:, None, None, None], jnp.rot90(x, r, axes=(1, 2)), out)
+    return jnp.where(flip[:, None, None, None], out[:, ::-1], out)
+
+  return one(images), one(masks)
+
+
+def flip_rot90_batch(key, batch: dict, *, vflip: bool, rot90: bool) -> dict:
+  """`flip_rot90` on a segmentation batch's `image` and `mask`."""
+  image, mask = flip_rot90(key, batch["image"], batch["mask"], vflip=vflip, rot90=rot90)
+  return {**batch, "image": image, "mask": mask}
+
+
+def random_erasing(key, x, prob: float, *, min_area: float = 0.02, max_area: float = 1 / 3,
+                   min_aspect: float = 0.3, attempts: int = 10):
+  """timm's RandomErasing(probability=prob, mode='pixel', max_count=1) on a batch of normalised NHWC
+  images, per sample, on device: with probability `prob`, up to `attempts` draws of an area fraction
+  ~ U(min_area, max_area) and a log aspect ratio ~ U(log min_aspect, −log min_aspect); the first whose
+  box h = round(√(area·aspect)), w = round(√(area/aspect)) fits strictly inside (h < H, w < W) is
+  placed at top ~ U{0..H−h}, left ~ U{0..W−w} and filled with N(0, 1) noise per pixel and channel."""
+  n, h, w, _ = x.shape
+  k_p, k_a, k_r, k_t, k_l, k_n = jax.random.split(key, 6)
+  area = jax.random.uniform(k_a, (n, attempts), minval=min_area, maxval=max_area) * h * w
+  log_r = jax.random.uniform(k_r, (n, attempts), minval=math.log(min_aspect),
+                             maxval=-math.log(min_aspect))
+  bh = jnp.round(jnp.sqrt(area * jnp.exp(log_r))).astype(jnp.int32)
+  bw = jnp.round(jnp.sqrt(area / jnp.exp(log_r))).astype(jnp.int32)
+  fits = (bh < h) & (bw < w)
+  first = jnp.argmax(fits, axis=1)
+  bh = jnp.take_along_axis(bh, first[:, None], 1)[:, 0]
+  bw = jnp.take_along_axis(bw, first[:, None], 1)[:, 0]
+  erase = (jax.random.uniform(k_p, (n,)) < prob) & jnp.any(fits, axis=1)
+  top = jnp.floor(jax.random.uniform(k_t, (n,)) * (h - bh + 1)).astype(jnp.int32)
+  left = jnp.floor(jax.random.uniform(k_l, (n,)) * (w - bw + 1)).astype(jnp.int32)
+  rows, cols = jnp.arange(h)[None, :, None], jnp.arange(w)[None, None, :]
+  box = ((rows >= top[:, None, None]) & (rows < (top + bh)[:, None, None])
+         & (cols >= left[:, None, None]) & (cols < (left + bw)[:, None, None]) & erase[:, None, None])
+  noise = jax.random.normal(k_n, x.shape, x.dtype)
+  return jnp.where(box[..., None], noise, x)

@@ -291,6 +291,110 @@ def defocus_blur(images, radius: int = 5):
 
 
 # ----------------------------------------------------------------------------------------------
+# Kernels in stored pixels (`corrupt.kernel_units='native'`)
+#
+# DeblurringMIM blurs the stored image before RandomResizedCrop, so a "mean 5×5" spans 5 stored
+# pixels, 5·zoom model pixels along each axis of a crop resized by zoom. Each kernel below is the
+# stored-pixel kernel seen through that resize: its geometry evaluated at model-pixel offsets divided
+# by the per-sample, per-axis zoom, on a static support `support` (odd, large enough for the largest
+# zoom); at zoom 1 each equals its model-pixel counterpart above exactly.
+
+
+def native_support(extent: float, zoom_bound: float) -> int:
+  """Odd static kernel width for a kernel of `extent` stored pixels at zoom up to `zoom_bound`."""
+  return 2 * int(math.ceil((extent * max(zoom_bound, 1.0) + 1) / 2)) + 1
+
+
+def _offsets(support: int):
+  return jnp.arange(support, dtype=jnp.float32) - support // 2
+
+
+def native_mean_blur(images, size: int, zoom, support: int):
+  """Box of `size` stored pixels: per axis, each model pixel weighs the fraction of it inside
+  [−size·zoom/2, size·zoom/2] (so zoom 1 is the size-tap box), normalised; separable."""
+  images = _as_float_images(images)
+  k, z = _check_odd(size, "size"), jnp.asarray(zoom, jnp.float32)
+  d = jnp.abs(_offsets(_check_odd(support, "support")))
+  w = jnp.clip(k * z[:, :, None] / 2 + 0.5 - d, 0.0, 1.0)  # (N, 2, K)
+  w = w / jnp.sum(w, axis=-1, keepdims=True)
+  return _correlate_1d(_correlate_1d(images, w[:, 0], axis=1), w[:, 1], axis=2)
+
+
+def native_median_blur(images, size: int, zoom, support: int):
+  """Median over a window of round(size·zoom) model pixels per axis (odd), per sample."""
+  images = _as_float_images(images)
+  k, big = _check_odd(size, "size"), _check_odd(support, "support")
+  z = jnp.asarray(zoom, jnp.float32)
+  half = jnp.clip(jnp.round((k * z - 1) / 2), 0, big // 2)  # (N, 2) window half-widths
+  r = big // 2
+  _, h, w, _ = images.shape
+  padded = _reflect_pad(images, r, r)
+  stack, valid = [], []
+  for i in range(big):
+    for j in range(big):
+      stack.append(padded[:, i:i + h, j:j + w, :])
+      valid.append((abs(i - r) <= half[:, 0]) & (abs(j - r) <= half[:, 1]))
+  stack = jnp.stack(stack, axis=-1)
+  valid = jnp.stack(valid, axis=-1)[:, None, None, None, :]  # (N, 1, 1, 1, K²)
+  ordered = jnp.sort(jnp.where(valid, stack, jnp.inf), axis=-1)
+  count = ((2 * half[:, 0] + 1) * (2 * half[:, 1] + 1)).astype(jnp.int32)
+  idx = ((count - 1) // 2)[:, None, None, None, None]
+  return jnp.take_along_axis(ordered, jnp.broadcast_to(idx, ordered.shape[:-1] + (1,)), axis=-1)[..., 0]
+
+
+def _stored_offsets(support: int, zoom):
+  offs = _offsets(support)
+  z = jnp.asarray(zoom, jnp.float32)
+  return offs[None, :, None] / z[:, 0, None, None], offs[None, None, :] / z[:, 1, None, None]
+
+
+def native_defocus_blur(images, radius: int, zoom, support: int):
+  """Disk of `radius` stored pixels: model cells with (dy/zoom_y)² + (dx/zoom_x)² ≤ radius²."""
+  images = _as_float_images(images)
+  dy, dx = _stored_offsets(_check_odd(support, "support"), zoom)
+  disk = (dy * dy + dx * dx <= float(radius) ** 2 + 1e-6).astype(jnp.float32)
+  return _correlate_2d(images, disk / jnp.sum(disk, axis=(-2, -1), keepdims=True))
+
+
+def native_motion_blur(key, images, length: int, zoom, support: int, *, angle=None):
+  """`motion_kernel`'s line (length and width in stored pixels) at model-pixel offsets / zoom."""
+  images = _as_float_images(images)
+  n, k = images.shape[0], _check_odd(length, "length")
+  if angle is None:
+    if key is None:
+      raise ValueError("motion_blur needs a PRNG key (or explicit angles)")
+    angle = jax.random.uniform(key, (n,), jnp.float32, 0.0, math.pi)
+  a = jnp.broadcast_to(jnp.asarray(angle, jnp.float32), (n,))[:, None, None]
+  dy, dx = _stored_offsets(_check_odd(support, "support"), zoom)
+  along = dx * jnp.cos(a) - dy * jnp.sin(a)
+  across = jnp.abs(dx * jnp.sin(a) + dy * jnp.cos(a))
+  wgt = jnp.maximum(1.0 - across, 0.0) * jnp.clip((k - 1) / 2 + 1.0 - jnp.abs(along), 0.0, 1.0)
+  # within the length × length stored-pixel grid `motion_kernel` is drawn on
+  inside = (jnp.abs(dy) <= (k - 1) / 2 + 1e-6) & (jnp.abs(dx) <= (k - 1) / 2 + 1e-6)
+  wgt = jnp.where(inside, wgt, 0.0)
+  return _correlate_2d(images, wgt / jnp.sum(wgt, axis=(-2, -1), keepdims=True))
+
+
+NATIVE = ("mean", "median", "motion", "defocus")
+
+
+def apply_blur_native(method: str, key, images, zoom, zoom_bound: float, **params):
+  """A blur of `NATIVE` with its size parameter in stored pixels (zoom: (N, 2) model pixels per
+  stored pixel; zoom_bound: the largest zoom, sizing the static support)."""
+  if method == "mean":
+    return native_mean_blur(images, params["size"], zoom, native_support(params["size"], zoom_bound))
+  if method == "median":
+    return native_median_blur(images, params["size"], zoom, native_support(params["size"], zoom_bound))
+  if method == "motion":
+    return native_motion_blur(key, images, params["length"], zoom,
+                              native_support(params["length"], zoom_bound), angle=params.get("angle"))
+  if method == "defocus":
+    return native_defocus_blur(images, params["radius"], zoom,
+                               native_support(2 * params["radius"] + 1, zoom_bound))
+  raise ValueError(f"blur {method!r} has no stored-pixel kernel; expected one of {NATIVE}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Registry: configs name a blur by string; every entry has the signature (key, images, **params).
 
 

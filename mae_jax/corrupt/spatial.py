@@ -5,10 +5,11 @@ a fraction of them, chosen per sample at random, is filled with the image's own 
 and per channel, over the whole image, so the grey-level distribution stays continuous instead of
 the black holes that zero filling makes).
 
-How many units: the same argsort-of-noise scheme as MAE's random masking (small noise = kept),
-keeping `int(L · (1 − ratio))` units (truncation, as facebookresearch/mae does), so
-L − int(L · (1 − ratio)) are masked: 20 of 49 at ratio 0.4, which is also what SimMIM's
-mask generator gives (ceil(L · ratio)). Every sample masks exactly that many units.
+How many units: int(np.ceil(L · ratio)), as the authors' `BlockwiseMaskGenerator(mask_color='mean')`
+(openmedlab/USFM usdsgen/data/transforms.py, SimMIM's count): 20 of 49 at ratio 0.4. Which ones:
+the largest entries of per-sample uniform noise (every subset equally likely, as their
+`np.random.permutation(L)[:count]`). Every sample masks exactly that many units; the fill is the
+image's per-channel mean over the whole image, as theirs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mae_jax.corrupt.masking import num_kept, shuffle_from_noise
+import numpy as np
+
+from mae_jax.corrupt.masking import shuffle_from_noise
 from mae_jax.patches import upsample_patch_mask
 
 
@@ -29,7 +32,9 @@ def unit_grid(h: int, w: int, unit: int) -> tuple[int, int]:
 
 
 def num_masked_units(num_units: int, mask_ratio: float) -> int:
-  return num_units - num_kept(num_units, mask_ratio)
+  """ceil(L · ratio) in float64 as the authors' generator computes it (so 100 units at 0.07 give
+  8: 100 · 0.07 is 7.000000000000001)."""
+  return int(np.ceil(num_units * mask_ratio))
 
 
 def spatial_unit_mask(key, batch: int, num_units: int, mask_ratio: float, noise=None):
@@ -41,7 +46,7 @@ def spatial_unit_mask(key, batch: int, num_units: int, mask_ratio: float, noise=
   elif noise.shape != (batch, num_units):
     raise ValueError(f"spatial mask noise must have shape {(batch, num_units)}, got {noise.shape}")
   _, ids_restore = shuffle_from_noise(noise)
-  return (ids_restore >= num_kept(num_units, mask_ratio)).astype(jnp.float32)
+  return (ids_restore >= num_units - num_masked_units(num_units, mask_ratio)).astype(jnp.float32)
 
 
 def mean_fill(images, pixel_mask):

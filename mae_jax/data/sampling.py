@@ -8,9 +8,10 @@ only state a checkpoint needs is ``k`` itself.
 USFM Eq. 1 gives every image of organ ``o`` the sampling weight ``1/√N_o`` (a weighted sampler over
 images, "during each input fetch, the image is sampled ... using weights w_sample"). An organ's
 share of the draws is then ``N_o · N_o^{-1/2} ∝ √N_o``: rare organs are drawn more often than
-their share of the data, without being equalised. With USFM's published organ shares (§5.1, §5.4:
-breast 91.74 %, thyroid 3.29 %, fetal body 0.93 %, neck 0.51 %, abdomen 0.43 %, fetal head 0.39 %,
-fetal abdomen 0.19 %, muscle 0.07 %) breast gets ≈ 64 % of the draws and muscle ≈ 1.8 %. We draw
+their share of the data, without being equalised. With the shares USFM names for 8 of its 12 organs
+(§5.1, §5.4: breast 91.74 %, thyroid 3.29 %, fetal body 0.93 %, neck 0.51 %, abdomen 0.43 %, fetal
+head 0.39 %, fetal abdomen 0.19 %, muscle 0.07 %) breast gets ≈ 64 % of the draws and muscle ≈ 1.8 %
+among those 8; over all 12 organs (the other four hold the remaining 2.45 %) ≈ 52.7 % and ≈ 1.46 %. We draw
 the organ with probability ``√N_o / Σ √N`` and then one of its images uniformly, which is that
 weighted sampler over images exactly (docs/methods.md#organ-balanced-sampling). ``uniform`` mode (the USFM-woS
 ablation) ignores organs and walks through a fresh permutation of the whole dataset every epoch.

@@ -24,7 +24,8 @@ and columns of the kept tokens, which is what attending over the kept tokens of 
 
 Init (BEiT's): Linear kernels normal(0.02) (timm's trunc_normal_ at ±2 absolute is untruncated for
 that std), zero biases, the attention output and fc2 kernels of block i divided by √(2(i+1)), CLS
-normal(0.02), relative tables zero; the patch embedding is `vit.PatchEmbed`'s.
+normal(0.02), relative tables zero; the patch embedding's kernel normal(0.02) with a zero bias
+(USFM's `_init_weights` re-initialises the patch Conv2d so, usdsgen/modules/backbone/vision_transformer.py).
 """
 
 from __future__ import annotations
@@ -206,6 +207,9 @@ class Encoder(nnx.Module):
     self.options = options
     self.dtype = dtype
     self.patch_embed = vit.PatchEmbed(spec, dtype=dtype, rngs=rngs)
+    # USFM's backbone re-initialises its patch Conv2d in `_init_weights` (trunc_normal 0.02, zero
+    # bias), unlike MAE's xavier kernel and torch-default bias that `vit.PatchEmbed` starts from.
+    self.patch_embed.proj = _linear(spec.patch_dim, spec.width, dtype=dtype, rngs=rngs)
     self.cls_token = nnx.Param(INIT_STD * jax.random.normal(rngs.params(), (1, 1, spec.width)))
     self.rel_pos_bias = (
         nnx.Param(jnp.zeros((num_relative_distance(spec.grid), spec.num_heads), jnp.float32))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -20,7 +21,8 @@ import numpy as np
 
 from mae_jax import evaluate, validate
 from mae_jax.data import pipeline, transforms
-from mae_jax.train import checkpoint, core, loop, lr_decay, obs, sharding
+from mae_jax.models import vit
+from mae_jax.train import checkpoint, core, loop, lr_decay, obs, optim, sharding
 
 log = logging.getLogger("mae_jax")
 
@@ -143,14 +145,64 @@ def set_up(config, workdir: str):
   return workdir, is_main, mesh, Pretrained(pcfg, model, step, mean, std, init_from)
 
 
+RUN_FIELDS = ("attention", "remat", "scan_layers")
+
+
+def run_options(config) -> dict:
+  """The `model.attention` / `remat` / `scan_layers` a downstream config sets (unset: pretraining's),
+  for the model helpers' `run=`."""
+  return {k: config.model[k] for k in RUN_FIELDS if config.model.get(k) is not None}
+
+
 def layerwise_adamw(config, pretrain_config, schedule, params, depth: int):
   """(AdamW with layer-wise lr decay over `depth` encoder blocks, the decay): `train.layer_decay`,
   or when unset the published value for the pretrained variant."""
   t = config.train
   decay = lr_decay.layer_decay_for(config, pretrain_config)
   tx = lr_decay.layerwise_adamw(schedule, params, depth=depth, layer_decay=decay, b1=t.b1, b2=t.b2,
-                                weight_decay=t.weight_decay, grad_clip=t.grad_clip)
+                                weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+                                no_decay=t.get("no_decay", "mae"))
   return tx, decay
+
+
+SCHEDULES = ("warmup_cosine", "timm_cosine")
+
+
+def schedule_for(train_config, peak_lr: float, steps: optim.Steps):
+  """The lr schedule of `train.schedule`; the cosine spans `train.decay_epochs` epochs when set
+  (DeblurringMIM's 10^7, a constant lr in practice), else the run."""
+  t = train_config
+  decay_epochs = t.get("decay_epochs", 0) or 0
+  total = int(math.ceil(decay_epochs * steps.per_epoch)) if decay_epochs else steps.total
+  kind = t.get("schedule", "warmup_cosine")
+  if kind == "timm_cosine":
+    return optim.timm_cosine(peak_lr, float(t.get("warmup_lr", 0.0)), steps.warmup, total, t.min_lr)
+  if kind != "warmup_cosine":
+    raise ValueError(f"config.train.schedule={kind!r}: expected one of {SCHEDULES}")
+  return optim.warmup_cosine(peak_lr, steps.warmup, total, t.min_lr)
+
+
+def validates(config, epoch: int) -> bool:
+  """Whether the validation split is scored after (1-based) `epoch`: every `eval.every_epochs`
+  epochs from the first, as USFM's `epoch % val_freq == 0` on 0-based epochs."""
+  every = int(config.eval.get("every_epochs", 1) or 1)
+  return (epoch - 1) % every == 0
+
+
+def early_stop(config, epoch: int, best_epoch: int) -> bool:
+  """DeblurringMIM main_finetune.py: training ends once `train.early_stop_epochs` epochs have
+  passed since the best validation score (0: never)."""
+  patience = int(config.train.get("early_stop_epochs", 0) or 0)
+  return patience > 0 and best_epoch > 0 and epoch - best_epoch >= patience
+
+
+def stops_early(config, val: Validation, epoch: int) -> bool:
+  """`early_stop` after `epoch` against the best validation epoch so far, logged when it stops."""
+  if not early_stop(config, epoch, val.best["epoch"]):
+    return False
+  log.info("early stop after epoch %d: no better validation %s since epoch %d", epoch, val.name,
+           val.best["epoch"])
+  return True
 
 
 # ------------------------------------------------------------------------------- bookkeeping
@@ -189,14 +241,18 @@ def run_loop(config, preempt, monitor, workdir: str, is_main: bool, *, steps, st
              step, ckpts: Checkpoints, val: Validation, split, checkpoint_due, evaluate,
              lr_field: str) -> loop.Outcome:
   """`loop.run` for a downstream job: its checkpoints are `ckpts` (`split(carry)` gives the train
-  state and the non-trained state they hold)."""
+  state and the non-trained state they hold). `evaluate` returning True stops early; a rerun after
+  an early stop trains no further."""
 
   def save(s, carry, data, force):
     del force  # downstream checkpoints are always forced (one per epoch or fewer)
     state, stats = split(carry)
     ckpts.save(s, state, stats, val, data)
 
-  job = loop.Job(total=steps.total, start=start, carry=carry, batch=batch, step=step,
+  total = steps.total
+  if start and steps.epoch_ends(start) and early_stop(config, steps.epoch(start), val.best["epoch"]):
+    total = start  # the run stopped early before this rerun: nothing more to train
+  job = loop.Job(total=total, start=start, carry=carry, batch=batch, step=step,
                  checkpoint_due=checkpoint_due, save=save,
                  latest_checkpoint=lambda: (ckpts.latest.latest_step(), str(ckpts.latest.directory)),
                  close=ckpts.close, evaluate=evaluate, lr_field=lr_field, first_loss=ckpts.first_loss)
@@ -289,6 +345,16 @@ def validate_common(config, num_devices: int, lr_field: str) -> None:
     fail("train.layer_decay", t.layer_decay, "must lie in (0, 1]")
   if config.data.name not in ("us_phantom", "folder"):
     fail("data.name", config.data.name, "expected 'us_phantom' or 'folder'")
+  if t.get("schedule", "warmup_cosine") not in SCHEDULES:
+    fail("train.schedule", t.schedule, f"expected one of {SCHEDULES}")
+  if t.get("no_decay", "mae") not in lr_decay.NO_DECAY_MODES:
+    fail("train.no_decay", t.no_decay, f"expected one of {lr_decay.NO_DECAY_MODES}")
+  if int(config.eval.get("every_epochs", 1) or 1) < 1:
+    fail("eval.every_epochs", config.eval.every_epochs, "must be >= 1")
+  run = run_options(config)
+  if run.get("attention", "xla") not in vit.ATTENTION:
+    fail("model.attention", run["attention"], f"expected one of {vit.ATTENTION}")
+  vit.remat_policy(run.get("remat", "none"))  # its error names model.remat
 
 
 # ----------------------------------------------------------------------------------- results

@@ -14,7 +14,8 @@
      (`lr_decay.layerwise_adamw`); or LARS (trust 0.001, momentum 0.9, no weight decay) for the
      probe. lr = base_lr · batch / 256, linear warm-up then half-cosine to `min_lr` (1e-6).
   5. Loss: cross-entropy with label smoothing 0.1 (fine-tuning), optional mixup / cutmix on device.
-  6. After every epoch: macro-F1 on the validation split; the best parameters are kept in host
+  6. After every `eval.every_epochs` epochs: `eval.select` (macro-F1, accuracy or balanced accuracy) on
+     the validation split, optional early stopping; the best parameters are kept in host
      memory and in `workdir/best/checkpoints` (`checkpoint.restore_params(workdir + '/best')` reads them).
   7. The best model is evaluated on the test split: metrics with bootstrap 95% CIs, written as
      `results.json` / `results.md` (`evaluate.write_results`) and `predictions_test.npz`.
@@ -41,6 +42,7 @@ import optax
 from flax import nnx
 
 from mae_jax import evaluate
+from mae_jax.corrupt import augment
 from mae_jax.data import sources
 from mae_jax.models import heads
 from mae_jax.train import core, downstream, lr_decay, obs, optim, preemption, sharding, transfer, writers
@@ -48,10 +50,10 @@ from mae_jax.train import core, downstream, lr_decay, obs, optim, preemption, sh
 log = logging.getLogger("mae_jax")
 
 JOBS = ("finetune", "linear_probe")
-METRICS = ("accuracy", "macro_f1", "auroc", "precision", "recall", "mcc")
-# What picks the best epoch (`eval.select`): D²MAE / USFM macro-F1; Deblurring MAE accuracy (its
-# official code keeps the checkpoint of the best `acc1`).
-SELECT = {"macro_f1": "macro-F1", "accuracy": "accuracy"}
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "precision", "recall", "mcc")
+# What picks the best epoch (`eval.select`): D²MAE macro-F1; Deblurring MAE accuracy (its official
+# code keeps the checkpoint of the best `acc1`); USFM balanced accuracy (usdsgen/trainer/cls_trainer.py).
+SELECT = {"macro_f1": "macro-F1", "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy"}
 F1_MODES = ("macro", "positive")
 
 
@@ -152,6 +154,7 @@ def make_steps(config, graphdef, tx, schedule, plan: transfer.TransferPlan, num_
                probe):
   t = config.train
   smoothing = float(t.label_smoothing)
+  erasing = 0.0 if probe else float(t.get("random_erasing", 0.0) or 0.0)
 
   def forward(params, stats, frozen, batch):
     model = nnx.merge(graphdef, params, stats, frozen)
@@ -166,6 +169,8 @@ def make_steps(config, graphdef, tx, schedule, plan: transfer.TransferPlan, num_
                           prob=float(t.mixup_prob), switch_prob=float(t.mixup_switch_prob))
     blur_t = batch["blur_t"] if plan.use_t else None
     x = _normalize(x01, mean, std)
+    if erasing > 0:  # timm RandomErasing after Normalize, as DeblurringMIM's transform
+      x = augment.random_erasing(jax.random.fold_in(key, 3), x, erasing)
     if probe:
       logits = model(x, blur_t=blur_t, train=True)
     else:
@@ -251,7 +256,7 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
 
   model = heads.from_pretrained(pre.model, num_classes, kind=config.job,
                                 global_pool=config.model.global_pool, drop_path=config.model.drop_path,
-                                seed=config.seed)
+                                seed=config.seed, run=downstream.run_options(config))
   pre.model = None  # the head model holds copies of its weights: free the pretraining model's
   trainable = nnx.All(nnx.Param, nnx.PathContains("head")) if probe else nnx.Param
   graphdef, params, stats, frozen = nnx.split(model, trainable, nnx.BatchStat, ...)
@@ -262,7 +267,7 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   steps = optim.Steps.of(t, n_train)
   # base_lr · batch / 256 (MAE); USFM's code divides by 512 (train.lr_batch_base).
   peak_lr = t.base_lr * t.batch_size / t.get("lr_batch_base", 256)
-  schedule = optim.warmup_cosine(peak_lr, steps.warmup, steps.total, t.min_lr)
+  schedule = downstream.schedule_for(t, peak_lr, steps)
   if probe:
     tx = lr_decay.lars(schedule, params, momentum=0.9, trust_coefficient=0.001, weight_decay=t.weight_decay)
     decay = None
@@ -301,18 +306,22 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   test_src = downstream.Positional(full["test"])
   pred = functools.partial(downstream.predict, eval_fn, plan=plan, config=config, image_size=image_size,
                            in_chans=in_chans, mesh=mesh, with_mask=False, unused=UNUSED)
-  def validate_epoch(step, carry):
+  def validate_epoch(step, carry) -> bool:
+    """Validates after the epochs `downstream.validates` picks; True ends the run (early stopping)."""
     if not steps.epoch_ends(step):
-      return
+      return False
     state, stats = carry
     epoch = steps.epoch(step)
-    with writer.timed("validation"):
-      p = pred((state.params, stats, frozen), val_src, "validation")
-    vm = metric_fn(p["label"], p["probs"])
-    writer.write_scalars(step, {f"val_{k}": v for k, v in vm.items()})
-    improved = val.record(epoch, step, vm, state.params, stats)
-    log.info("epoch %d (step %d): validation macro-F1 %.4f acc %.4f AUROC %.4f%s", epoch, step,
-             vm["macro_f1"], vm["accuracy"], vm["auroc"], " (best)" if improved else "")
+    if downstream.validates(config, epoch):
+      with writer.timed("validation"):
+        p = pred((state.params, stats, frozen), val_src, "validation")
+      vm = metric_fn(p["label"], p["probs"])
+      writer.write_scalars(step, {f"val_{k}": v for k, v in vm.items()})
+      improved = val.record(epoch, step, vm, state.params, stats)
+      log.info("epoch %d (step %d): validation %s %.4f, macro-F1 %.4f acc %.4f AUROC %.4f%s", epoch,
+               step, val.name, vm[select], vm["macro_f1"], vm["accuracy"], vm["auroc"],
+               " (best)" if improved else "")
+    return downstream.stops_early(config, val, epoch)
 
   def train_one(carry, batch):
     state, stats, metrics = step_fn(*carry, frozen, batch)

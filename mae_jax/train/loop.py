@@ -57,7 +57,8 @@ class Job:
   save: Callable[[int, Any, dict, bool], None]  # (step, carry, loop's checkpoint data, force)
   latest_checkpoint: Callable[[], tuple[int | None, str]]  # (newest step or None, where)
   close: Callable[[], None]  # waits for checkpoints in flight; runs whatever happens
-  evaluate: Callable[[int, Any], None] | None = None  # (step, carry) after each step
+  # (step, carry) after each step; a true return ends the run there (early stopping), checkpointed.
+  evaluate: Callable[[int, Any], bool | None] | None = None
   lr_field: str = "train.base_lr"  # the field the failure messages point at
   first_loss: float | None = None  # restored from the checkpoint's data (`loop_data`)
 
@@ -118,16 +119,17 @@ def run(job: Job, train_config, preempt: preemption.Preemption, monitor, workdir
       if final or job.checkpoint_due(step):
         guard.check(step, pending)  # a failed final step raises here: no evaluation, no save
         pending = None
-      if job.evaluate is not None:
-        job.evaluate(step, carry)
+      stop = bool(job.evaluate(step, carry)) if job.evaluate is not None else False
       preempt.poll(step)
-      if final or job.checkpoint_due(step) or preempt.requested:
+      if final or stop or job.checkpoint_due(step) or preempt.requested:
         if pending is not None:
           guard.check(step, pending)
           pending = None
         guard.save(step, carry, preempted=preempt.requested)
       if preempt.requested:
         preemption.log_saved(step)
+        break
+      if stop:
         break
     if pending is not None:
       guard.check(step, pending)

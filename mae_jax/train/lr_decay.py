@@ -17,8 +17,9 @@ The D²MAE blurriness vector `blur_token` is an input token like CLS: layer 0 an
 The multiplier scales the whole AdamW step of a parameter — Adam direction and decoupled weight
 decay alike — exactly as torch's AdamW does with a per-group `lr = lr_scale * lr`.
 
-Weight decay: none on 1-D parameters (biases, norm scales), `pos_embed`, `cls_token` (MAE's
-`no_weight_decay_list`) and `blur_token`.
+Weight decay (`train.no_decay`): mae (default) none on 1-D parameters (biases, norm scales),
+`pos_embed`, `cls_token` (MAE's `no_weight_decay_list`), `blur_token` and BEiT's relative-position
+tables; usfm as USFM's optimizer groups; none on every parameter (`weight_decay_mask`).
 """
 
 from __future__ import annotations
@@ -82,12 +83,30 @@ def lr_multipliers(params, depth: int, decay: float):
   return jax.tree_util.tree_map_with_path(mult, params)
 
 
-def weight_decay_mask(params):
-  """True where AdamW decays the weight: not 1-D, not pos_embed / cls_token / blur_token."""
+NO_DECAY_MODES = ("mae", "usfm", "none")
+
+
+def weight_decay_mask(params, mode: str = "mae"):
+  """True where AdamW decays the weight. mae: not 1-D, not pos_embed / cls_token / blur_token / BEiT's
+  relative-position tables; usfm: not 1-D, not a bias, not pos_embed / cls_token (USFM's
+  `no_weight_decay`, usdsgen/utils/optimizer.py: its relative-position tables are decayed); none:
+  every parameter (a plain torch AdamW over `model.parameters()`)."""
+  if mode not in NO_DECAY_MODES:
+    raise ValueError(f"train.no_decay={mode!r}: expected one of {NO_DECAY_MODES}")
+  from mae_jax.models import vit
+  if mode == "none":
+    return jax.tree.map(lambda _: True, params)
+
+  def decays_usfm(path, x) -> bool:
+    names = _strip_encoder(_names(path))
+    return (getattr(x, "ndim", 0) - vit.stacked_axes(path) > 1 and not (names and names[-1] == "bias")
+            and not (names and names[0] in ("pos_embed", "cls_token")))
+
+  if mode == "usfm":
+    return jax.tree_util.tree_map_with_path(decays_usfm, params)
 
   def decays(path, x) -> bool:
     names = _strip_encoder(_names(path))
-    from mae_jax.models import vit
     # BEiT's relative position tables are position parameters like pos_embed (timm's Beit excludes them).
     return (getattr(x, "ndim", 0) - vit.stacked_axes(path) > 1 and not (names and names[0] in NO_DECAY)
             and not (names and names[-1] == "relative_position_bias_table"))
@@ -115,13 +134,13 @@ def scale_by_tree(multipliers) -> optax.GradientTransformation:
 
 def layerwise_adamw(schedule, params, *, depth: int, layer_decay: float, b1: float = 0.9,
                     b2: float = 0.999, weight_decay: float = 0.05, grad_clip: float = 0.0,
-                    eps: float = 1e-8) -> optax.GradientTransformation:
-  """AdamW with MAE's layer-wise lr decay and fine-tuning weight-decay mask."""
+                    eps: float = 1e-8, no_decay: str = "mae") -> optax.GradientTransformation:
+  """AdamW with MAE's layer-wise lr decay and a fine-tuning weight-decay mask (`weight_decay_mask`)."""
   mults = lr_multipliers(params, depth, layer_decay)
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
   parts += [
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-      optax.add_decayed_weights(weight_decay, mask=weight_decay_mask(params)),
+      optax.add_decayed_weights(weight_decay, mask=weight_decay_mask(params, no_decay)),
       scale_by_tree(mults),
       optax.scale_by_learning_rate(schedule),
   ]

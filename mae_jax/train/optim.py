@@ -11,6 +11,7 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -50,6 +51,23 @@ def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int, min_lr: f
   return optax.warmup_cosine_decay_schedule(0.0, peak_lr, int(warmup_steps),
                                             max(int(total_steps), int(warmup_steps) + 1), min_lr)
 
+
+
+def timm_cosine(peak_lr: float, warmup_lr: float, warmup_steps: int, total_steps: int,
+                min_lr: float = 0.0):
+  """timm's CosineLRScheduler as USFM's trainers run it (usdsgen/utils/lr_scheduler.py:
+  t_in_epochs=False, warmup_prefix=False, cycle_limit=1): lr(t) = warmup_lr + t·(peak − warmup_lr) /
+  warmup_steps during the warm-up, else min_lr + (peak − min_lr)·(1 + cos(π·t / total_steps)) / 2
+  — a cosine over all steps, warm-up included — and min_lr from total_steps on. `step_update(t)` runs
+  after update t, so update g uses lr(max(g − 1, 0))."""
+
+  def schedule(step):
+    t = jnp.maximum(jnp.asarray(step, jnp.float32) - 1.0, 0.0)
+    warm = warmup_lr + t * (peak_lr - warmup_lr) / max(warmup_steps, 1)
+    cos = min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * t / max(total_steps, 1)))
+    return jnp.where(t < warmup_steps, warm, jnp.where(t < total_steps, cos, min_lr))
+
+  return schedule
 
 def decay_mask(params):
   """Weight decay on matrices only: biases and norm scales (1-D per block) are exempt, as in MAE;

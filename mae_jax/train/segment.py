@@ -60,6 +60,7 @@ import optax
 from flax import nnx
 
 from mae_jax import evaluate
+from mae_jax.corrupt import augment
 from mae_jax.data import sources
 from mae_jax.models import upernet
 from mae_jax.train import core, downstream, obs, optim, preemption, sharding, transfer, writers
@@ -164,7 +165,11 @@ def make_steps(config, graphdef, tx, schedule, plan, num_classes: int, mean, std
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+  vflip, rot90 = bool(config.data.get("vflip", False)), bool(config.data.get("rot90", False))
+
   def train_step(state: core.TrainState, rest, batch):
+    if vflip or rot90:  # USFM's RandomRotate90 + VerticalFlip, on device
+      batch = augment.flip_rot90_batch(core.step_key(state, salt=11), batch, vflip=vflip, rot90=rot90)
     (loss, aux), grads = grad_fn(state.params, rest, batch, core.step_key(state))
     new_state, grad_norm, ok = core.apply_if_finite(state, grads, loss, tx)
     metrics = {"loss": loss, **aux, "grad_norm": grad_norm, "lr": schedule(state.step),
@@ -464,7 +469,7 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
       pre.model, num_classes, channels=int(m.channels), blocks=parse_ints(m.blocks, "model.blocks") or None,
       pool_scales=parse_ints(m.pool_scales, "model.pool_scales"), norm_groups=int(m.norm_groups),
       drop_path=float(m.drop_path), dropout=float(m.dropout), image_size=image_size,
-      aux_channels=int(m.get("aux_channels", 0)), seed=config.seed)
+      aux_channels=int(m.get("aux_channels", 0)), seed=config.seed, run=downstream.run_options(config))
   pre.model = None  # the segmenter holds copies of its weights: free the pretraining model's
   graphdef, params, rest = core.split_model(model)
   n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -472,7 +477,7 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
 
   t = config.train
   steps = optim.Steps.of(t, n_train)
-  schedule = optim.warmup_cosine(float(t.lr), steps.warmup, steps.total, t.min_lr)
+  schedule = downstream.schedule_for(t, float(t.lr), steps)
   # The pretrained depth, not the truncated one: block i keeps MAE's / mmseg's multiplier.
   tx, decay = downstream.layerwise_adamw(config, pcfg, schedule, params, model.full_depth)
 
@@ -514,12 +519,15 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
     if not steps.epoch_ends(step):
       return
     epoch = steps.epoch(step)
+    if not downstream.validates(config, epoch):
+      return downstream.stops_early(config, val, epoch)
     with writer.timed("validation"):
       p = pred((state.params, rest), val_src, "validation")
     vd = float(np.mean(per_image_dice(p["pred"], p["mask"], num_classes)))
     writer.write_scalars(step, {"val_dice": vd})
     improved = val.record(epoch, step, {"dice": vd}, state.params, {})
     log.info("epoch %d (step %d): validation Dice %.4f%s", epoch, step, vd, " (best)" if improved else "")
+    return downstream.stops_early(config, val, epoch)  # train.early_stop_epochs
 
   every = max(1, int(t.checkpoint_every))
   out = downstream.run_loop(
