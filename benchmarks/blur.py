@@ -5,29 +5,38 @@ per case, the median wall time of the jitted blur of one batch and the largest d
 cv2.GaussianBlur (BORDER_REFLECT_101) with the same σ and kernel size.
 
   python -m benchmarks.blur                       # batch 32, 224 x 224 x 1, kernel sizes 9 and 17
-  python -m benchmarks.blur --batch 8 --size 64   # smaller
+  python -m benchmarks.blur --batch=8 --size=64   # smaller
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
+import types
+
+from absl import flags
+
+from mae_jax import tool_flags
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(prog="python -m benchmarks.blur", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--size", type=int, default=224)
-  p.add_argument("--kernels", default="9,17", help="kernel sizes (9: σ 1.1; 17: σ 1.1 at zoom 2.26)")
-  p.add_argument("--repeats", type=int, default=15)
-  return p.parse_args(argv)
+PROG = "python -m benchmarks.blur"
+FLAGS = flags.FlagValues()  # this tool's own (tool_flags): the benchmarks share flag names
+flags.DEFINE_integer("batch", 32, "Images per batch.", flag_values=FLAGS)
+flags.DEFINE_integer("size", 224, "Image side (px).", flag_values=FLAGS)
+flags.DEFINE_list("kernels", ["9", "17"], "Kernel sizes (9: σ 1.1; 17: σ 1.1 at zoom 2.26).",
+                             flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 15, "Timed calls per case.", flag_values=FLAGS)
 
 
-def main(argv=None):
-  args = parse_args(argv)
+def main(argv: list[str]) -> None:
+  """The command line in-process: `argv` are the flags (no program name)."""
+  tool_flags.parse(FLAGS, argv, PROG)
+  run()
+
+
+def run() -> None:
+  args = types.SimpleNamespace(**FLAGS.flag_values_dict())
   import cv2
   import jax
   import numpy as np
@@ -38,7 +47,7 @@ def main(argv=None):
   print(f"jax {jax.__version__} on {jax.default_backend()}, batch {args.batch} x {args.size}^2 x 1, "
         f"load {os.getloadavg()[0]:.1f}")
   print(f"{'case':34s} {'k':>3s} {'median ms':>10s} {'max |Δ| vs cv2':>15s}")
-  for k in (int(v) for v in args.kernels.split(",")):
+  for k in (int(v) for v in args.kernels):
     s_max = (k - 1) / 6  # the largest σ whose OpenCV size is k
     per = np.linspace(0.3, s_max, args.batch).astype(np.float32)
     axes = np.stack([per, per[::-1]], axis=1)  # (σ_y, σ_x), different per axis
@@ -62,4 +71,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  tool_flags.run(FLAGS, run)

@@ -5,40 +5,40 @@ Runs `mae_jax.data.pipeline.train_iterator` over `mae_jax.data.sources.open_sour
 first use), pulls batches as fast as it can and reports throughput, with no model step behind it.
 
   python -m benchmarks.input_pipeline                         # threads = nproc, 224 px, 1 channel
-  python -m benchmarks.input_pipeline --threads 1             # one reader thread
-  python -m benchmarks.input_pipeline --step-json /tmp/step.json   # + ratio to a measured step
+  python -m benchmarks.input_pipeline --threads=1             # one reader thread
+  python -m benchmarks.input_pipeline --step_json=/tmp/step.json   # + ratio to a measured step
 
 Per core = images per CPU-second of the whole process (reader threads, batching and main thread),
-i.e. what one fully busy core sustains. With `--step-json` (written by `python -m benchmarks.step --json`) it also
+i.e. what one fully busy core sustains. With `--step_json` (written by `python -m benchmarks.step --json`) it also
 prints pipeline images/s ÷ train-step images/s: the host keeps up when that is well above 1.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import time
+import types
 
+from absl import flags
 
+from mae_jax import tool_flags
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(prog="python -m benchmarks.input_pipeline", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", default="configs/mae.py", help="config file whose `data` section is read")
-  p.add_argument("--config-args", default="", help="its argument string, e.g. 'smoke'")
-  p.add_argument("--image-size", type=int, default=224)
-  p.add_argument("--channels", type=int, default=1, help="1 (ultrasound) or 3 (grey repeated)")
-  p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--batches", type=int, default=20, help="timed batches")
-  p.add_argument("--warmup", type=int, default=3, help="untimed batches (fills the prefetch buffer)")
-  p.add_argument("--threads", type=int, default=0, help="grain reader threads (0: nproc)")
-  p.add_argument("--num-train", type=int, default=0, help="override data.num_train (0: the config's)")
-  p.add_argument("--data-dir", default="", help="override data.data_dir")
-  p.add_argument("--step-json", default="", help="a benchmarks.step --json result to compare with")
-  p.add_argument("--json", default="", help="write the results here")
-  return p.parse_args(argv)
+PROG = "python -m benchmarks.input_pipeline"
+FLAGS = flags.FlagValues()  # this tool's own (tool_flags): the benchmarks share flag names
+flags.DEFINE_string("config", "configs/mae.py", "Config file whose `data` section is read.", flag_values=FLAGS)
+flags.DEFINE_string("config_args", "", "Its argument string, e.g. 'smoke'.", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 224, "Crop side (px).", flag_values=FLAGS)
+flags.DEFINE_integer("channels", 1, "1 (ultrasound) or 3 (grey repeated).", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 32, "Images per batch.", flag_values=FLAGS)
+flags.DEFINE_integer("batches", 20, "Timed batches.", flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 3, "Untimed batches (fills the prefetch buffer).", flag_values=FLAGS)
+flags.DEFINE_integer("threads", 0, "grain reader threads (0: nproc).", flag_values=FLAGS)
+flags.DEFINE_integer("num_train", 0, "Override data.num_train (0: the config's).", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", "", "Override data.data_dir.", flag_values=FLAGS)
+flags.DEFINE_string("step_json", "", "A benchmarks.step --json result to compare with.", flag_values=FLAGS)
+flags.DEFINE_string("json", "", "Write the results here.", flag_values=FLAGS)
 
 
 def load_config(path: str, arg: str):
@@ -73,8 +73,14 @@ def measure(source, config, args, threads: int) -> dict:
           "images_per_s_per_core": n / cpu, "cpu_ms_per_image": 1e3 * cpu / n}
 
 
-def main(argv=None) -> dict:
-  args = parse_args(argv)
+def main(argv: list[str]) -> dict:
+  """The command line in-process: `argv` are the flags (no program name); the measurement."""
+  tool_flags.parse(FLAGS, argv, PROG)
+  return run()
+
+
+def run() -> dict:
+  args = types.SimpleNamespace(**FLAGS.flag_values_dict())
   threads = args.threads or len(os.sched_getaffinity(0))
   from mae_jax.data import sources
   config = load_config(args.config, args.config_args)
@@ -108,4 +114,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  tool_flags.run(FLAGS, run)

@@ -6,15 +6,21 @@ either a different model function patched in while the variant is traced, a conf
 XLA compiler options for that one compilation (no process-wide XLA_FLAGS needed).
 
   python -m benchmarks.levers                          # every lever below, issue-9 configuration
-  python -m benchmarks.levers --levers remat,bf16 --steps 8
-  python -m benchmarks.levers --variant micro --image-size 32 --batch 4 --steps 1   # smoke (tests)
+  python -m benchmarks.levers --levers=remat,bf16 --steps=8
+  python -m benchmarks.levers --variant=micro --image_size=32 --batch=4 --steps=1   # smoke (tests)
+
+Flags: `--levers` and those of `benchmarks.step` but its PyTorch peers.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
+
+from absl import flags
+
+from benchmarks import step as step_lib
+from mae_jax import tool_flags
 
 
 @contextlib.contextmanager
@@ -56,19 +62,26 @@ LEVERS = {
 }
 
 
-def parse_args(argv=None):
-  from benchmarks import step
-  p = argparse.ArgumentParser(prog="python -m benchmarks.levers", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--levers", default=",".join(LEVERS), help=f"comma list of {', '.join(LEVERS)}")
-  argv = list(argv or [])
-  ours, rest = p.parse_known_args(argv)
-  args = step.parse_args(["--no-torch"] + rest)
-  args.levers = [lv for lv in ours.levers.split(",") if lv]
+PROG = "python -m benchmarks.levers"
+FLAGS = flags.FlagValues()  # this tool's own (tool_flags)
+step_lib.define_flags(FLAGS, peers=False)
+_LEVERS = flags.DEFINE_list("levers", list(LEVERS), f"Comma list of {', '.join(LEVERS)}.", flag_values=FLAGS)
+
+
+def namespace(fv: flags.FlagValues):
+  """benchmarks.step's namespace (no PyTorch peers) with `levers`, checked."""
+  args = step_lib.namespace(fv)
+  args.levers = [lv for lv in args.levers if lv]
   for lv in args.levers:
     if lv not in LEVERS:
       raise SystemExit(f"--levers: unknown lever {lv!r}; expected some of {sorted(LEVERS)}")
   return args
+
+
+def parse_args(argv: list[str]):
+  """The command line in-process (`argv` without the program name) as `namespace` gives it."""
+  tool_flags.parse(FLAGS, argv, PROG)
+  return namespace(FLAGS)
 
 
 def build(args, images, lever: str | None):
@@ -76,10 +89,9 @@ def build(args, images, lever: str | None):
   import copy
 
   import jax
-  from benchmarks import step
 
   if lever is None:
-    side = step.JaxSide("mae", args, images)
+    side = step_lib.JaxSide("mae", args, images)
     side.name = "as committed"
     return side
   _, patch, words, options = LEVERS[lever]
@@ -88,21 +100,23 @@ def build(args, images, lever: str | None):
   a.compiler_options = options
   with (patch() if patch else contextlib.nullcontext()):
     jax.clear_caches()  # re-trace with the patched function
-    side = step.JaxSide("mae", a, images)
+    side = step_lib.JaxSide("mae", a, images)
   side.name = lever
   return side
 
 
-def main(argv=None):
-  import sys
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  from benchmarks import step
-  threads = step.setup_threads(args.threads)
+def main(argv: list[str]):
+  """The command line in-process: `argv` are the flags (no program name); the table's rows."""
+  return run(parse_args(argv))
+
+
+def run(args):
+  threads = step_lib.setup_threads(args.threads)
   import numpy as np
   rng = np.random.default_rng(args.seed)
   images = rng.integers(0, 256, size=(args.batch, args.image_size, args.image_size, args.channels),
                         dtype=np.uint8)
-  env = step.environment(threads)
+  env = step_lib.environment(threads)
   print(f"# {env['cpu']} | threads {threads}/{env['nproc']} | load avg {env['load_avg'][0]:.2f} "
         , flush=True)
   base = build(args, images, None)
@@ -116,7 +130,7 @@ def main(argv=None):
     for s in (base, other):
       for _ in range(max(args.warmup, 1)):
         s.step()
-    times, cpu = step.time_sides([base, other], args.steps)
+    times, cpu = step_lib.time_sides([base, other], args.steps)
     b, o = statistics.median(times[base.name]), statistics.median(times[lever])
     bc, oc = statistics.median(cpu[base.name]), statistics.median(cpu[lever])
     temp = lambda s: s.memory.get("temp_size_in_bytes", 0) / 2**20
@@ -125,9 +139,9 @@ def main(argv=None):
           f"cpu {1e3 * oc:7.0f} | changed is {100 * (o / b - 1):+5.1f}% wall, {100 * (oc / bc - 1):+5.1f}% cpu "
           f"| XLA temp {temp(base):.0f} vs {temp(other):.0f} MiB", flush=True)
     del other
-  print(f"# load avg at the end {step.os.getloadavg()[0]:.2f}")
+  print(f"# load avg at the end {step_lib.os.getloadavg()[0]:.2f}")
   return rows
 
 
 if __name__ == "__main__":
-  main()
+  tool_flags.run(FLAGS, lambda: run(namespace(FLAGS)))

@@ -24,18 +24,24 @@ from __future__ import annotations
 import json
 import time
 
-from absl import app, flags
+from absl import flags
 
-_RECIPES = flags.DEFINE_list("recipes", ["mae", "d2mae", "usfm"], "Recipes (configs/<name>.py).")
-_VARIANTS = flags.DEFINE_list("variants", ["b", "l"], "ViT sizes (model.variant).")
-_BATCHES = flags.DEFINE_list("batches", ["64", "128", "256"], "Per-device batch sizes.")
-_SETTINGS = flags.DEFINE_list("settings", ["off", "on"], "off: no scan, no remat; on: scan + --remat_on.")
-_REMAT_ON = flags.DEFINE_string("remat_on", "full", "model.remat of the 'on' setting.")
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "model.dtype (bfloat16 = the accelerator default).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "model.image_size.")
-_BUDGET_GB = flags.DEFINE_float("budget_gb", 80.0, "Device memory the 'fits' column compares with.")
-_MICRO = flags.DEFINE_bool("micro", False, "A micro model at 32 px, batch 2 (smoke test of the tool).")
-_JSON = flags.DEFINE_string("json", "", "Also write the rows as JSON here.")
+from mae_jax import tool_flags
+
+FLAGS = flags.FlagValues()  # this tool's own (tool_flags): the benchmarks share flag names
+_RECIPES = flags.DEFINE_list("recipes", ["mae", "d2mae", "usfm"], "Recipes (configs/<name>.py).", flag_values=FLAGS)
+_VARIANTS = flags.DEFINE_list("variants", ["b", "l"], "ViT sizes (model.variant).", flag_values=FLAGS)
+_BATCHES = flags.DEFINE_list("batches", ["64", "128", "256"], "Per-device batch sizes.", flag_values=FLAGS)
+_SETTINGS = flags.DEFINE_list("settings", ["off", "on"], "off: no scan, no remat; on: scan + --remat_on.",
+                              flag_values=FLAGS)
+_REMAT_ON = flags.DEFINE_string("remat_on", "full", "model.remat of the 'on' setting.", flag_values=FLAGS)
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "model.dtype (bfloat16 = the accelerator default).",
+                             flag_values=FLAGS)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "model.image_size.", flag_values=FLAGS)
+_BUDGET_GB = flags.DEFINE_float("budget_gb", 80.0, "Device memory the 'fits' column compares with.", flag_values=FLAGS)
+_MICRO = flags.DEFINE_bool("micro", False, "A micro model at 32 px, batch 2 (smoke test of the tool).",
+                           flag_values=FLAGS)
+_JSON = flags.DEFINE_string("json", "", "Also write the rows as JSON here.", flag_values=FLAGS)
 
 GB = 1e9
 
@@ -116,8 +122,13 @@ def largest_fitting(rows, budget_gb: float) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
+def main(argv: list[str]) -> list[dict]:
+  """The command line in-process: `argv` are the flags (no program name); the measured rows."""
+  tool_flags.parse(FLAGS, argv, "python -m benchmarks.memory")
+  return run()
+
+
+def run() -> list[dict]:
   import jax
   if _MICRO.value:
     grid = [(r, "micro", 2, s) for r in _RECIPES.value for s in _SETTINGS.value]
@@ -141,7 +152,8 @@ def main(argv):
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(rows, f, indent=1)
+  return rows
 
 
 if __name__ == "__main__":
-  app.run(main)
+  tool_flags.run(FLAGS, run)

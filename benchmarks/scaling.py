@@ -4,38 +4,60 @@ recipe overhead of D²MAE, Deblurring MAE and USFM (with its augmentation) over 
 step. Prints a markdown table; `--json` keeps everything.
 
   python -m benchmarks.scaling                 # the full table (tens of minutes on 2 cores)
-  python -m benchmarks.scaling --rows b8 --steps 1 --warmup 1 --image-size 32 --patch 8 \
-      --decoder 16x1x2 --variants micro       # smoke (tests)
+  python -m benchmarks.scaling --batches=2,4 --variants=micro --base_variant=micro --base_batch=4 \
+      --recipes=mae,d2mae --steps=1 --warmup=1 --image_size=32 --patch=8 --decoder=16x1x2   # smoke (tests)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import types
+
+from absl import flags
+
+from mae_jax import tool_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PROG = "python -m benchmarks.scaling"
+FLAGS = flags.FlagValues()  # this tool's own (tool_flags): the benchmarks share flag names
+flags.DEFINE_list("batches", ["8", "32", "128"], "Batch sizes of the base variant's rows.",
+                             flag_values=FLAGS)
+flags.DEFINE_list("variants", ["ti", "s", "b"], "Variants of the --base_batch rows.", flag_values=FLAGS)
+flags.DEFINE_string("base_variant", "s", "Variant of the batch rows.", flag_values=FLAGS)
+flags.DEFINE_integer("base_batch", 32, "Batch of the variant rows.", flag_values=FLAGS)
+flags.DEFINE_list("recipes", ["mae", "d2mae", "deblur", "usfm", "simmim"],
+                             "The overhead row's recipes (empty: no overhead row).", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 5, "Timed steps per side.", flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 1, "Untimed steps per side.", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 224, "Image side (px).", flag_values=FLAGS)
+flags.DEFINE_integer("patch", 0, "Patch size (0: the preset's).", flag_values=FLAGS)
+flags.DEFINE_string("decoder", "256x4x8", "Decoder WIDTHxDEPTHxHEADS.", flag_values=FLAGS)
+flags.DEFINE_string("peers", "official", "benchmarks.step --peers (empty: JAX only).", flag_values=FLAGS)
+flags.DEFINE_integer("timeout", 3600, "Seconds per row.", flag_values=FLAGS)
+flags.DEFINE_string("json", "", "Write the results here.", flag_values=FLAGS)
 
 
 def rows(args):
   """(label, extra benchmarks.step arguments) of each row."""
   out = []
   for b in args.batches:
-    out.append((f"ViT-{args.base_variant.upper()} batch {b}", ["--variant", args.base_variant, "--batch", str(b)]))
+    out.append((f"ViT-{args.base_variant.upper()} batch {b}", [f"--variant={args.base_variant}", f"--batch={b}"]))
   for v in args.variants:
     if v == args.base_variant and args.base_batch in args.batches:
       continue  # already a row
-    out.append((f"ViT-{v.upper()} batch {args.base_batch}", ["--variant", v, "--batch", str(args.base_batch)]))
+    out.append((f"ViT-{v.upper()} batch {args.base_batch}", [f"--variant={v}", f"--batch={args.base_batch}"]))
   return out
 
 
 def run_step(step_args, timeout: int) -> dict:
   with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, "step.json")
-    cmd = [sys.executable, "-m", "benchmarks.step", *step_args, "--json", path]
+    cmd = [sys.executable, "-m", "benchmarks.step", *step_args, f"--json={path}"]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
@@ -44,35 +66,29 @@ def run_step(step_args, timeout: int) -> dict:
       return json.load(f)
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--batches", default="8,32,128")
-  p.add_argument("--variants", default="ti,s,b")
-  p.add_argument("--base-variant", default="s")
-  p.add_argument("--base-batch", type=int, default=32)
-  p.add_argument("--recipes", default="mae,d2mae,deblur,usfm,simmim",
-                 help="the overhead row's recipes (empty: no overhead row)")
-  p.add_argument("--steps", type=int, default=5)
-  p.add_argument("--warmup", type=int, default=1)
-  p.add_argument("--image-size", type=int, default=224)
-  p.add_argument("--patch", type=int, default=0)
-  p.add_argument("--decoder", default="256x4x8")
-  p.add_argument("--peers", default="official")
-  p.add_argument("--timeout", type=int, default=3600, help="seconds per row")
-  p.add_argument("--json", default="")
-  args = p.parse_args(argv)
-  args.batches = [int(b) for b in args.batches.split(",") if b]
-  args.variants = [v for v in args.variants.split(",") if v]
-  common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--image-size", str(args.image_size),
-            "--patch", str(args.patch), "--decoder", args.decoder]
+def main(argv: list[str]) -> dict:
+  """The command line in-process: `argv` are the flags (no program name); the results by row."""
+  tool_flags.parse(FLAGS, argv, PROG)
+  return run()
+
+
+def run() -> dict:
+  args = types.SimpleNamespace(**FLAGS.flag_values_dict())
+  try:
+    args.batches = [int(b) for b in args.batches if b]
+  except ValueError:
+    raise SystemExit(f"--batches={','.join(args.batches)}: expected comma-separated integers") from None
+  args.variants = [v for v in args.variants if v]
+  args.recipes = [r for r in args.recipes if r]
+  common = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--image_size={args.image_size}",
+            f"--patch={args.patch}", f"--decoder={args.decoder}"]
   results = {}
   print("| row | JAX step ms | JAX img/s | peer step ms | peer img/s | JAX ÷ peer (img/s) | GFLOP/img | "
         "load start → end |")
   print("|---|---|---|---|---|---|---|---|")
   for label, extra in rows(args):
-    peers = ["--peers", args.peers] if args.peers else ["--no-torch"]
-    out = run_step(["--recipes", "mae", *peers, *extra, *common], args.timeout)
+    peers = [f"--peers={args.peers}"] if args.peers else ["--notorch"]
+    out = run_step(["--recipes=mae", *peers, *extra, *common], args.timeout)
     r, env = out["results"], out["env"]
     mae = r["mae"]
     peer = r.get("torch-official", {})
@@ -86,8 +102,8 @@ def main(argv=None):
           f"{mae['train_gflop_per_image']:.2f} | {env['load_avg'][0]:.2f} → {env['load_avg_end'][0]:.2f} |",
           flush=True)
   if args.recipes:
-    out = run_step(["--recipes", args.recipes, "--no-torch", "--corruption", "--variant", args.base_variant,
-                    "--batch", str(args.base_batch), *common], args.timeout)
+    out = run_step([f"--recipes={','.join(args.recipes)}", "--notorch", "--corruption",
+                    f"--variant={args.base_variant}", f"--batch={args.base_batch}", *common], args.timeout)
     results["recipes"] = out
     r = out["results"]
     from benchmarks.step import PLAIN
@@ -107,4 +123,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  tool_flags.run(FLAGS, run)

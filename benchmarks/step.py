@@ -15,11 +15,11 @@ JAX images/s ÷ peer images/s. Defaults are issue 9's configuration: encoder ViT
 6 heads, patch 16), decoder 256 × 4 (8 heads), batch 32, 224 × 224 × 3, float32.
 
   python -m benchmarks.step                                  # MAE vs both peers, issue-9 config
-  python -m benchmarks.step --recipes mae,d2mae,usfm,simmim --no-torch --corruption  # overhead
-  python -m benchmarks.step --dtype bfloat16 --batch 256 --variant b --decoder 512x8x16  # on a GPU
-  python -m benchmarks.step --profile /tmp/prof              # + per-op tables of both sides
+  python -m benchmarks.step --recipes=mae,d2mae,usfm,simmim --notorch --corruption  # overhead
+  python -m benchmarks.step --dtype=bfloat16 --batch=256 --variant=b --decoder=512x8x16  # on a GPU
+  python -m benchmarks.step --profile=/tmp/prof              # + per-op tables of both sides
 
-Threads: `--threads N` (default: all cores this process may use, `nproc`) pins the process to N
+Threads: `--threads=N` (default: all cores this process may use, `nproc`) pins the process to N
 cores before JAX and torch start, sets torch's intra-op threads to N, and lets XLA:CPU size its
 intra-op pool from the same affinity mask, so both sides get the same N cores.
 
@@ -29,13 +29,17 @@ no augmentation, to separate USFM's model cost from what its recipe adds (augmen
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import statistics
 import threading
 import time
+import types
+
+from absl import flags
+
+from mae_jax import tool_flags
 
 CONFIG_FILES = {"mae": "mae", "deblur": "deblur_mae", "denoise": "denoise_mae",
                 "d2mae": "d2mae", "usfm": "usfm", "simmim": "usfm"}
@@ -54,42 +58,51 @@ PLAIN = {"mae": "mae", "deblur": "mae", "denoise": "mae", "d2mae": "mae", "usfm"
          "simmim": "simmim"}
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--recipes", default="mae",
-                 help="comma list of mae,deblur,denoise,d2mae,usfm,simmim (default: mae)")
-  p.add_argument("--variant", default="s", help="encoder preset (mae_jax.models.vit.PRESETS); s = 384x12, 6 heads")
-  p.add_argument("--decoder", default="256x4x8", help="decoder WIDTHxDEPTHxHEADS (default 256x4x8)")
-  p.add_argument("--patch", type=int, default=0, help="patch size (0: the preset's)")
-  p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--image-size", type=int, default=224)
-  p.add_argument("--channels", type=int, default=3)
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="compute dtype (parameters stay float32); torch uses autocast for bfloat16")
-  p.add_argument("--config-args", default="", help="extra config words, e.g. 'range=0.1:1.6:0.1'")
-  p.add_argument("--steps", type=int, default=10, help="timed steps per side")
-  p.add_argument("--warmup", type=int, default=2, help="untimed steps per side after compilation")
-  p.add_argument("--threads", type=int, default=0, help="cores for both sides (0: all usable, nproc)")
-  p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peers")
-  p.add_argument("--peers", default="official,transformers",
-                 help="comma list of PyTorch peers: official (timm-built, as facebookresearch/mae; "
-                      "the headline ratio) and transformers (ViTMAEForPreTraining)")
-  p.add_argument("--torch-adamw", default="default", choices=("default", "foreach", "fused"),
-                 help="torch AdamW implementation (default: torch's choice, as the official MAE)")
-  p.add_argument("--no-donate", action="store_true",
-                 help="do not donate the train state to the step (the trainer donates it)")
-  p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before JAX starts")
-  p.add_argument("--matmul-precision", default="", help="jax_default_matmul_precision (e.g. highest)")
-  p.add_argument("--corruption", action="store_true",
-                 help="also time each recipe's corruption function alone (forward, jitted)")
-  p.add_argument("--profile", default="", help="directory for a jax.profiler trace and per-op tables")
-  p.add_argument("--profile-steps", type=int, default=3)
-  p.add_argument("--json", default="", help="write the results here")
-  p.add_argument("--seed", type=int, default=0)
-  args = p.parse_args(argv)
-  args.recipes = [r for r in args.recipes.split(",") if r]
-  args.peers = [] if args.no_torch else [r for r in args.peers.split(",") if r]
+def define_flags(fv: flags.FlagValues, peers: bool = True) -> None:
+  """This tool's flags on `fv` (benchmarks.levers reuses them without the PyTorch ones)."""
+  flags.DEFINE_list("recipes", ["mae"], "Comma list of mae,deblur,denoise,d2mae,usfm,simmim.", flag_values=fv)
+  flags.DEFINE_string("variant", "s", "Encoder preset (mae_jax.models.vit.PRESETS); s = 384x12, 6 heads.",
+                      flag_values=fv)
+  flags.DEFINE_string("decoder", "256x4x8", "Decoder WIDTHxDEPTHxHEADS.", flag_values=fv)
+  flags.DEFINE_integer("patch", 0, "Patch size (0: the preset's).", flag_values=fv)
+  flags.DEFINE_integer("batch", 32, "Batch size.", flag_values=fv)
+  flags.DEFINE_integer("image_size", 224, "Image side (px).", flag_values=fv)
+  flags.DEFINE_integer("channels", 3, "Image channels.", flag_values=fv)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters stay float32); "
+                    "torch uses autocast for bfloat16.", flag_values=fv)
+  flags.DEFINE_string("config_args", "", "Extra config words, e.g. 'range=0.1:1.6:0.1'.", flag_values=fv)
+  flags.DEFINE_integer("steps", 10, "Timed steps per side.", flag_values=fv)
+  flags.DEFINE_integer("warmup", 2, "Untimed steps per side after compilation.", flag_values=fv)
+  flags.DEFINE_integer("threads", 0, "Cores for both sides (0: all usable, nproc).", flag_values=fv)
+  if peers:
+    flags.DEFINE_bool("torch", True, "Run the PyTorch peers (--notorch: JAX only).", flag_values=fv)
+    flags.DEFINE_list("peers", ["official", "transformers"], "PyTorch peers: official (timm-built, as "
+                      "facebookresearch/mae; the headline ratio) and transformers (ViTMAEForPreTraining).",
+                      flag_values=fv)
+    flags.DEFINE_enum("torch_adamw", "default", ["default", "foreach", "fused"], "torch AdamW implementation "
+                      "(default: torch's choice, as the official MAE).", flag_values=fv)
+  flags.DEFINE_bool("donate", True, "Donate the train state to the step, as the trainer does.", flag_values=fv)
+  flags.DEFINE_string("xla_flags", "", "Appended to XLA_FLAGS before JAX starts.", flag_values=fv)
+  flags.DEFINE_string("matmul_precision", "", "jax_default_matmul_precision (e.g. highest).", flag_values=fv)
+  flags.DEFINE_bool("corruption", False, "Also time each recipe's corruption function alone (forward, "
+                    "jitted).", flag_values=fv)
+  flags.DEFINE_string("profile", "", "Directory for a jax.profiler trace and per-op tables.", flag_values=fv)
+  flags.DEFINE_integer("profile_steps", 3, "Steps in the profile.", flag_values=fv)
+  flags.DEFINE_string("json", "", "Write the results here.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the images and the models.", flag_values=fv)
+
+
+PROG = "python -m benchmarks.step"
+FLAGS = flags.FlagValues()  # this tool's own (tool_flags): the benchmarks share flag names
+define_flags(FLAGS)
+
+
+def namespace(fv: flags.FlagValues) -> types.SimpleNamespace:
+  """The parsed flags as the attributes the sides read, checked; derived: peers, dec_width/depth/heads."""
+  args = types.SimpleNamespace(**fv.flag_values_dict())
+  args.recipes = [r for r in args.recipes if r]
+  args.peers = [r for r in getattr(args, "peers", []) if r] if getattr(args, "torch", False) else []
+  args.torch_adamw = getattr(args, "torch_adamw", "default")
   for r in args.peers:
     if r not in PEERS:
       raise SystemExit(f"--peers: unknown peer {r!r}; expected some of {sorted(PEERS)}")
@@ -103,6 +116,10 @@ def parse_args(argv=None):
   return args
 
 
+def parse_args(argv: list[str]) -> types.SimpleNamespace:
+  """The command line in-process (`argv` without the program name) as `namespace` gives it."""
+  tool_flags.parse(FLAGS, argv, PROG)
+  return namespace(FLAGS)
 
 
 def setup_threads(n: int) -> int:
@@ -202,8 +219,8 @@ class JaxSide:
     state = core.init_state(params, tx, args.seed)
     self.batch_dev = {"image": jax.device_put(jnp.asarray(images_u8))}
     self.rest = rest
-    # The trainer donates the state (pretrain.train); --no-donate measures that lever.
-    jitted = jax.jit(step, donate_argnums=() if getattr(args, "no_donate", False) else (0,))
+    # The trainer donates the state (pretrain.train); --nodonate measures that lever.
+    jitted = jax.jit(step, donate_argnums=(0,) if args.donate else ())
     t0 = time.perf_counter()
     options = getattr(args, "compiler_options", None)  # benchmarks.levers: XLA options, this step only
     self.compiled = jitted.lower(state, rest, self.batch_dev).compile(options or None)
@@ -544,8 +561,12 @@ def _cpu_name() -> str:
   return platform.processor()
 
 
-def main(argv=None) -> dict:
-  args = parse_args(argv)
+def main(argv: list[str]) -> dict:
+  """The command line in-process: `argv` are the flags (no program name); the results."""
+  return run(parse_args(argv))
+
+
+def run(args: types.SimpleNamespace) -> dict:
   threads = setup_threads(args.threads)
   if args.xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
@@ -660,4 +681,4 @@ def _print_table(args, results, sides, profile):
 
 
 if __name__ == "__main__":
-  main()
+  tool_flags.run(FLAGS, lambda: run(namespace(FLAGS)))

@@ -4,7 +4,7 @@ Layout rules: a Dense kernel [in, out] becomes a torch Linear weight [out, in]; 
 kernel, a matrix over patches flattened as (row, col, channel), becomes the conv weight [D, C, p, p].
 
   python -m mae_jax.export --workdir=DIR [--step=N] --format={timm,mae-finetune,mae-full} \
-      --out=PATH [--in-chans=3] [--overwrite]
+      --out=PATH [--in_chans=3] [--overwrite]
 
 DIR is a pretraining workdir (the encoder) or a fine-tuning / linear-probe workdir (the classifier:
 its encoder comes from the pretraining workdir the run names in `init_from`, its head from the run).
@@ -13,7 +13,6 @@ its encoder comes from the pretraining workdir the run names in `init_from`, its
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -23,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
+from absl import flags
 from flax import nnx
 
+from mae_jax import tool_flags
 from mae_jax.models import beit
 from mae_jax.models import mae as mae_lib
 from mae_jax.models import vit
@@ -550,26 +551,31 @@ def export_downstream_workdir(workdir: str, fmt: str, out: str, *, step: int | N
                       extras=extras)
 
 
-def main(argv: list[str] | None = None) -> dict[str, str]:
-  parser = argparse.ArgumentParser(
-      prog="python -m mae_jax.export",
-      description="Export a mae_jax pretraining checkpoint (encoder / MAE) or a fine-tuning / "
-                  "linear-probe run (classifier) to timm / facebookresearch-MAE PyTorch weights "
-                  "(see docs/export.md).")
-  parser.add_argument("--workdir", required=True,
-                      help="a pretraining, finetune or linear_probe workdir (config.json, checkpoints/)")
-  parser.add_argument("--step", type=int, default=None,
-                      help="checkpoint step (default: the latest; a finetune / linear_probe run: "
-                           "its best-validation checkpoint)")
-  parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
-  parser.add_argument("--out", required=True, help="weights file; extras are written beside it")
-  parser.add_argument("--in-chans", type=int, default=None, dest="in_chans",
-                      help="export a 1-channel model with this many input channels (e.g. 3)")
-  parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-  args = parser.parse_args(argv)
+PROG = "python -m mae_jax.export"
+FLAGS = flags.FlagValues()  # this tool's own (tool_flags): --workdir is also main's
+_WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining, finetune or linear_probe workdir.",
+                               flag_values=FLAGS, required=True)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest; a finetune / "
+                             "linear_probe run: its best-validation checkpoint).", flag_values=FLAGS)
+_FORMAT = flags.DEFINE_enum("format", None, FORMATS, "Export format (docs/export.md).", flag_values=FLAGS,
+                            required=True)
+_OUT = flags.DEFINE_string("out", None, "Weights file; extras are written beside it.", flag_values=FLAGS,
+                           required=True)
+_IN_CHANS = flags.DEFINE_integer("in_chans", None, "Export a 1-channel model with this many input "
+                                 "channels (e.g. 3).", flag_values=FLAGS)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files.", flag_values=FLAGS)
+
+
+def main(argv: list[str]) -> dict[str, str]:
+  """The command line in-process: `argv` are the flags (no program name); the written paths by role."""
+  tool_flags.parse(FLAGS, argv, PROG)
+  return _export()
+
+
+def _export() -> dict[str, str]:
   try:
-    paths = export_workdir(args.workdir, args.fmt, args.out, step=args.step,
-                           in_chans_out=args.in_chans, overwrite=args.overwrite)
+    paths = export_workdir(_WORKDIR.value, _FORMAT.value, _OUT.value, step=_STEP.value,
+                           in_chans_out=_IN_CHANS.value, overwrite=_OVERWRITE.value)
   except (ValueError, ImportError) as e:
     raise SystemExit(f"mae_jax.export: error: {e}") from None
   for role, p in paths.items():
@@ -590,4 +596,4 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-  main()
+  tool_flags.run(FLAGS, _export)

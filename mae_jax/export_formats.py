@@ -251,7 +251,7 @@ def check_format(fmt: str, kind: str, *, in_chans: int, in_chans_out: int | None
   if in_chans_out is not None and in_chans_out != in_chans:
     if fmt == "mae-full":
       raise ValueError("in_chans: a 'mae-full' export keeps the model's channel count (its decoder "
-                       f"predicts {in_chans} channel(s)); drop --in-chans")
+                       f"predicts {in_chans} channel(s)); drop --in_chans")
     if in_chans != 1:
       raise ValueError(f"in_chans={in_chans_out}: only a 1-channel model can change its channel "
                        f"count on export (this one has {in_chans})")
@@ -307,7 +307,7 @@ def official_mae_args(spec: vit.ViTSpec, fmt: str, *, in_chans: int,
                  "models_mae.MaskedAutoencoderViT and these dimensions")
   if in_chans != 3:
     notes.append(f"the official scripts build 3-channel models: pass in_chans={in_chans} to the "
-                 "model constructor, or export with --in-chans=3")
+                 "model constructor, or export with --in_chans=3")
   if notes:
     out["notes"] = notes
   return out

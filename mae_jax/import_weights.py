@@ -4,7 +4,7 @@
   python -m mae_jax.import_weights --checkpoint=USFM_latest.pth --workdir=runs/usfm_released
   python -m mae_jax.import_weights --checkpoint=mae_pretrain_vit_base.pth --workdir=runs/mae_b
   python -m mae_jax.import_weights --checkpoint=mae_visualize_vit_large.pth --workdir=runs/mae_l \
-      --image-size=256 --in-chans=1
+      --image_size=256 --in_chans=1
 
 Layouts (found from the key names; the state dict may sit under 'model', 'state_dict' or 'module',
 its keys may carry a 'module.', 'backbone.' or 'encoder.' prefix):
@@ -19,7 +19,7 @@ its keys may carry a 'module.', 'backbone.' or 'encoder.' prefix):
     decoder in the file the decoder keeps its initialisation.
   Buffers (`relative_position_index`) and classifier heads (`head.*`, `fc_norm.*`) are skipped.
 
-Channels: a 3-channel patch embedding becomes a 1-channel one (`--in-chans=1`, ultrasound) by folding
+Channels: a 3-channel patch embedding becomes a 1-channel one (`--in_chans=1`, ultrasound) by folding
 the per-channel normalisation into it: for a gray image x repeated over RGB and normalised per channel
 (m_c, s_c), Σ_c W_c·(x − m_c)/s_c + b = W'·(x − m)/s + b' with W' = s·Σ_c W_c/s_c and
 b' = b − Σ W_c·m_c/s_c + Σ W'·m/s (sums over the patch and channels), m/s the 1-channel statistics
@@ -37,14 +37,15 @@ Reading `.pth` files needs torch (`pip install torch`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import re
 
 import numpy as np
+from absl import flags
 
+from mae_jax import tool_flags
 from mae_jax.models import beit
 from mae_jax.models import vit
 
@@ -136,7 +137,7 @@ def _preset_heads(width, depth) -> int:
   for w, d, h, _ in vit.PRESETS.values():
     if (w, d) == (width, depth):
       return h
-  raise ValueError(f"no preset of width {width} and depth {depth}: pass --num-heads")
+  raise ValueError(f"no preset of width {width} and depth {depth}: pass --num_heads")
 
 
 def preset_name(arch: dict) -> str:
@@ -162,7 +163,7 @@ def fold_channels(w: np.ndarray, b: np.ndarray, *, in_chans: int, src_mean, src_
   if c == in_chans:
     return w, b, f"patch embedding kept at {c} channels"
   if in_chans != 1:
-    raise ValueError(f"--in-chans={in_chans}: a {c}-channel checkpoint imports as {c} or 1 channel(s)")
+    raise ValueError(f"--in_chans={in_chans}: a {c}-channel checkpoint imports as {c} or 1 channel(s)")
   m = np.asarray(src_mean, np.float64).reshape(1, c, 1, 1)
   s = np.asarray(src_std, np.float64).reshape(1, c, 1, 1)
   w64 = w.astype(np.float64)
@@ -301,7 +302,7 @@ def import_state_dict(sd: dict, *, in_chans: int = 1, image_size: int | None = N
   variant = preset_name(arch)
   image_size = int(image_size or arch["image_size"])
   if image_size % arch["patch"]:
-    raise ValueError(f"--image-size={image_size} is not a multiple of the patch size {arch['patch']}")
+    raise ValueError(f"--image_size={image_size} is not a multiple of the patch size {arch['patch']}")
   c = arch["in_chans"]
   src_mean = tuple(src_mean)[:c] if c > 1 else (float(np.mean(src_mean)),)
   src_std = tuple(src_std)[:c] if c > 1 else (float(np.mean(src_std)),)
@@ -401,37 +402,58 @@ def write_workdir(workdir: str, config, model, stats: dict, *, source: str, note
   return workdir
 
 
-def main(argv=None) -> str:
-  ap = argparse.ArgumentParser(prog="python -m mae_jax.import_weights", description=__doc__.split("\n")[0])
-  ap.add_argument("--checkpoint", required=True, help=".pth (torch) or .safetensors file")
-  ap.add_argument("--workdir", required=True, help="the pretraining workdir to create")
-  ap.add_argument("--in-chans", type=int, default=1, help="input channels of the imported model (1: ultrasound)")
-  ap.add_argument("--image-size", type=int, default=0, help="0: the checkpoint's")
-  ap.add_argument("--num-heads", type=int, default=0, help="MAE layouts of a non-standard size only")
-  ap.add_argument("--mean", type=float, default=None, help="1-channel normalisation (data_stats.json)")
-  ap.add_argument("--std", type=float, default=None)
-  ap.add_argument("--src-mean", default=",".join(map(str, IMAGENET_MEAN)),
-                  help="the checkpoint's per-channel normalisation (default ImageNet's)")
-  ap.add_argument("--src-std", default=",".join(map(str, IMAGENET_STD)))
-  ap.add_argument("--norm-pix-loss", action="store_true", help="MAE decoder trained on normalised patches")
-  ap.add_argument("--decoder-heads", type=int, default=16, help="MAE decoder heads (the official: 16)")
-  a = ap.parse_args(argv)
+PROG = "python -m mae_jax.import_weights"
+FLAGS = flags.FlagValues()  # this tool's own (tool_flags): --workdir is also main's
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, ".pth (torch) or .safetensors file.", flag_values=FLAGS,
+                                  required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The pretraining workdir to create.", flag_values=FLAGS,
+                               required=True)
+_IN_CHANS = flags.DEFINE_integer("in_chans", 1, "Input channels of the imported model (1: ultrasound).",
+                                 flag_values=FLAGS)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "0: the checkpoint's.", flag_values=FLAGS)
+_NUM_HEADS = flags.DEFINE_integer("num_heads", 0, "MAE layouts of a non-standard size only.", flag_values=FLAGS)
+_MEAN = flags.DEFINE_float("mean", None, "1-channel normalisation (data_stats.json).", flag_values=FLAGS)
+_STD = flags.DEFINE_float("std", None, "1-channel normalisation (data_stats.json).", flag_values=FLAGS)
+_SRC_MEAN = flags.DEFINE_list("src_mean", [str(v) for v in IMAGENET_MEAN],
+                              "The checkpoint's per-channel normalisation (default ImageNet's).", flag_values=FLAGS)
+_SRC_STD = flags.DEFINE_list("src_std", [str(v) for v in IMAGENET_STD], "The checkpoint's per-channel std.",
+                             flag_values=FLAGS)
+_NORM_PIX_LOSS = flags.DEFINE_bool("norm_pix_loss", False, "MAE decoder trained on normalised patches.",
+                                   flag_values=FLAGS)
+_DECODER_HEADS = flags.DEFINE_integer("decoder_heads", 16, "MAE decoder heads (the official: 16).",
+                                      flag_values=FLAGS)
+
+
+def main(argv: list[str]) -> str:
+  """The command line in-process: `argv` are the flags (no program name); the workdir written."""
+  tool_flags.parse(FLAGS, argv, PROG)
+  return _import()
+
+
+def _import() -> str:
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   try:
-    sd = load_state_dict(a.checkpoint)
+    sd = load_state_dict(_CHECKPOINT.value)
     config, model, stats, notes = import_state_dict(
-        sd, in_chans=a.in_chans, image_size=a.image_size or None, num_heads=a.num_heads or None,
-        mean=a.mean, std=a.std, src_mean=[float(x) for x in a.src_mean.split(",")],
-        src_std=[float(x) for x in a.src_std.split(",")], norm_pix_loss=a.norm_pix_loss,
-        decoder_heads=a.decoder_heads)
+        sd, in_chans=_IN_CHANS.value, image_size=_IMAGE_SIZE.value or None, num_heads=_NUM_HEADS.value or None,
+        mean=_MEAN.value, std=_STD.value, src_mean=_floats("src_mean", _SRC_MEAN.value),
+        src_std=_floats("src_std", _SRC_STD.value), norm_pix_loss=_NORM_PIX_LOSS.value,
+        decoder_heads=_DECODER_HEADS.value)
     for n in notes:
       log.info("import: %s", n)
-    wd = write_workdir(a.workdir, config, model, stats, source=a.checkpoint, notes=notes)
+    wd = write_workdir(_WORKDIR.value, config, model, stats, source=_CHECKPOINT.value, notes=notes)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
   log.info("wrote %s: start downstream jobs with init_from=%s", wd, wd)
   return wd
 
 
+def _floats(name: str, values: list[str]) -> list[float]:
+  try:
+    return [float(v) for v in values]
+  except ValueError:
+    raise ValueError(f"--{name}={','.join(values)}: expected comma-separated numbers") from None
+
+
 if __name__ == "__main__":
-  main()
+  tool_flags.run(FLAGS, _import)

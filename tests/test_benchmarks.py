@@ -116,9 +116,9 @@ def _run(args, tmp_path):
 
 def test_step_cli_micro(tmp_path):
   path = tmp_path / "step.json"
-  stdout = _run(["benchmarks.step", "--variant", "micro", "--decoder", "16x1x2", "--image-size", "32",
-                 "--patch", "8", "--batch", "4", "--steps", "2", "--warmup", "1",
-                 "--recipes", "mae,usfm", "--corruption", "--json", str(path)], tmp_path)
+  stdout = _run(["benchmarks.step", "--variant=micro", "--decoder=16x1x2", "--image_size=32",
+                 "--patch=8", "--batch=4", "--steps=2", "--warmup=1",
+                 "--recipes=mae,usfm", "--corruption", f"--json={path}"], tmp_path)
   assert "ratio (JAX mae img/s / torch-official img/s)" in stdout
   assert "ratio (JAX mae img/s / torch-hf img/s)" in stdout
   res = json.loads(path.read_text())["results"]
@@ -132,16 +132,16 @@ def test_step_cli_micro(tmp_path):
 
 def test_input_pipeline_cli_micro(tmp_path):
   path = tmp_path / "pipe.json"
-  _run(["benchmarks.input_pipeline", "--config-args", "smoke", "--image-size", "32", "--batch", "8",
-        "--batches", "2", "--warmup", "1", "--json", str(path)], tmp_path)
+  _run(["benchmarks.input_pipeline", "--config_args=smoke", "--image_size=32", "--batch=8",
+        "--batches=2", "--warmup=1", f"--json={path}"], tmp_path)
   res = json.loads(path.read_text())
   assert res["images_per_s"] > 0 and res["images_per_s_per_core"] > 0
 
 
 def test_levers_cli_micro(tmp_path):
-  stdout = _run(["benchmarks.levers", "--levers", "remat,bf16", "--variant", "micro",
-                 "--decoder", "16x1x2", "--image-size", "32", "--patch", "8", "--batch", "4",
-                 "--steps", "1", "--warmup", "1"], tmp_path)
+  stdout = _run(["benchmarks.levers", "--levers=remat,bf16", "--variant=micro",
+                 "--decoder=16x1x2", "--image_size=32", "--patch=8", "--batch=4",
+                 "--steps=1", "--warmup=1"], tmp_path)
   for lever in ("remat", "bf16"):
     assert f"\n{lever} " in stdout and "changed is" in stdout.split(f"\n{lever} ")[1].splitlines()[0]
 
@@ -151,8 +151,8 @@ def test_each_lever_changes_the_program_and_exact_ones_keep_the_loss(lever):
   """A lever that compiled to the committed program would measure nothing; every lever but bf16
   changes only how the step is computed, so one step from the same state gives the same loss."""
   from benchmarks import levers
-  args = levers.parse_args(["--variant", "micro", "--decoder", "16x1x2", "--image-size", "32",
-                            "--patch", "8", "--batch", "4"])
+  args = levers.parse_args(["--variant=micro", "--decoder=16x1x2", "--image_size=32",
+                            "--patch=8", "--batch=4"])
   images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
   base, other = levers.build(args, images, None), levers.build(args, images, lever)
   assert base.compiled.as_text() != other.compiled.as_text()
@@ -165,9 +165,9 @@ def test_each_lever_changes_the_program_and_exact_ones_keep_the_loss(lever):
 
 def test_scaling_cli_micro(tmp_path):
   path = tmp_path / "scaling.json"
-  stdout = _run(["benchmarks.scaling", "--batches", "2,4", "--variants", "micro", "--base-variant", "micro",
-                 "--base-batch", "4", "--recipes", "mae,d2mae", "--image-size", "32", "--patch", "8",
-                 "--decoder", "16x1x2", "--steps", "1", "--warmup", "1", "--json", str(path)], tmp_path)
+  stdout = _run(["benchmarks.scaling", "--batches=2,4", "--variants=micro", "--base_variant=micro",
+                 "--base_batch=4", "--recipes=mae,d2mae", "--image_size=32", "--patch=8",
+                 "--decoder=16x1x2", "--steps=1", "--warmup=1", f"--json={path}"], tmp_path)
   res = json.loads(path.read_text())
   # batch 2 and 4 rows (the variant row is batch 4 again, not repeated) and the overhead row.
   assert set(res) == {"ViT-MICRO batch 2", "ViT-MICRO batch 4", "recipes"}
@@ -202,3 +202,28 @@ def test_memory_cli_micro(tmp_path):
   assert row["argument_gb"] * 1e9 >= 3 * 4 * row["params_m"] * 1e6
   assert row["temp_gb"] > 0 and row["total_gb"] >= row["argument_gb"]
   assert "| mae | MICRO | 2 | on |" in stdout and "largest batch" in stdout
+
+
+def test_tools_flags_coexist_and_start_from_defaults():
+  """Every command-line tool keeps its absl flags in its own FlagValues: importing them all (and
+  `mae_jax.main`, which defines --workdir and --config on absl's FLAGS) in one process raises no
+  DuplicateFlagError; an in-process call starts from the defaults, not from the previous call's
+  values; a misspelt flag or a stray positional argument is refused by name."""
+  import importlib
+  for name in ("mae_jax.main", "mae_jax.export", "mae_jax.import_weights", "mae_jax.data.phantom_compare",
+               "benchmarks.step", "benchmarks.levers", "benchmarks.scaling", "benchmarks.blur",
+               "benchmarks.input_pipeline", "benchmarks.memory"):
+    importlib.import_module(name)
+  from benchmarks import levers, step
+  args = step.parse_args(["--notorch", "--batch=4", "--recipes=mae,usfm", "--nodonate"])
+  assert (args.peers, args.batch, args.recipes, args.donate) == ([], 4, ["mae", "usfm"], False)
+  args = step.parse_args([])  # the module docstring's defaults: issue 9's configuration
+  assert (args.peers, args.batch, args.recipes, args.donate) == (["official", "transformers"], 32, ["mae"], True)
+  assert (args.dec_width, args.dec_depth, args.dec_heads) == (256, 4, 8)
+  assert levers.parse_args(["--levers=remat"]).peers == []
+  with pytest.raises(SystemExit, match="image-size"):
+    step.parse_args(["--image-size=32"])
+  with pytest.raises(SystemExit, match="unexpected arguments 'mae'"):
+    step.parse_args(["--recipes", "mae", "mae"])
+  with pytest.raises(SystemExit, match="unknown lever 'nope'"):
+    levers.parse_args(["--levers=nope"])

@@ -225,6 +225,6 @@ def test_dm_pix_gaussian_matches_opencv_and_the_separable_kernel(channels):
 
 def test_blur_benchmark_cli_runs(capsys):
   from benchmarks import blur as bench
-  bench.main(["--batch", "2", "--size", "16", "--kernels", "5", "--repeats", "1"])
+  bench.main(["--batch=2", "--size=16", "--kernels=5", "--repeats=1"])
   out = capsys.readouterr().out
   assert out.count("e-") >= 5 and "dm_pix (vmap), per-sample σ" in out

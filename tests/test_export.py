@@ -436,7 +436,7 @@ def test_cli_simmim_run(tmp_path):
   with pytest.raises(SystemExit, match="mae-full.*simmim"):
     export.main([f"--workdir={wd}", "--format=mae-full", f"--out={tmp_path / 'f.pth'}"])
   paths = export.main([f"--workdir={wd}", "--format=timm", f"--out={tmp_path / 'u.safetensors'}",
-                       "--in-chans=3"])
+                       "--in_chans=3"])
   arrays = safetensors.numpy.load_file(paths["extras_arrays"])
   np.testing.assert_array_equal(arrays["decoder_pred.weight"],
                                 np.asarray(saved[3].decoder_pred.kernel[...]).T)
@@ -516,7 +516,7 @@ def test_cli_linear_probe_run_reproduces_its_test_predictions(probe_run, mae_run
   np.testing.assert_allclose(theirs, np.log(probs), atol=1e-4, rtol=0)
 
   pth = export.main([f"--workdir={probe_run}", "--format=mae-finetune", f"--out={tmp_path / 'lp_rgb.pth'}",
-                     "--in-chans=3"])
+                     "--in_chans=3"])
   rgb = timm.create_model(cfg["model_name"], pretrained=False, **{**cfg["kwargs"], "in_chans": 3})
   rgb.head = torch.nn.Sequential(torch.nn.BatchNorm1d(32, affine=False, eps=1e-6), rgb.head)
   rgb.load_state_dict(torch.load(pth["weights"], weights_only=True)["model"], strict=True)

@@ -99,8 +99,8 @@ def test_usfm_layout_to_another_image_size(tmp_path):
   """224 -> other sizes: every relative table resampled as timm's checkpoint filter does it."""
   ckpt = tmp_path / "usfm.pth"
   ref = _usfm_checkpoint(ckpt, shared=False)
-  wd = import_weights.main([f"--checkpoint={ckpt}", f"--workdir={tmp_path / 'wd'}", "--image-size=48",
-                            "--in-chans=3"])
+  wd = import_weights.main([f"--checkpoint={ckpt}", f"--workdir={tmp_path / 'wd'}", "--image_size=48",
+                            "--in_chans=3"])
   big = Beit(img_size=48, patch_size=8, in_chans=3, num_classes=0, embed_dim=32, depth=2, num_heads=2,
              qkv_bias=True, init_values=0.1, use_abs_pos_emb=False, use_rel_pos_bias=True).eval()
   from timm.models.beit import checkpoint_filter_fn

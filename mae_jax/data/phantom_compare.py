@@ -1,7 +1,7 @@
 """The phantom against real B-mode frames at a matched pixel size (docs/phantom.md, "Phantom vs
 real frames"): grey-level statistics, speckle size and dark-region contrast.
 
-    python -m mae_jax.data.phantom_compare [--n 24] [--mm 0.4] [--figure docs/phantom_vs_real.png]
+    python -m mae_jax.data.phantom_compare [--n=24] [--mm=0.4] [--figure=docs/phantom_vs_real.png]
 
 Real frames: the B-mode regions of the public DICOM files of ``pydicom-data`` that carry a pixel
 spacing (SonoSite cine, every 30th frame; Philips EPIQ; both Aloka views), converted as folder
@@ -25,11 +25,13 @@ for real frames; the fan for the phantom):
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import numpy as np
+from absl import flags
 from scipy import ndimage
+
+from mae_jax import tool_flags
 
 __all__ = ["fwhm_1d", "speckle_fwhm", "gcnr", "dark_tissue_gcnr", "image_stats", "real_frames",
            "phantom_frames", "compare"]
@@ -200,24 +202,31 @@ def figure(res: dict, path: str) -> None:
     im.convert("RGB").quantize(64).save(path, optimize=True)
 
 
-def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--n", type=int, default=24, help="phantom images")
-  ap.add_argument("--mm", type=float, default=0.4, help="matched pixel size (mm)")
-  ap.add_argument("--figure", default="", help="PNG path for the side-by-side figure")
-  ap.add_argument("--display-gain-db", type=float, default=0.0, help="phantom.simulate display_gain_db")
-  ap.add_argument("--display-smoothing", type=float, default=0.0, help="phantom.simulate display_smoothing")
-  args = ap.parse_args(argv)
-  res = compare(args.n, args.mm, display_gain_db=args.display_gain_db,
-                display_smoothing=args.display_smoothing)
-  res["mm"] = args.mm
+PROG = "python -m mae_jax.data.phantom_compare"
+FLAGS = flags.FlagValues()  # this tool's own (tool_flags)
+_N = flags.DEFINE_integer("n", 24, "Phantom images.", flag_values=FLAGS)
+_MM = flags.DEFINE_float("mm", 0.4, "Matched pixel size (mm).", flag_values=FLAGS)
+_FIGURE = flags.DEFINE_string("figure", "", "PNG path for the side-by-side figure.", flag_values=FLAGS)
+_GAIN = flags.DEFINE_float("display_gain_db", 0.0, "phantom.simulate display_gain_db.", flag_values=FLAGS)
+_SMOOTHING = flags.DEFINE_float("display_smoothing", 0.0, "phantom.simulate display_smoothing.", flag_values=FLAGS)
+
+
+def main(argv: list[str]) -> None:
+  """The command line in-process: `argv` are the flags (no program name)."""
+  tool_flags.parse(FLAGS, argv, PROG)
+  _compare()
+
+
+def _compare() -> None:
+  res = compare(_N.value, _MM.value, display_gain_db=_GAIN.value, display_smoothing=_SMOOTHING.value)
+  res["mm"] = _MM.value
   print(f"{len(res['real']['frames'])} real views, {len(res['phantom']['frames'])} phantom images, "
-        f"{args.mm} mm per pixel")
+        f"{_MM.value} mm per pixel")
   print(table(res))
-  if args.figure:
-    figure(res, args.figure)
-    print("figure:", args.figure)
+  if _FIGURE.value:
+    figure(res, _FIGURE.value)
+    print("figure:", _FIGURE.value)
 
 
 if __name__ == "__main__":
-  main()
+  tool_flags.run(FLAGS, _compare)
