@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mae_jax import config_files, losses
+from mae_jax import config_files, losses, recon_quality
 from mae_jax import patches as patch_lib
 from mae_jax import recipes
 from mae_jax.corrupt import blur as blur_lib
@@ -444,7 +444,8 @@ def reconstruction_figure(rec: Reconstruction, *, title: str | None = None):
       _show(axes[i, j], col[i], label)
   head = title or f"{RECIPE_TITLES.get(rec.recipe, rec.recipe)}" + (
       f" — step {rec.step}" if rec.step is not None else "")
-  fig.suptitle(f"{head}\n{denorm_note(rec)}", fontsize=9, y=1.0 - 0.08 / (n * CELL + HEADER))
+  note = "\n".join(filter(None, [denorm_note(rec), recon_quality.caption(rec)]))
+  fig.suptitle(f"{head}\n{note}", fontsize=9, y=1.0 - 0.08 / (n * CELL + HEADER))
   return fig
 
 

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mae_jax import distributed, models, recipes, validate, visualize
+from mae_jax import distributed, models, recipes, recon_quality, validate, visualize
 from mae_jax.data import pipeline, sources
-from mae_jax.train import core, preemption, writers
+from mae_jax.train import core, cost_estimate, preemption, writers
 
 log = logging.getLogger("mae_jax")
 
@@ -197,6 +197,14 @@ def _train(config, workdir: str, preempt: preemption.Preemption) -> dict:
            peak_lr, config.model.image_size)
   if start == 0:
     writers.log_parameters(params, f"{config.model.variant} {config.recipe} parameters")
+  accum = grad_accum_steps(config.train, jax.device_count(), jax.default_backend())
+  if start < steps and jax.process_count() == 1 and cost_estimate.wanted(jax.default_backend(), accum, n_params):
+    for line in cost_estimate.micro_batch_lines(
+        make_loss_fn(config, graphdef, mean, std), state.params, rest, batch_size=config.train.batch_size,
+        micro_batches=accum, image_size=config.model.image_size, in_chans=config.model.in_chans,
+        steps_left=steps - start, platform=jax.default_backend(), log_every=config.train.log_every,
+        checkpoint_every=config.train.checkpoint_every):
+      log.info(line)
 
   metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start) if is_main else None
   history, last, pending = [], {}, None
@@ -248,9 +256,21 @@ def _train(config, workdir: str, preempt: preemption.Preemption) -> dict:
     if metrics_log is not None:
       metrics_log.close()
   monitor.close()
+  quality = {}
+  if step >= steps and config.train.get("recon_eval_images", 0) and jax.process_count() == 1:
+    quality = _held_out_quality(config, nnx.merge(graphdef, state.params, rest), mean, std)
   with open(os.path.join(workdir, "train_done.json") if step >= steps else os.devnull, "w") as f:
-    json.dump({"step": step, "loss": last.get("loss")}, f)
-  return {"step": step, "history": history, "preempted": preempt.requested, **last}
+    json.dump({"step": step, "loss": last.get("loss"), **quality}, f)
+  return {"step": step, "history": history, "preempted": preempt.requested, **last, **quality}
+
+
+def _held_out_quality(config, model, mean: float, std: float) -> dict:
+  """What the run learned, in its last lines: the masked-patch error on held-out (validation) images
+  against filling each masked patch with the visible pixels' mean (`recon_quality`)."""
+  x01, zoom = visualize.load_batch(config, int(config.train.recon_eval_images))
+  q = recon_quality.of(visualize.reconstruct(model, config, x01, mean, std, zoom=zoom))
+  log.info("%s", recon_quality.describe(q, "held-out validation images"))
+  return {"recon_quality": q}
 
 
 def _save(mngr, step: int, state: core.TrainState, *, final: bool, preempted: bool) -> None:
