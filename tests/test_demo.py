@@ -21,6 +21,7 @@ def test_demo_config_loads_and_validates(name):
   assert c.model.variant == "tiny" and smoke.model.variant == "micro"
   assert c.model.patch_size < smoke.model.patch_size
   assert c.train.batch_size == 64 and c.train.total_steps > smoke.train.total_steps
+  assert c.train.cpu_micro_batch >= c.train.batch_size  # one micro-batch: no accumulation on CPU
   assert c.train.recon_eval_images > 0 and not smoke.train.get("recon_eval_images", 0)
   assert c.recipe == smoke.recipe
 
@@ -63,13 +64,18 @@ def test_cost_lines_by_hand():
   short = cost_estimate.lines(micro_seconds=0.1, compile_seconds=1.0, micro_batch=16, micro_batches=4,
                               steps_left=10, platform="cpu")
   assert "accelerators" not in "\n".join(short) and "about 0m04s" in short[0]
-  assert cost_estimate.wanted("cpu", 4, 10) and not cost_estimate.wanted("cpu", 1, 10)
-  assert cost_estimate.wanted("cpu", 1, 86_000_000) and not cost_estimate.wanted("gpu", 32, 86_000_000)
+  # ViT-B (86M encoder parameters), 1024 images of 196 patches: a large step on CPU, not on a GPU;
+  # the demo (0.3M parameters, 64 images of 64 patches) is not large.
+  vit_b = cost_estimate.step_flops(86_000_000, 1024, 196)
+  assert vit_b == pytest.approx(6 * 86e6 * 1024 * 196)
+  assert cost_estimate.wanted("cpu", vit_b) and not cost_estimate.wanted("gpu", vit_b)
+  assert not cost_estimate.wanted("cpu", cost_estimate.step_flops(306_640, 64, 64))
 
 
-def test_estimate_before_the_first_step_of_an_accumulating_run(tmp_path, caplog):
-  """A smoke run whose step is 4 micro-batches of 16: the estimate comes before the first step; the
-  demo's end-of-run score is the held-out images' `masked_errors`."""
+def test_estimate_before_the_first_step_of_an_accumulating_run(tmp_path, caplog, monkeypatch):
+  """A smoke run whose step is 4 micro-batches of 16, counted as large: the estimate comes before
+  the first step; the demo's end-of-run score is the held-out images' `masked_errors`."""
+  monkeypatch.setattr(cost_estimate, "LARGE_STEP_FLOPS", 1.0)
   c = load_config("mae", "smoke")
   c.train.batch_size = 64
   c.train.cpu_micro_batch = 16

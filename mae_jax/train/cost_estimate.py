@@ -2,10 +2,11 @@
 
 A paper-size step on a CPU is many micro-batches (`train.cpu_micro_batch` images each) of a ViT-B:
 compiling and running that first step alone takes many minutes, with nothing on the console. So
-when a step is large (several micro-batches, or a model of `LARGE_PARAMS` or more) and the platform
-is the CPU, one micro-batch is compiled and timed on its own first, and the run says what a step and
-the whole run will take, that such a run is for accelerators (and how to launch it there), and how
-long a SIGTERM may take to act: the step in flight finishes first.
+when a step is large (`step_flops` of `LARGE_STEP_FLOPS` or more) and the platform is the CPU, one
+micro-batch is compiled and timed on its own first, and the run says what a step and the whole run
+will take, that such a run is for accelerators (and how to launch it there), and how long a SIGTERM
+may take to act: the step in flight finishes first. Small runs (smoke, demo) skip it: the timing
+compiles the model once more.
 
 Self-contained: the caller passes the function of one micro-batch and its arguments; nothing here
 knows the model or the loop.
@@ -21,12 +22,19 @@ import numpy as np
 
 from mae_jax.train.writers import format_eta
 
-LARGE_PARAMS = 1_000_000  # from here a CPU step takes seconds even in one micro-batch
+# From here a step takes many seconds on a few CPU cores (a ViT-Ti step of 1024 images is ~7e12).
+LARGE_STEP_FLOPS = 1e12
 
 
-def wanted(platform: str, micro_batches: int, n_params: int) -> bool:
-  """Whether a run is worth timing up front: on CPU, a step of several micro-batches or a large model."""
-  return platform == "cpu" and (micro_batches > 1 or n_params >= LARGE_PARAMS)
+def step_flops(n_params: int, batch_size: int, tokens: int) -> float:
+  """A step's forward and backward, roughly: 6 FLOPs per parameter, token and image (an upper bound
+  for MAE, whose encoder sees only the visible tokens; enough to tell small runs from large)."""
+  return 6.0 * n_params * batch_size * tokens
+
+
+def wanted(platform: str, flops: float) -> bool:
+  """Whether a run is worth timing up front: a large step on a CPU."""
+  return platform == "cpu" and flops >= LARGE_STEP_FLOPS
 
 
 def time_call(fn, *args) -> tuple[float, float]:

@@ -198,7 +198,8 @@ def _train(config, workdir: str, preempt: preemption.Preemption) -> dict:
   if start == 0:
     writers.log_parameters(params, f"{config.model.variant} {config.recipe} parameters")
   accum = grad_accum_steps(config.train, jax.device_count(), jax.default_backend())
-  if start < steps and jax.process_count() == 1 and cost_estimate.wanted(jax.default_backend(), accum, n_params):
+  flops = cost_estimate.step_flops(n_params, config.train.batch_size, model.spec.num_patches)
+  if start < steps and jax.process_count() == 1 and cost_estimate.wanted(jax.default_backend(), flops):
     for line in cost_estimate.micro_batch_lines(
         make_loss_fn(config, graphdef, mean, std), state.params, rest, batch_size=config.train.batch_size,
         micro_batches=accum, image_size=config.model.image_size, in_chans=config.model.in_chans,
