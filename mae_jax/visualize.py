@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax import config_files, recipes
+from mae_jax import config_files, recipes, recon_quality
 from mae_jax import reconstruct as reconstruct_lib
 from mae_jax.corrupt import blur as blur_lib
 from mae_jax.figures import CELL, DPI, HEADER, enhancement_figure, new_figure, save, show  # noqa: F401
@@ -155,7 +155,8 @@ def reconstruction_figure(rec: Reconstruction, *, title: str | None = None):
       show(axes[i, j], col[i], label)
   head = title or f"{RECIPE_TITLES.get(rec.recipe, rec.recipe)}" + (
       f" — step {rec.step}" if rec.step is not None else "")
-  fig.suptitle(f"{head}\n{denorm_note(rec)}", fontsize=9, y=1.0 - 0.08 / (n * CELL + HEADER))
+  note = "\n".join(filter(None, [denorm_note(rec), recon_quality.caption(rec)]))
+  fig.suptitle(f"{head}\n{note}", fontsize=9, y=1.0 - 0.08 / (n * CELL + HEADER))
   return fig
 
 
