@@ -103,3 +103,39 @@ def test_estimate_before_the_first_step_of_an_accumulating_run(tmp_path, caplog,
   assert q == pytest.approx(recon_quality.masked_errors(rec.original, rec.reconstruction, rec.pixel_mask))
   assert q["images"] == 8
   assert any(m.startswith("masked-patch MSE (held-out validation images)") for m in msgs[-3:]), msgs[-3:]
+
+
+@pytest.mark.parametrize("every_secs", [1e9, 0.0])
+def test_metrics_jsonl_holds_every_console_line_when_it_is_shown(tmp_path, caplog, every_secs):
+  """Issue 29: `metrics.jsonl` stayed empty while the console showed steps 1 and 2 (a long step, a
+  `log_every` far ahead). Every metrics line (the first step's, the once-a-`log_every_secs` ones, the
+  schedule's) is readable from the file, by another reader, when the step after it starts."""
+  import jax.numpy as jnp
+  import ml_collections
+
+  from mae_jax.train import loop, preemption, writers
+
+  total = 6
+  tcfg = ml_collections.ConfigDict({"log_every": 100, "log_every_secs": every_secs, "max_bad_steps": 3})
+  on_disk = {}  # step -> the steps metrics.jsonl held when the evaluation hook of that step ran
+
+  def evaluate(step, carry):
+    on_disk[step] = [r["step"] for r in loop.read_metrics(str(tmp_path))]
+
+  def step(carry, batch):
+    return carry + 1, {"loss": jnp.float32(1.0 / (carry + 1)), "bad_streak": jnp.int32(0)}
+
+  job = loop.Job(total=total, start=0, carry=0, batch=lambda s: None, step=step,
+                 checkpoint_due=lambda s: False, save=lambda *a: None,
+                 latest_checkpoint=lambda: (None, ""), close=lambda: None, evaluate=evaluate)
+  monitor = writers.Monitor(str(tmp_path), tcfg, total, 0, True)
+  with caplog.at_level(logging.INFO, logger="mae_jax"):
+    out = loop.run(job, tcfg, preemption.Preemption(), monitor, str(tmp_path), True)
+  monitor.close()
+  shown = [int(m.group(1)) for r in caplog.records if (m := re.match(r"\[(\d+)\] ", r.getMessage()))]
+  # 1e9 s: only the first step and the last (on the schedule); 0 s: every step.
+  assert shown == ([1, total] if every_secs else list(range(1, total + 1)))
+  for s in range(1, total + 1):
+    assert on_disk[s] == [k for k in shown if k <= s], (s, on_disk)
+  assert [r["loss"] for r in loop.read_metrics(str(tmp_path))] == pytest.approx([1.0 / k for k in shown])
+  assert out.history == [(total, out.last)]  # the schedule's lines only
