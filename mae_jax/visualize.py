@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 
 from mae_jax import config_files, recipes, recon_quality
 from mae_jax import reconstruct as reconstruct_lib
@@ -527,6 +528,8 @@ def _cli() -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])!r} (flags are --name=value)")
     FLAGS.mark_as_parsed()  # the Flag objects are shared with FLAGS, which app.run has just parsed
+    # app.run sets absl's verbosity to INFO: orbax's restore chatter would bury the paths printed.
+    absl_logging.set_verbosity(absl_logging.WARNING)
     _figures_from_flags()
 
   app.run(app_main)
