@@ -10,8 +10,8 @@ Three layers, each usable alone:
   `obs_curve` -> `obs_figure` (D²MAE: loss against σ per image, σ*, deblurred strip);
 * a workdir -> PNG files: `write_figures`, also the command line
 
-    python -m mae_jax.visualize --workdir=DIR --out=FIG.png [--images=4 | --images a.png b.png]
-        [--split=validation] [--seed=0] [--mask-ratio=R] [--stats=local|image|own]
+    python -m mae_jax.visualize --workdir=DIR --out=FIG.png [--images=4 | --images=a.png,b.png]
+        [--split=validation] [--seed=0] [--mask_ratio=R] [--stats=local|image|own]
 
   which writes FIG.png, plus FIG_obs.png for D²MAE and FIG_spectrum.png for USFM.
 
@@ -29,18 +29,18 @@ saved), with a fixed size in inches at `DPI`, so a saved PNG's pixel size is kno
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
 
-from mae_jax import config_files, recipes
+from mae_jax import config_files, recipes, recon_quality
 from mae_jax import reconstruct as reconstruct_lib
 from mae_jax.corrupt import blur as blur_lib
 from mae_jax.figures import CELL, DPI, HEADER, enhancement_figure, new_figure, save, show  # noqa: F401
@@ -155,7 +155,8 @@ def reconstruction_figure(rec: Reconstruction, *, title: str | None = None):
       show(axes[i, j], col[i], label)
   head = title or f"{RECIPE_TITLES.get(rec.recipe, rec.recipe)}" + (
       f" — step {rec.step}" if rec.step is not None else "")
-  fig.suptitle(f"{head}\n{denorm_note(rec)}", fontsize=9, y=1.0 - 0.08 / (n * CELL + HEADER))
+  note = "\n".join(filter(None, [denorm_note(rec), recon_quality.caption(rec)]))
+  fig.suptitle(f"{head}\n{note}", fontsize=9, y=1.0 - 0.08 / (n * CELL + HEADER))
   return fig
 
 
@@ -436,9 +437,6 @@ def explorer(pre: Pretrained, x01, *, zoom=None, seed: int = 0, stats: str = "lo
   return box
 
 
-# -------------------------------------------------------------------------------------------- CLI
-
-
 # ------------------------------------------------------------------------------ enhancement
 
 
@@ -462,54 +460,80 @@ def write_enhancement_figure(workdirs, out: str, *, images: int = 4, labels=None
   return save(enhancement_figure(low[:n], methods, high[:n]), out)
 
 
-def _parse(argv):
-  p = argparse.ArgumentParser(prog="python -m mae_jax.visualize", description=(
-      "Reconstruction figures of a pretraining workdir: OUT (original | input | reconstruction | "
-      "reconstruction + visible patches), plus OUT_obs (D²MAE) and OUT_spectrum (USFM)."))
-  p.add_argument("--workdir", help="a pretraining workdir (config.json, checkpoints/)")
-  p.add_argument("--enhance", nargs="+", metavar="DIR",
-                 help="instead of --workdir: enhancement workdirs (e.g. CycleGAN, + features); OUT is "
-                      "then low | each one's output | high on their test pairs")
-  p.add_argument("--out", required=True, help="the PNG to write, e.g. figs/recon.png")
-  p.add_argument("--images", nargs="+", default=["4"],
-                 help="how many images of --split (default 4), or image files (comma or space separated)")
-  p.add_argument("--split", default="validation", choices=("train", "validation", "test"))
-  p.add_argument("--seed", type=int, default=0, help="seeds the corruption and the mask")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-  p.add_argument("--mask-ratio", type=float, default=None, help="override the model's (MAE path)")
-  p.add_argument("--stats", default="local", choices=STATS,
-                 help="norm-pix de-normalisation statistics (see the module docstring)")
-  args = p.parse_args(argv)
-  if not args.workdir and not args.enhance:
-    p.error("one of --workdir or --enhance is required")
-  items = [s for a in args.images for s in a.split(",") if s]
-  if len(items) == 1 and items[0].isdigit():
-    args.images = int(items[0])
-  else:
-    args.images = items
-  return args
+# -------------------------------------------------------------------------------------------- CLI
 
 
-def main(argv=None) -> list[str]:
-  args = _parse(sys.argv[1:] if argv is None else argv)
-  if args.enhance:
-    n = args.images if isinstance(args.images, int) else 4
-    try:
-      paths = [write_enhancement_figure(args.enhance, args.out, images=n)]
-    except ValueError as e:
-      raise SystemExit(f"error: {e}") from None
-    for p in paths:
-      print(p)
-    return paths
+PROG = "python -m mae_jax.visualize"
+# This tool's own flags, not absl's global FLAGS: the tests import it beside `main`, whose --workdir
+# it shares; `_cli` joins them to FLAGS for the command line (absl's --help, --helpfull).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "A pretraining workdir (config.json, checkpoints/).", flag_values=FLAGS)
+flags.DEFINE_list("enhance", None, "Instead of --workdir: enhancement workdirs, comma separated (e.g. "
+                  "CycleGAN, + features); OUT is then low | each one's output | high on their test pairs.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("out", None, "The PNG to write, e.g. figs/recon.png (D²MAE adds OUT_obs, USFM "
+                    "OUT_spectrum).", flag_values=FLAGS, required=True)
+flags.DEFINE_list("images", ["4"], "How many images of --split, or image files, comma separated.",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("split", "validation", ["train", "validation", "test"], "The dataset split of --images=N.",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seeds the corruption and the mask.", flag_values=FLAGS)
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=FLAGS)
+flags.DEFINE_float("mask_ratio", None, "Overrides the model's (MAE path).", flag_values=FLAGS)
+flags.DEFINE_enum("stats", "local", list(STATS), "Norm-pix de-normalisation statistics (module docstring).",
+                  flag_values=FLAGS)
+
+
+def main(argv: list[str]) -> list[str]:
+  """The command line as a call (tests, notebooks): `argv` without the program name. Prints and
+  returns the paths written; a mistake raises SystemExit naming the flag, file or workdir."""
+  FLAGS.unparse_flags()  # every flag from its default: an earlier call's values do not carry over
   try:
-    paths = write_figures(args.workdir, args.out, images=args.images, split=args.split, seed=args.seed,
-                          mask_ratio=args.mask_ratio, stats=args.stats, step=args.step)
+    rest = FLAGS([PROG, *argv])[1:]
+  except flags.Error as e:
+    raise SystemExit(f"{PROG}: {e}") from None
+  if rest:
+    raise SystemExit(f"{PROG}: unexpected arguments {' '.join(rest)!r} (flags are --name=value; "
+                     "several image files: --images=a.png,b.png)")
+  return _figures_from_flags()
+
+
+def _figures_from_flags() -> list[str]:
+  f = FLAGS
+  if not f.workdir and not f.enhance:
+    raise SystemExit(f"{PROG}: one of --workdir or --enhance is required")
+  items = [s for s in f.images if s]
+  images = int(items[0]) if len(items) == 1 and items[0].isdigit() else items
+  try:
+    if f.enhance:
+      paths = [write_enhancement_figure(f.enhance, f.out, images=images if isinstance(images, int) else 4)]
+    else:
+      paths = write_figures(f.workdir, f.out, images=images, split=f.split, seed=f.seed,
+                            mask_ratio=f.mask_ratio, stats=f.stats, step=f.step)
   except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
+    raise SystemExit(f"{PROG}: {e}") from None
   for p in paths:
     print(p)
   return paths
 
 
+def _cli() -> None:
+  # absl parses FLAGS (with this tool's flags joined) as for `mae_jax.main`: --help, --helpfull.
+  flags.FLAGS.append_flag_values(FLAGS)
+  for module, defined in FLAGS.flags_by_module_dict().items():  # --help lists them under this module
+    for flag in defined:
+      flags.FLAGS.register_flag_by_module(module, flag)
+
+  def app_main(argv: list[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])!r} (flags are --name=value)")
+    FLAGS.mark_as_parsed()  # the Flag objects are shared with FLAGS, which app.run has just parsed
+    # app.run sets absl's verbosity to INFO: orbax's restore chatter would bury the paths printed.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    _figures_from_flags()
+
+  app.run(app_main)
+
+
 if __name__ == "__main__":
-  main()
+  _cli()

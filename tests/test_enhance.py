@@ -270,7 +270,7 @@ def test_smoke_enhancement_from_a_smoke_pretraining(tmp_path_factory, tmp_path):
   from mae_jax import visualize
   out = tmp_path / "fig.png"
   wd = str(tmp_path / "enh")
-  assert visualize.main(["--enhance", wd, wd, "--out", str(out), "--images", "2"]) == [str(out)]
+  assert visualize.main([f"--enhance={wd},{wd}", "--out", str(out), "--images", "2"]) == [str(out)]
   assert out.stat().st_size > 0
 
 

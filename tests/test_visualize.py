@@ -1,6 +1,8 @@
 """Reconstruction figures (issue 8): the array helpers against hand-built arrays, the figures' sizes,
 and the CLI on every recipe's smoke checkpoint."""
 
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -364,12 +366,49 @@ def test_cli_takes_image_files_and_reports_bad_ones(smoke_root, tmp_path):
     Image.fromarray(rng.integers(0, 255, (48, 40), dtype=np.uint8)).save(p)
     files.append(str(p))
   out = str(tmp_path / "files.png")
-  visualize.main([f"--workdir={workdir}", f"--out={out}", "--images", *files])
+  visualize.main([f"--workdir={workdir}", f"--out={out}", f"--images={','.join(files)}"])
   assert _gray(out)[1] == visualize.figure_pixels(2)
   with pytest.raises(SystemExit, match="not a file"):
     visualize.main([f"--workdir={workdir}", f"--out={out}", f"--images={tmp_path / 'missing.png'}"])
   with pytest.raises(SystemExit, match="no config.json"):
     visualize.main([f"--workdir={tmp_path}", f"--out={out}"])
+
+
+def test_cli_flag_mistakes_name_the_flag(tmp_path):
+  out = str(tmp_path / "x.png")
+  with pytest.raises(SystemExit, match="--out"):  # required
+    visualize.main([f"--workdir={tmp_path}"])
+  with pytest.raises(SystemExit, match="mask-ratio"):  # absl flags: --mask_ratio
+    visualize.main([f"--workdir={tmp_path}", f"--out={out}", "--mask-ratio=0.5"])
+  with pytest.raises(SystemExit, match="stats"):
+    visualize.main([f"--workdir={tmp_path}", f"--out={out}", "--stats=global"])
+  with pytest.raises(SystemExit, match=r"unexpected arguments 'b.png'.*--images=a.png,b.png"):
+    visualize.main([f"--workdir={tmp_path}", f"--out={out}", "--images", "a.png", "b.png"])
+  with pytest.raises(SystemExit, match="one of --workdir or --enhance"):
+    visualize.main([f"--out={out}"])
+  # Values do not carry over from one call to the next (the seed of a call that failed later).
+  with pytest.raises(SystemExit, match="no config.json"):
+    visualize.main([f"--workdir={tmp_path}", f"--out={out}", "--seed=5"])
+  with pytest.raises(SystemExit):
+    visualize.main([f"--out={out}"])
+  assert visualize.FLAGS.seed == 0 and visualize.FLAGS.workdir is None
+
+
+def test_command_line_is_absl(tmp_path):
+  """`python -m mae_jax.visualize`: absl's --helpfull lists this tool's flags; a bad workdir is one
+  line on stderr naming it, nothing written."""
+  import subprocess
+  import sys
+  env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+  out = tmp_path / "fig.png"
+  r = subprocess.run([sys.executable, "-m", "mae_jax.visualize", "--helpfull"], capture_output=True,
+                     text=True, env=env, timeout=300)
+  for flag in ("--workdir", "--out", "--images", "--enhance", "--mask_ratio", "--stats"):
+    assert flag in r.stdout, flag
+  r = subprocess.run([sys.executable, "-m", "mae_jax.visualize", f"--workdir={tmp_path}", f"--out={out}"],
+                     capture_output=True, text=True, env=env, timeout=300)
+  assert r.returncode == 1 and not out.exists()
+  assert len(r.stderr.strip().splitlines()) == 1 and "no config.json" in r.stderr, r.stderr
 
 
 def test_obs_curve_agrees_with_the_search(smoke_root):

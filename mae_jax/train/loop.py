@@ -14,7 +14,8 @@ image summaries). Everything else is one policy, written here once:
 * Divergence: a finite loss above `LOSS_BLOWUP` times the run's first loss stops the run the same
   way (docs/reliability.md).
 * Progress and metrics: `writers.Monitor` (lines, ETA, TensorBoard) and `metrics.jsonl` (`MetricsLog`),
-  one record per step on the `train.log_every` schedule.
+  one record, flushed at once, per step that gets a metrics line: the `train.log_every` schedule,
+  the first step, and once a minute at least.
 """
 
 from __future__ import annotations
@@ -113,8 +114,11 @@ def run(job: Job, train_config, preempt: preemption.Preemption, monitor, workdir
           first = (step, m)
         if monitor.scheduled(step):
           history.append((step, m))
-          if metrics_log is not None:
-            metrics_log.write(step, m)
+        # Every line the console shows is on disk too: the first step's and the once-a-minute ones
+        # matter most in a run whose step takes minutes (`history` keeps only the schedule's, which
+        # are the same in every run of a config).
+        if metrics_log is not None:
+          metrics_log.write(step, m)
       final = step == job.total
       if final or job.checkpoint_due(step):
         guard.check(step, pending)  # a failed final step raises here: no evaluation, no save

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mae_jax import distributed, models, recipes, reconstruct, validate
+from mae_jax import distributed, models, recipes, recon_quality, reconstruct, validate
 from mae_jax.data import pipeline, sources
-from mae_jax.train import checkpoint, core, loop, optim, preemption, sharding, writers
+from mae_jax.train import checkpoint, core, cost_estimate, loop, optim, preemption, sharding, writers
 
 log = logging.getLogger("mae_jax")
 
@@ -177,19 +177,27 @@ def _train(config, workdir: str, preempt: preemption.Preemption) -> dict:
       hflip=config.data.hflip, sampler=config.data.sampler, in_chans=config.model.in_chans,
       start_batch=next_batch)
   # Every process computes the preview (the params are global arrays); only process 0 writes it.
-  preview = _preview_batch(config, mean, std) if config.train.image_every > 0 else None
+  preview = _validation_batch(config, 4) if config.train.image_every > 0 else None
 
   monitor = writers.Monitor(workdir, config.train, steps, start, is_main)
+  accum = grad_accum_steps(config.train, jax.device_count(), jax.default_backend())
   if is_main and start == 0:
     monitor.write_scalars(0, {"params_millions": n_params / 1e6})
   log.info("recipe=%s model=%s (%.2fM params, %s compute) devices=%d processes=%d steps=%d "
            "(warm-up %d) global batch=%d (%d micro-batches) peak lr=%.3g, images %dpx", config.recipe,
            config.model.variant, n_params / 1e6, jnp.dtype(models.compute_dtype(config.model.dtype)).name,
-           jax.device_count(), jax.process_count(), steps, warmup, config.train.batch_size,
-           grad_accum_steps(config.train, jax.device_count(), jax.default_backend()), peak_lr,
+           jax.device_count(), jax.process_count(), steps, warmup, config.train.batch_size, accum, peak_lr,
            config.model.image_size)
   if start == 0:
     writers.log_parameters(params, f"{config.model.variant} {config.recipe} parameters")
+  flops = cost_estimate.step_flops(n_params, config.train.batch_size, model.spec.num_patches)
+  if start < steps and jax.process_count() == 1 and cost_estimate.wanted(jax.default_backend(), flops):
+    for line in cost_estimate.micro_batch_lines(
+        make_loss_fn(config, graphdef, mean, std), state.params, rest, batch_size=config.train.batch_size,
+        micro_batches=accum, image_size=config.model.image_size, in_chans=config.model.in_chans,
+        steps_left=steps - start, platform=jax.default_backend(), log_every=config.train.log_every,
+        checkpoint_every=config.train.checkpoint_every):
+      log.info(line)
 
   def batch(step):
     b = sharding.global_batch(next(it), mesh)
@@ -217,17 +225,32 @@ def _train(config, workdir: str, preempt: preemption.Preemption) -> dict:
   out = loop.run(job, config.train, preempt, monitor, workdir, is_main)
   monitor.close()
   last = out.last
+  quality = {}
+  if out.step >= steps and config.train.get("recon_eval_images", 0) and jax.process_count() == 1:
+    quality = _held_out_quality(config, nnx.merge(graphdef, out.carry.params, rest), mean, std)
   if out.step >= steps and is_main:
     with open(os.path.join(workdir, "train_done.json"), "w") as f:
-      json.dump({"step": out.step, "loss": last.get("loss")}, f)
+      json.dump({"step": out.step, "loss": last.get("loss"), **quality}, f)
   history = [(s, m["loss"]) for s, m in out.history]
-  return {"step": out.step, "history": history, "preempted": out.preempted, **last}
+  return {"step": out.step, "history": history, "preempted": out.preempted, **last, **quality}
 
 
-def _preview_batch(config, mean, std, n: int = 4):
+def _held_out_quality(config, model, mean: float, std: float) -> dict:
+  """What the run learned, in its last lines: the masked-patch error on held-out (validation) images
+  against filling each masked patch with the visible pixels' mean (`recon_quality`)."""
+  images, zoom = _validation_batch(config, int(config.train.recon_eval_images))
+  rec = reconstruct.reconstruct(model, config, images.astype(np.float32) / 255.0, mean, std, zoom=zoom)
+  q = recon_quality.of(rec)
+  log.info("%s", recon_quality.describe(q, "held-out validation images"))
+  return {"recon_quality": q}
+
+
+def _validation_batch(config, n: int):
+  """The first `n` validation images (uint8) and their zoom, as `visualize.load_batch` reads them."""
   src = sources.open_source(config.data, "validation")
+  n = min(n, len(src))
   batch = next(iter(pipeline.eval_iterator(src, batch_size=n, image_size=config.model.image_size,
-                                            in_chans=config.model.in_chans)))
+                                            in_chans=config.model.in_chans, with_mask=False)))
   return np.asarray(batch["image"][:n]), np.asarray(batch["zoom"][:n])
 
 
