@@ -37,10 +37,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 
-from mae_jax import config_files, recipes, recon_quality
+from mae_jax import config_files, recipes, recon_quality, tool_flags
 from mae_jax import reconstruct as reconstruct_lib
 from mae_jax.corrupt import blur as blur_lib
 from mae_jax.figures import CELL, DPI, HEADER, enhancement_figure, new_figure, save, show  # noqa: F401
@@ -486,15 +486,9 @@ flags.DEFINE_enum("stats", "local", list(STATS), "Norm-pix de-normalisation stat
 
 def main(argv: list[str]) -> list[str]:
   """The command line as a call (tests, notebooks): `argv` without the program name. Prints and
-  returns the paths written; a mistake raises SystemExit naming the flag, file or workdir."""
-  FLAGS.unparse_flags()  # every flag from its default: an earlier call's values do not carry over
-  try:
-    rest = FLAGS([PROG, *argv])[1:]
-  except flags.Error as e:
-    raise SystemExit(f"{PROG}: {e}") from None
-  if rest:
-    raise SystemExit(f"{PROG}: unexpected arguments {' '.join(rest)!r} (flags are --name=value; "
-                     "several image files: --images=a.png,b.png)")
+  returns the paths written; a mistake raises SystemExit naming the flag, file or workdir
+  (several image files: --images=a.png,b.png)."""
+  tool_flags.parse(FLAGS, argv, PROG)
   return _figures_from_flags()
 
 
@@ -517,23 +511,11 @@ def _figures_from_flags() -> list[str]:
   return paths
 
 
-def _cli() -> None:
-  # absl parses FLAGS (with this tool's flags joined) as for `mae_jax.main`: --help, --helpfull.
-  flags.FLAGS.append_flag_values(FLAGS)
-  for module, defined in FLAGS.flags_by_module_dict().items():  # --help lists them under this module
-    for flag in defined:
-      flags.FLAGS.register_flag_by_module(module, flag)
-
-  def app_main(argv: list[str]) -> None:
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])!r} (flags are --name=value)")
-    FLAGS.mark_as_parsed()  # the Flag objects are shared with FLAGS, which app.run has just parsed
-    # app.run sets absl's verbosity to INFO: orbax's restore chatter would bury the paths printed.
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    _figures_from_flags()
-
-  app.run(app_main)
+def _cli_main() -> None:
+  # app.run sets absl's verbosity to INFO: orbax's restore chatter would bury the paths printed.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  _figures_from_flags()
 
 
 if __name__ == "__main__":
-  _cli()
+  tool_flags.run(FLAGS, _cli_main)
