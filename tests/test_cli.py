@@ -37,7 +37,7 @@ MISTAKES = {
     "file": (["--config=configs/mea.py:smoke"],
              ["no config file 'configs/mea.py'", "did you mean configs/mae.py", "configs/d2mae.py, "]),
     "arg": (["--config=configs/mae.py:smokey"],
-            ["config argument 'smokey' is not known", "did you mean 'smoke'", "['demo', 'norm_pix', 'smoke', 'variant']"]),
+            ["config argument 'smokey' is not known", "did you mean 'smoke'", "['demo', 'norm_pix', 'smoke', 'us', 'variant']"]),
     "value": ([MAE, "--config.train.base_lr=-1"], ["config.train.base_lr=-1.0: must be > 0"]),
 }
 
