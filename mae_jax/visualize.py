@@ -488,7 +488,12 @@ def main(argv: list[str]) -> list[str]:
   """The command line as a call (tests, notebooks): `argv` without the program name. Prints and
   returns the paths written; a mistake raises SystemExit naming the flag, file or workdir
   (several image files: --images=a.png,b.png)."""
-  tool_flags.parse(FLAGS, argv, PROG)
+  try:
+    tool_flags.parse(FLAGS, argv, PROG)
+  except SystemExit as e:
+    if "unexpected arguments" in str(e):  # the usual slip: image files separated by spaces
+      raise SystemExit(f"{e}; several image files: --images=a.png,b.png") from None
+    raise
   return _figures_from_flags()
 
 
