@@ -26,7 +26,7 @@ def test_notebook_executes_and_draws_every_figure(tmp_path_factory, tmp_path):
   for recipe in smoke_runs.RECIPES:  # trained once per session; the notebook then only loads them
     smoke_runs.smoke_workdir(root, recipe)
   figdir = tmp_path / "figures"
-  nb = _parametrize(nbformat.read(NOTEBOOK, as_version=4), STEPS=smoke_runs.STEPS, WORKDIR=str(root),
+  nb = _parametrize(nbformat.read(NOTEBOOK, as_version=4), ARG="smoke", STEPS=smoke_runs.STEPS, WORKDIR=str(root),
                     NUM_IMAGES=2, FIGDIR=str(figdir))
   client = NotebookClient(nb, timeout=600, kernel_name="python3",
                           resources={"metadata": {"path": str(tmp_path)}})
