@@ -6,7 +6,8 @@ learning rate, ...) stops the run before it touches anything (`IdentityMismatch`
 would mix two experiments under one name, and the workdir would claim a config it was not trained
 with. Only the fields in `RESUMABLE` may change on a resume: how long to train (extending
 `train.total_steps` or `train.epochs`), how often to log, write images and checkpoints, how many
-checkpoints to keep, and the device layout (`mesh`).
+checkpoints to keep, the device layout (`mesh`) and where built datasets are stored
+(`data.data_dir`).
 
 A downstream job reads `init_from`, so it may neither write into it nor into a workdir its chain of
 `init_from`s comes from (the pretraining `config.json` would be replaced, and every later job from
@@ -28,7 +29,9 @@ CONFIG_NAME = "config.json"
 # computes at a given step. A prefix ending in "." covers every field under it.
 RESUMABLE = ("train.total_steps", "train.epochs", "train.log_every", "train.log_every_secs",
              "train.image_every", "train.checkpoint_every", "train.keep_checkpoints",
-             "train.profile_steps", "mesh.")
+             "train.profile_steps", "mesh.",
+             # where the built datasets are stored (the same images wherever they are built)
+             "data.data_dir")
 
 _MAX_NAMED = 4  # differing fields named in the message; the rest are counted
 

@@ -137,6 +137,8 @@ def resume_from(src, dst, step):
   for ckpt in (dst / "checkpoints").iterdir():
     if ckpt.name.isdigit() and int(ckpt.name) > step:
       shutil.rmtree(ckpt)
+  for marker in ("train_done.json", "completed.json"):  # a run stopped there never finished
+    (dst / marker).unlink(missing_ok=True)
 
 
 def test_two_processes_train_like_one_and_checkpoints_cross(tmp_path):

@@ -144,7 +144,7 @@ def test_command_line_exit_2_with_two_lines_and_nothing_written(tmp_path):
       f"  Use a new --workdir for this config, or rerun with the workdir's own config "
       f"({wd}/config.json); a resume may change only train.total_steps, train.epochs, "
       "train.log_every, train.log_every_secs, train.image_every, train.checkpoint_every, "
-      "train.keep_checkpoints, train.profile_steps, mesh.*"], r.stderr
+      "train.keep_checkpoints, train.profile_steps, mesh.*, data.data_dir"], r.stderr
   assert _snapshot(wd) == before
 
 
