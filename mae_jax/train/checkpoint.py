@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import logging
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -96,6 +97,7 @@ class _Manager(ocp.CheckpointManager):
         raise
       raise failed from None
     self._saving = step
+    self._check_space(step, kwargs.get("args"))
     try:
       return super().save(step, *args, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised, as one sentence when it is the disk's
@@ -103,6 +105,26 @@ class _Manager(ocp.CheckpointManager):
       if failed is e:
         raise
       raise failed from None
+
+  def _check_space(self, step, args) -> None:
+    """Refuses a save the disk cannot hold before orbax starts writing. A save orbax starts and
+    the disk refuses half-way abandons its other writes in flight: each then completes on orbax's
+    closed event loop, and Python prints an 'Event loop is closed' traceback for it (dozens for
+    one full disk) where the run should end in one line. The raw array bytes are an upper bound
+    (orbax writes them compressed, and deletes old steps only after the new one commits), plus
+    1 MiB for its metadata files."""
+    if args is None:
+      return
+    need = 2**20 + sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves([getattr(a, "item", None) for _, a in args.items()])
+               if hasattr(x, "dtype"))
+    try:
+      free = shutil.disk_usage(self.directory).free
+    except OSError:
+      return  # orbax reports a directory it cannot use
+    if free < need:
+      raise self._failed(OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (the checkpoint "
+                                               f"needs {_mib(need)}, {_mib(free)} free)"), step)
 
   def wait_until_finished(self):
     try:
@@ -130,6 +152,10 @@ def checkpoint_manager(workdir: str, *, keep: int, async_save: bool = True,
     if _write_error(e) is None:
       raise
     raise SaveFailed(f"cannot use {path}: {_write_error(e)}") from None
+
+
+def _mib(n: int) -> str:
+  return f"{n / 2**20:.1f} MiB"
 
 
 def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state, data_state, *, stats=None,
@@ -247,18 +273,26 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, abstract_state, step: int | 
       break
     try:
       _read_every_array(os.path.join(directory, str(latest)))
-      r = mngr.restore(latest, args=ocp.args.Composite(**items))
-      data, sums = checksums.split(r["data"])
-      checksums.verify(sums, {"state": r["state"], **({"stats": r["stats"]} if with_stats else {})}, data)
-      return Restored(int(latest), r["state"], r["stats"] if with_stats else {}, data)
-    except Exception as e:  # noqa: BLE001 - sorted below into damage and everything else
-      try:
-        damaged = _matches_metadata(os.path.join(directory, str(latest)), abstract_state)
-      except Exception:  # noqa: BLE001 - unreadable metadata is damage too
-        damaged = True
-      if not damaged or step is not None:
+    except Exception as e:  # noqa: BLE001 - data that does not decode is damage, whatever the config
+      if step is not None:
         raise
       why = _short(e)
+    else:
+      try:
+        r = mngr.restore(latest, args=ocp.args.Composite(**items))
+        data, sums = checksums.split(r["data"])
+        checksums.verify(sums, {"state": r["state"], **({"stats": r["stats"]} if with_stats else {})}, data)
+        return Restored(int(latest), r["state"], r["stats"] if with_stats else {}, data)
+      except Exception as e:  # noqa: BLE001 - sorted below into damage and everything else
+        # Every array decoded, so orbax's metadata reads fail nowhere half-way (on damaged data
+        # they would leave reads in flight, each an 'Event loop is closed' traceback later).
+        try:
+          damaged = _matches_metadata(os.path.join(directory, str(latest)), abstract_state)
+        except Exception:  # noqa: BLE001 - unreadable metadata is damage too
+          damaged = True
+        if not damaged or step is not None:
+          raise
+        why = _short(e)
     distributed.barrier(f"restore_failed_{latest}")
     dest = os.path.join(directory, f"bad-{latest}")
     if jax.process_index() == 0:
