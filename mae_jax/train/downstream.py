@@ -238,11 +238,12 @@ class Validation:
 
 
 def run_loop(config, preempt, monitor, workdir: str, is_main: bool, *, steps, start: int, carry, batch,
-             step, ckpts: Checkpoints, val: Validation, split, checkpoint_due, evaluate,
-             lr_field: str) -> loop.Outcome:
+             step, ckpts: Checkpoints, val: Validation, split, evaluate, lr_field: str,
+             checkpoint_every_epochs: int = 1) -> loop.Outcome:
   """`loop.run` for a downstream job: its checkpoints are `ckpts` (`split(carry)` gives the train
-  state and the non-trained state they hold). `evaluate` returning True stops early; a rerun after
-  an early stop trains no further."""
+  state and the non-trained state they hold), saved at the end of every `checkpoint_every_epochs`-th
+  epoch. `evaluate` returning True stops early; a rerun after an early stop trains no further."""
+  every = max(1, int(checkpoint_every_epochs))
 
   def save(s, carry, data, force):
     del force  # downstream checkpoints are always forced (one per epoch or fewer)
@@ -253,7 +254,7 @@ def run_loop(config, preempt, monitor, workdir: str, is_main: bool, *, steps, st
   if start and steps.epoch_ends(start) and early_stop(config, steps.epoch(start), val.best["epoch"]):
     total = start  # the run stopped early before this rerun: nothing more to train
   job = loop.Job(total=total, start=start, carry=carry, batch=batch, step=step,
-                 checkpoint_due=checkpoint_due, save=save,
+                 checkpoint_due=lambda s: steps.epoch_ends(s) and steps.epoch(s) % every == 0, save=save,
                  latest_checkpoint=lambda: (ckpts.latest.latest_step(), str(ckpts.latest.directory)),
                  close=ckpts.close, evaluate=evaluate, lr_field=lr_field, first_loss=ckpts.first_loss)
   return loop.run(job, config.train, preempt, monitor, workdir, is_main)

@@ -433,13 +433,12 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
     state, pool, metrics = step_fn(*carry, frozen, batch)
     return (state, pool), metrics
 
-  every = int(t.checkpoint_every)  # a multiple of eval_every: checkpoints follow a validation
   out = downstream.run_loop(
       config, preempt, writer, workdir, is_main, steps=steps, start=start, carry=(state, pool),
       batch=lambda step: train_batch(data["train"], config, step, mesh), step=train_one, ckpts=ckpts,
       val=val, split=lambda carry: carry,
-      checkpoint_due=lambda step: steps.epoch_ends(step) and steps.epoch(step) % every == 0,
-      evaluate=validate_epoch, lr_field="train.lr")
+      # a multiple of eval_every: checkpoints follow a validation
+      checkpoint_every_epochs=t.checkpoint_every, evaluate=validate_epoch, lr_field="train.lr")
   step = out.step
   if out.preempted:
     writer.close()

@@ -330,8 +330,8 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
   out = downstream.run_loop(
       config, preempt, writer, workdir, is_main, steps=steps, start=start, carry=(state, stats),
       batch=lambda step: downstream.next_train_batch(it, plan, UNUSED, mesh), step=train_one,
-      ckpts=ckpts, val=val, split=lambda carry: carry, checkpoint_due=steps.epoch_ends,
-      evaluate=validate_epoch, lr_field="train.base_lr")
+      ckpts=ckpts, val=val, split=lambda carry: carry, evaluate=validate_epoch,
+      lr_field="train.base_lr")
   step, (state, stats) = out.step, out.carry
   if out.preempted:
     writer.close()

@@ -529,14 +529,12 @@ def _run(config, workdir: str, preempt: preemption.Preemption) -> dict:
     log.info("epoch %d (step %d): validation Dice %.4f%s", epoch, step, vd, " (best)" if improved else "")
     return downstream.stops_early(config, val, epoch)  # train.early_stop_epochs
 
-  every = max(1, int(t.checkpoint_every))
   out = downstream.run_loop(
       config, preempt, writer, workdir, is_main, steps=steps, start=start, carry=state,
       batch=lambda step: downstream.next_train_batch(it, plan, UNUSED, mesh),
       step=lambda state, batch: step_fn(state, rest, batch), ckpts=ckpts, val=val,
       split=lambda state: (state, {}),
-      checkpoint_due=lambda step: steps.epoch_ends(step) and steps.epoch(step) % every == 0,
-      evaluate=validate_epoch, lr_field="train.lr")
+      checkpoint_every_epochs=t.checkpoint_every, evaluate=validate_epoch, lr_field="train.lr")
   step = out.step
   if out.preempted:
     writer.close()
