@@ -3,6 +3,7 @@ every gradient equal the plain per-block loop's (the scanned parameters mapped t
 layout by `vit.unstack_blocks`), and export, weight loading and downstream heads read both layouts."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -56,18 +57,30 @@ def _assert_trees_close(a, b, atol):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol, err_msg=str(path))
 
 
-@pytest.mark.parametrize("scan,remat", [(True, "none"), (False, "full"), (True, "full"),
-                                        (True, "dots_with_no_batch_dims_saveable")])
-@pytest.mark.parametrize("build", [_mae, _beit_mae], ids=["vit", "beit"])
-@pytest.mark.parametrize("return_pred", [False, True], ids=["masked_tail", "full_decoder"])
-def test_scan_and_remat_give_the_plain_loss_and_gradients(scan, remat, build, return_pred):
-  ref = build(SPEC)
-  run = build(dataclasses.replace(SPEC, scan_layers=scan, remat=remat))
+_BUILDERS = {"vit": _mae, "beit": _beit_mae}
+
+
+@functools.cache
+def _plain(build: str, return_pred: bool):
+  """The per-block model's initial state, loss and gradients: the reference of every layout (each
+  compile of the gradient costs seconds on CPU, so it is made once per model and decoder form)."""
+  ref = _BUILDERS[build](SPEC)
+  return nnx.to_pure_dict(nnx.state(ref)), *_loss_and_grads(ref, return_pred)
+
+
+# Every scan/remat setting on both encoders with the masked decoder tail (the training form); the
+# full decoder (the figures' form) differs only after the decoder blocks, so one setting covers it.
+@pytest.mark.parametrize("return_pred,build,scan,remat", [
+    *[(False, b, scan, remat) for b in ("vit", "beit")
+      for scan, remat in ((True, "none"), (False, "full"), (True, "full"),
+                          (True, "dots_with_no_batch_dims_saveable"))],
+    (True, "vit", True, "full"), (True, "beit", True, "dots_with_no_batch_dims_saveable")])
+def test_scan_and_remat_give_the_plain_loss_and_gradients(return_pred, build, scan, remat):
+  state0, loss0, g0 = _plain(build, return_pred)
+  run = _BUILDERS[build](dataclasses.replace(SPEC, scan_layers=scan, remat=remat))
   assert vit.is_scanned(run.encoder.blocks) == scan and vit.is_scanned(run.decoder_blocks) == scan
   # The same initial values in either layout (blocks built one by one, then stacked).
-  _assert_trees_close(vit.unstack_blocks(nnx.to_pure_dict(nnx.state(run))),
-                      nnx.to_pure_dict(nnx.state(ref)), 0)
-  loss0, g0 = _loss_and_grads(ref, return_pred)
+  _assert_trees_close(vit.unstack_blocks(nnx.to_pure_dict(nnx.state(run))), state0, 0)
   loss1, g1 = _loss_and_grads(run, return_pred)
   assert abs(loss0 - loss1) <= 1e-6
   assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(g0["encoder"]["blocks"]))
