@@ -8,6 +8,13 @@ import tempfile
 import pytest
 
 os.environ.setdefault("MAE_JAX_DATA", os.path.join(tempfile.gettempdir(), "mae_jax_test_data"))
+# One XLA compilation cache (JAX's persistent cache) for the test processes and every command they
+# start: the suite compiles the same tiny models and steps in hundreds of fresh processes, each
+# compile taking most of such a run on CPU. Set before jax is imported; a cached executable is the
+# one the compiler gave, so bit-exactness tests compare what they compared before.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "mae_jax_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
