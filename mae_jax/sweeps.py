@@ -44,7 +44,7 @@ import time
 import numpy as np
 from absl import flags
 
-from mae_jax import config_files, evaluate
+from mae_jax import config_files, evaluate, tool_flags
 from mae_jax.train import workdir_lock
 
 log = logging.getLogger("mae_jax")
@@ -337,13 +337,11 @@ def main(argv=None) -> int:
   if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv):
     print(__doc__.split("\n\n")[0] + "\n\nflags:\n" + FLAGS.get_help(include_special_flags=False))
     return 0
-  FLAGS.unparse_flags()  # every call parses from the defaults
   try:
-    rest = FLAGS(["mae_jax.sweeps", *argv])
-  except flags.Error as e:  # an unknown flag, a value of the wrong type or out of range
-    return _usage_error(str(e))
-  if len(rest) > 1:
-    return _usage_error(f"unexpected argument(s) {rest[1:]}")
+    tool_flags.parse(FLAGS, argv, "python -m mae_jax.sweeps")
+  except SystemExit as e:  # an unknown flag, a value of the wrong type or out of range
+    print(f"{e} (--help lists the flags)", file=sys.stderr, flush=True)
+    return 2
   args = FLAGS
   if args.list:
     for name in list_experiments():
