@@ -15,6 +15,13 @@ os.environ.setdefault("MAE_JAX_DATA", os.path.join(tempfile.gettempdir(), "mae_j
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "mae_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The tests' programs are tiny and compiled far more often than they run: LLVM's cheapest
+# optimisation level compiles them faster (a test's two sides always compile alike, and a test that
+# starts commands with other XLA_FLAGS compares those commands with each other). Users' runs compile
+# with XLA's defaults.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
+                                                   "--xla_backend_optimization_level=0"]))
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -151,7 +151,9 @@ def test_pasted_image_equals_original_on_visible_patches(norm_pix):
   np.testing.assert_array_equal(pix[:, :12, :], 1)
   pasted, orig, recon = (np.asarray(out[k]) for k in ("pasted", "original", "reconstruction"))
   np.testing.assert_array_equal(pasted[:, 12:], orig[:, 12:])
-  np.testing.assert_array_equal(pasted[:, :12], recon[:, :12])
+  # The same values up to rounding: `pasted` and `reconstruction` are separate outputs, which XLA may
+  # de-normalise in different fusions (a multiply-add contracted in one and not the other).
+  np.testing.assert_allclose(pasted[:, :12], recon[:, :12], rtol=0, atol=1e-6)
   assert np.all(np.asarray(out["model_input"])[:, :12] == 0.5)  # masked patches shown grey
 
 
