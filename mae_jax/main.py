@@ -424,10 +424,6 @@ def main(argv):
     stop = _stop_line(e, _WORKDIR.value)
     if stop is None:
       raise
-    # A failed async save leaves orbax's other write tasks holding the same refused write; asyncio
-    # reports each as 'Task exception was never retrieved' when they are collected at exit, after
-    # the one line that already said it.
-    logging.getLogger("asyncio").disabled = True
     print(stop[0], file=sys.stderr, flush=True)
     sys.exit(stop[1])
 
