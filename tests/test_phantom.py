@@ -338,7 +338,7 @@ def test_builder_round_trip(built):
         )
       indices.append(int(rec["index"]))
       if i < 3:  # stored bytes decode to exactly what the simulator produces
-        direct = P.simulate(SMALL["seed"], int(rec["index"]), 64)
+        direct = P.simulate(SMALL["seed"], int(rec["index"]), 64, **us_phantom.DISPLAY)
         np.testing.assert_array_equal(rec["image"][..., 0], direct["image"])
         np.testing.assert_array_equal(rec["mask"][..., 0], direct["mask"])
         assert (int(rec["organ"]), int(rec["label"])) == (direct["organ"], direct["label"])
@@ -427,7 +427,7 @@ def test_killed_build_is_never_read_and_is_rebuilt(tmp_path, monkeypatch):
   monkeypatch.setattr(us_phantom, "_encoded_example", real)
   src = us_phantom.data_source(tmp_path, "validation", num_workers=1, **TINY)
   assert [int(src[i]["index"]) for i in range(2)] == [4, 5]
-  np.testing.assert_array_equal(src[1]["image"][..., 0], P.simulate(3, 5, 32)["image"])
+  np.testing.assert_array_equal(src[1]["image"][..., 0], P.simulate(3, 5, 32, **us_phantom.DISPLAY)["image"])
   assert not (b.data_path.parent / f".{b.data_path.name}.partial").exists()
   assert not (b.data_path / "test.array_record").exists()  # an empty split has no file
   with pytest.raises(ValueError, match="num_test is 0"):
@@ -515,3 +515,17 @@ def test_display_options_default_off_and_closed_form_gain():
   smooth = P.simulate(0, 1, 96, display_smoothing=2.0)["image"]
   valid = np.asarray(base["fan"], bool)
   assert C.speckle_fwhm(smooth, valid)[0] > 1.5 * C.speckle_fwhm(base["image"], valid)[0]
+
+
+def test_builtin_display_within_2x_of_real_frames():
+  """The display the built-in dataset stores (us_phantom.DISPLAY) against the real B-mode views of
+  pydicom-data at 0.4 mm per pixel: grey mean, spread, median, 95th percentile, speckle size and
+  dark-region contrast each within 2x of the real frames' median (docs/phantom.md). The raw
+  display is not: 4-7x brighter, speckle under half the real size."""
+  from mae_jax.data import phantom_compare as C
+  adjusted, raw = C.compare(n=8), C.compare(n=8, display_gain_db=0.0, display_smoothing=0.0)
+  keys = ("mean", "std", "p50", "p95", "fwhm_axial", "fwhm_lateral", "gcnr")
+  ratio = {k: adjusted["phantom"]["median"][k] / adjusted["real"]["median"][k] for k in keys}
+  assert all(0.5 <= r <= 2.0 for r in ratio.values()), ratio
+  raw_ratio = {k: raw["phantom"]["median"][k] / raw["real"]["median"][k] for k in keys}
+  assert raw_ratio["p50"] > 3 and raw_ratio["fwhm_axial"] < 0.5, raw_ratio

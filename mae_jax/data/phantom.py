@@ -283,7 +283,8 @@ def simulate(
   'geometry', 'probe', 'fan' (display pixels inside the field of view), 'pixel_size_cm' (side
   of a square display pixel), 'dynamic_range_db', 'gain_db'.
 
-  Display post-processing, off by default (the built-in dataset): ``display_gain_db`` moves white
+  Display post-processing, off by default (the raw display; the built-in dataset stores every image
+  with ``us_phantom.DISPLAY``): ``display_gain_db`` moves white
   that much further above tissue (a darker display); ``display_smoothing`` = k low-passes the
   envelope with a Gaussian of k times the PSF's axial and (median) lateral σ before log
   compression, as scanners' speckle-reduction filters do (docs/phantom.md, "Phantom vs real").

@@ -2,6 +2,7 @@
 real frames"): grey-level statistics, speckle size and dark-region contrast.
 
     python -m mae_jax.data.phantom_compare [--n=24] [--mm=0.4] [--figure=docs/phantom_vs_real.png]
+        [--display_gain_db=0 --display_smoothing=0]   # the raw display instead of us_phantom.DISPLAY
 
 Real frames: the B-mode regions of the public DICOM files of ``pydicom-data`` that carry a pixel
 spacing (SonoSite cine, every 30th frame; Philips EPIQ; both Aloka views), converted as folder
@@ -32,6 +33,7 @@ from absl import flags
 from scipy import ndimage
 
 from mae_jax import tool_flags
+from mae_jax.data import us_phantom
 
 __all__ = ["fwhm_1d", "speckle_fwhm", "gcnr", "dark_tissue_gcnr", "image_stats", "real_frames",
            "phantom_frames", "compare"]
@@ -150,7 +152,9 @@ def phantom_frames(mm: float, n: int, seed: int = 0, **display) -> list[tuple[st
 
 
 def compare(n: int = 24, mm: float = 0.4, **display) -> dict:
-  """Per-image statistics and their medians for the real frames and the phantom."""
+  """Per-image statistics and their medians for the real frames and the phantom, displayed as the
+  built-in dataset stores it unless ``display`` names ``phantom.simulate``'s display options."""
+  display = display or us_phantom.DISPLAY
   res = {}
   for kind, frames in (("real", real_frames(mm)), ("phantom", phantom_frames(mm, n, **display))):
     rows = {name: image_stats(img, valid) for name, img, valid in frames}
@@ -207,8 +211,12 @@ FLAGS = flags.FlagValues()  # this tool's own (tool_flags)
 _N = flags.DEFINE_integer("n", 24, "Phantom images.", flag_values=FLAGS)
 _MM = flags.DEFINE_float("mm", 0.4, "Matched pixel size (mm).", flag_values=FLAGS)
 _FIGURE = flags.DEFINE_string("figure", "", "PNG path for the side-by-side figure.", flag_values=FLAGS)
-_GAIN = flags.DEFINE_float("display_gain_db", 0.0, "phantom.simulate display_gain_db.", flag_values=FLAGS)
-_SMOOTHING = flags.DEFINE_float("display_smoothing", 0.0, "phantom.simulate display_smoothing.", flag_values=FLAGS)
+_GAIN = flags.DEFINE_float("display_gain_db", us_phantom.DISPLAY["display_gain_db"],
+                           "phantom.simulate display_gain_db (default: the built-in dataset's; 0 = raw).",
+                           flag_values=FLAGS)
+_SMOOTHING = flags.DEFINE_float("display_smoothing", us_phantom.DISPLAY["display_smoothing"],
+                                "phantom.simulate display_smoothing (default: the built-in dataset's; 0 = raw).",
+                                flag_values=FLAGS)
 
 
 def main(argv: list[str]) -> None:
