@@ -215,7 +215,7 @@ def demo(c: ml_collections.ConfigDict) -> None:
   c.data.crop_scale_min = 1.0
   c.train.batch_size = 64
   c.train.cpu_micro_batch = 64  # the whole batch at once: a small model, no need to accumulate
-  c.train.total_steps = 800
+  c.train.total_steps = 600
   c.train.warmup_epochs = 2.0
   c.train.base_lr = 6e-3
   c.train.log_every = 100

@@ -1,5 +1,6 @@
 """The `:demo` variant, its reconstruction score against the mean fill, and the up-front CPU cost
-estimate of a large run (issue 29). Nothing here trains the demo itself (the notebook test does)."""
+estimate of a large run (issue 29). Nothing here trains the demo itself
+(tests/test_notebook.py does, through the notebook)."""
 
 import logging
 import re
