@@ -42,3 +42,13 @@ def load_config(name: str, arg: str | None = None):
 @pytest.fixture
 def config_loader():
   return load_config
+
+
+# Tests that each take minutes start first: under `-n 2`, one collected late would run alone at the
+# end while the other worker idles.
+_LONG_FIRST = ("test_notebook.py::test_notebook_trains_the_d2mae_demo_and_it_learns",
+               "test_distributed.py::test_two_processes_train_like_one_and_checkpoints_cross")
+
+
+def pytest_collection_modifyitems(config, items):
+  items.sort(key=lambda item: not any(item.nodeid.endswith(name) for name in _LONG_FIRST))  # stable
