@@ -137,9 +137,11 @@ def real_frames(mm: float) -> list[tuple[str, np.ndarray, np.ndarray]]:
 
 
 def phantom_frames(mm: float, n: int, seed: int = 0, **display) -> list[tuple[str, np.ndarray, np.ndarray]]:
-  """``display``: ``phantom.simulate``'s display options (``display_gain_db``, ``display_smoothing``)."""
+  """``display``: ``phantom.simulate``'s display options (``display_gain_db``, ``display_smoothing``);
+  none given: the built-in dataset's, ``us_phantom.DISPLAY``."""
   from mae_jax.data import phantom
 
+  display = display or us_phantom.DISPLAY
   out = []
   for i in range(n):
     probe_px = phantom.simulate(seed, i, 64, return_intermediates=True)["pixel_size_cm"] * 64 * 10
@@ -154,7 +156,6 @@ def phantom_frames(mm: float, n: int, seed: int = 0, **display) -> list[tuple[st
 def compare(n: int = 24, mm: float = 0.4, **display) -> dict:
   """Per-image statistics and their medians for the real frames and the phantom, displayed as the
   built-in dataset stores it unless ``display`` names ``phantom.simulate``'s display options."""
-  display = display or us_phantom.DISPLAY
   res = {}
   for kind, frames in (("real", real_frames(mm)), ("phantom", phantom_frames(mm, n, **display))):
     rows = {name: image_stats(img, valid) for name, img, valid in frames}
